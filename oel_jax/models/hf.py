@@ -1,0 +1,285 @@
+"""Hugging Face Qwen3 checkpoints <-> the NNX model.
+
+The mapping is one table: each rule names a Hugging Face key pattern, the NNX parameter
+path, the symbolic shape on each side and the transpose between them. Loading streams
+tensors one at a time from memory-mapped safetensors onto their shardings; exporting
+fetches one parameter at a time into the file being written. Neither ever holds the
+whole model twice in host memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import tempfile
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from oel_jax import parallel
+from oel_jax.models import safetensors_io
+from oel_jax.models.qwen3 import Qwen3, Qwen3Config, abstract_model
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRule:
+  """How one Hugging Face tensor becomes one NNX parameter."""
+
+  hf_key: str
+  """Hugging Face key; `{layer}` stands for the layer number."""
+  nnx_path: str
+  """Dotted NNX parameter path; `{layer}` as above."""
+  hf_shape: tuple[str, ...]
+  """Symbolic shape in the checkpoint (symbols from `_dims`)."""
+  nnx_shape: tuple[str, ...]
+  """Symbolic shape of our parameter."""
+  transpose: tuple[int, ...] | None = None
+  """Axis permutation applied to the checkpoint tensor before reshaping to nnx_shape."""
+
+
+# PyTorch Linear weights are [out, in]; ours are [in, ...] with heads split out.
+RULES: tuple[TensorRule, ...] = (
+    TensorRule("model.embed_tokens.weight", "embed", ("V", "H"), ("V", "H")),
+    TensorRule("model.norm.weight", "final_norm.scale", ("H",), ("H",)),
+    TensorRule("lm_head.weight", "lm_head", ("V", "H"), ("V", "H")),
+    TensorRule("model.layers.{layer}.input_layernorm.weight",
+               "layers.{layer}.input_norm.scale", ("H",), ("H",)),
+    TensorRule("model.layers.{layer}.post_attention_layernorm.weight",
+               "layers.{layer}.post_attn_norm.scale", ("H",), ("H",)),
+    TensorRule("model.layers.{layer}.self_attn.q_proj.weight", "layers.{layer}.attn.q_proj",
+               ("N*D", "H"), ("H", "N", "D"), (1, 0)),
+    TensorRule("model.layers.{layer}.self_attn.k_proj.weight", "layers.{layer}.attn.k_proj",
+               ("K*D", "H"), ("H", "K", "D"), (1, 0)),
+    TensorRule("model.layers.{layer}.self_attn.v_proj.weight", "layers.{layer}.attn.v_proj",
+               ("K*D", "H"), ("H", "K", "D"), (1, 0)),
+    TensorRule("model.layers.{layer}.self_attn.o_proj.weight", "layers.{layer}.attn.o_proj",
+               ("H", "N*D"), ("N", "D", "H"), (1, 0)),
+    TensorRule("model.layers.{layer}.self_attn.q_norm.weight",
+               "layers.{layer}.attn.q_norm.scale", ("D",), ("D",)),
+    TensorRule("model.layers.{layer}.self_attn.k_norm.weight",
+               "layers.{layer}.attn.k_norm.scale", ("D",), ("D",)),
+    TensorRule("model.layers.{layer}.mlp.gate_proj.weight", "layers.{layer}.mlp.gate_proj",
+               ("I", "H"), ("H", "I"), (1, 0)),
+    TensorRule("model.layers.{layer}.mlp.up_proj.weight", "layers.{layer}.mlp.up_proj",
+               ("I", "H"), ("H", "I"), (1, 0)),
+    TensorRule("model.layers.{layer}.mlp.down_proj.weight", "layers.{layer}.mlp.down_proj",
+               ("H", "I"), ("I", "H"), (1, 0)),
+)
+
+
+def _dims(config: Qwen3Config) -> dict[str, int]:
+  c = config
+  return {"V": c.vocab_size, "H": c.hidden_size, "I": c.intermediate_size,
+          "N": c.num_heads, "K": c.num_kv_heads, "D": c.head_dim,
+          "N*D": c.num_heads * c.head_dim, "K*D": c.num_kv_heads * c.head_dim}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMapping:
+  """One rule resolved for a config and layer."""
+
+  hf_key: str
+  nnx_path: tuple[str | int, ...]
+  hf_shape: tuple[int, ...]
+  nnx_shape: tuple[int, ...]
+  transpose: tuple[int, ...] | None
+
+  def to_nnx(self, array: np.ndarray) -> np.ndarray:
+    if self.transpose is not None:
+      array = np.transpose(array, self.transpose)
+    return array.reshape(self.nnx_shape)
+
+  def to_hf(self, array: np.ndarray) -> np.ndarray:
+    if self.transpose is None:
+      return array.reshape(self.hf_shape)
+    permuted = tuple(self.hf_shape[i] for i in self.transpose)
+    return np.transpose(array.reshape(permuted), np.argsort(self.transpose))
+
+
+def tensor_mappings(config: Qwen3Config) -> list[TensorMapping]:
+  """Every tensor of a checkpoint of this config, in a stable order."""
+  dims = _dims(config)
+  out = []
+
+  def resolve(rule: TensorRule, layer: int | None):
+    fmt = lambda s: s.format(layer=layer)
+    path = tuple(int(p) if p.isdigit() else p for p in fmt(rule.nnx_path).split("."))
+    out.append(TensorMapping(fmt(rule.hf_key), path, tuple(dims[d] for d in rule.hf_shape),
+                             tuple(dims[d] for d in rule.nnx_shape), rule.transpose))
+
+  for rule in RULES:
+    if "{layer}" in rule.hf_key:
+      continue
+    if rule.nnx_path == "lm_head" and config.tie_word_embeddings:
+      continue
+    resolve(rule, None)
+  for layer in range(config.num_layers):
+    for rule in RULES:
+      if "{layer}" in rule.hf_key:
+        resolve(rule, layer)
+  return out
+
+
+class CheckpointError(ValueError):
+  """A checkpoint directory that does not hold the Qwen3 its config describes."""
+
+
+def _checkpoint_files(path: str) -> dict[str, str]:
+  """Maps every tensor key to the file that holds it."""
+  index = os.path.join(path, INDEX_FILE)
+  single = os.path.join(path, SINGLE_FILE)
+  if os.path.exists(index):
+    try:
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map' ({e})")
+    files = {}
+    for key, name in weight_map.items():
+      file = os.path.join(path, name)
+      if not os.path.exists(file):
+        raise CheckpointError(f"{index}: tensor '{key}' is mapped to {name}, which is missing")
+      files[key] = file
+    return files
+  if os.path.exists(single):
+    return {key: single for key in safetensors_io.SafetensorsFile(single).keys()}
+  raise CheckpointError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found "
+                        "(only safetensors checkpoints are supported)")
+
+
+def load_hf(path: str | os.PathLike, *, dtype: Any = jnp.float32, compute_dtype: Any = None,
+            mesh: Mesh | None = None, remat: bool = False) -> Qwen3:
+  """Loads a Hugging Face Qwen3 checkpoint directory into a `Qwen3`.
+
+  Args:
+    path: a directory with `config.json` and `model.safetensors` or a sharded set
+      with `model.safetensors.index.json`.
+    dtype: parameter dtype (weights are cast tensor by tensor while loading).
+    compute_dtype: activation/matmul dtype; defaults to `dtype`.
+    mesh: place each parameter on this mesh by its partition spec; None: default device.
+    remat: rematerialise decoder layers in the backward pass.
+
+  Raises:
+    CheckpointError: a missing, extra, misshapen or truncated tensor, or a config that
+      is not Qwen3, with the key or field and the file named.
+  """
+  path = os.fspath(path)
+  config = Qwen3Config.from_hf(path, param_dtype=dtype,
+                               compute_dtype=compute_dtype or dtype, remat=remat)
+  key_files = _checkpoint_files(path)
+  opened: dict[str, safetensors_io.SafetensorsFile] = {}
+
+  def open_file(file: str) -> safetensors_io.SafetensorsFile:
+    if file not in opened:
+      opened[file] = safetensors_io.SafetensorsFile(file)
+    return opened[file]
+
+  mappings = tensor_mappings(config)
+  expected = {m.hf_key for m in mappings}
+  # Tied checkpoints sometimes store the (identical) head anyway; it is not read.
+  ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
+  extra = sorted(set(key_files) - expected - ignorable)
+  if extra:
+    raise CheckpointError(f"{key_files[extra[0]]}: unexpected tensor '{extra[0]}' "
+                          f"({len(extra)} unexpected in all) for the architecture in "
+                          f"{path}/config.json")
+  missing = [m.hf_key for m in mappings if m.hf_key not in key_files]
+  if missing:
+    raise CheckpointError(f"{path}: missing tensor '{missing[0]}' ({len(missing)} missing "
+                          f"in all) for the architecture in {path}/config.json")
+  for m in mappings:
+    file = open_file(key_files[m.hf_key])
+    if m.hf_key not in file.keys():
+      raise CheckpointError(f"{file.path}: the index maps tensor '{m.hf_key}' here but the "
+                            "file does not hold it")
+    if file.shape(m.hf_key) != m.hf_shape:
+      raise CheckpointError(f"{file.path}: tensor '{m.hf_key}' has shape "
+                            f"{file.shape(m.hf_key)}, expected {m.hf_shape} from config.json")
+
+  model = abstract_model(config)
+  graphdef, state = nnx.split(model)
+  variables = dict(nnx.to_flat_state(state))
+  np_dtype = np.dtype(dtype)
+  for m in mappings:
+    variable = variables[m.nnx_path]
+    host = m.to_nnx(open_file(key_files[m.hf_key]).read(m.hf_key))
+    if mesh is None:
+      array = jnp.asarray(host.astype(np_dtype))
+    else:
+      sharding = parallel.param_sharding(m.nnx_path, variable, mesh)
+      array = jax.make_array_from_callback(
+          m.nnx_shape, sharding, lambda index, host=host: host[index].astype(np_dtype))
+    variable.set_value(array)
+    del host
+  return nnx.merge(graphdef, state)
+
+
+def _host(array: jax.Array) -> np.ndarray:
+  return np.asarray(jax.device_get(array))
+
+
+def save_hf(model: Qwen3, path: str | os.PathLike, *, dtype: Any = None,
+            max_shard_bytes: int | None = None, tokenizer: Any = None) -> None:
+  """Writes `model` as a Hugging Face Qwen3 checkpoint directory.
+
+  The result loads with `transformers.Qwen3ForCausalLM.from_pretrained(path)` (and vLLM).
+  Each file is written to a temporary name and renamed; `config.json` (and the index,
+  when sharded) come last, so a reader never sees a half-written checkpoint.
+
+  Args:
+    model: the model to export.
+    path: output directory (created if needed).
+    dtype: tensor dtype in the files; defaults to the model's parameter dtype.
+    max_shard_bytes: split into `model-0000i-of-0000n.safetensors` files of at most this
+      size, with an index; None writes one `model.safetensors`.
+    tokenizer: if given, saved beside the weights (`save_pretrained`).
+  """
+  path = os.fspath(path)
+  os.makedirs(path, exist_ok=True)
+  config = model.config
+  dtype = np.dtype(dtype or config.param_dtype)
+  mappings = {m.hf_key: m for m in tensor_mappings(config)}
+  params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  nbytes = [(key, math.prod(m.hf_shape) * dtype.itemsize) for key, m in mappings.items()]
+  shards = safetensors_io.plan_shards(nbytes, max_shard_bytes)
+
+  def fetch(key: str) -> np.ndarray:
+    m = mappings[key]
+    return m.to_hf(_host(params[m.nnx_path].get_value())).astype(dtype)
+
+  if len(shards) == 1:
+    names = [SINGLE_FILE]
+  else:
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+  for name, keys in zip(names, shards):
+    specs = {k: (mappings[k].hf_shape, dtype) for k in keys}
+    safetensors_io.write(os.path.join(path, name), specs, fetch)
+  if len(shards) > 1:
+    index = {"metadata": {"total_size": sum(n for _, n in nbytes)},
+             "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
+    _write_json(os.path.join(path, INDEX_FILE), index)
+  stale = SINGLE_FILE if len(shards) > 1 else INDEX_FILE
+  if os.path.exists(os.path.join(path, stale)):
+    os.unlink(os.path.join(path, stale))
+  if tokenizer is not None:
+    tokenizer.save_pretrained(path)
+  hf_config = config.to_hf()
+  hf_config["torch_dtype"] = hf_config["dtype"] = dtype.name
+  _write_json(os.path.join(path, "config.json"), hf_config)
+
+
+def _write_json(file: str, obj: Any):
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(file), prefix=".tmp-", suffix=".json")
+  with os.fdopen(fd, "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, file)

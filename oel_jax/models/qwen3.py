@@ -1,0 +1,484 @@
+"""Qwen3 decoder in Flax NNX.
+
+The architecture of transformers' `Qwen3ForCausalLM`: token embedding, pre-norm decoder
+layers (RMSNorm -> attention with per-head q/k RMSNorm applied before RoPE, grouped-query
+attention -> residual; RMSNorm -> SwiGLU MLP -> residual), final RMSNorm, tied or untied
+LM head with float32 logits.
+
+Shapes in docstrings: B batch, T new tokens, S cache slots, H hidden, N query heads,
+K key/value heads, G = N / K, D head_dim, I MLP width, V vocabulary, L layers.
+
+Parameter layouts are chosen for speed on every backend, not to mirror PyTorch:
+projections are stored `[in, heads, head_dim]` / `[heads, head_dim, out]` so that heads
+shard along the `tp` mesh axis, and the (un)embedding is stored vocabulary-major `[V, H]`
+(XLA:CPU is several times faster at the LM head in that layout; see DESIGN.md section 7).
+`oel_jax.models.hf` maps Hugging Face tensors to and from these layouts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+# Mesh axis names used by every partition spec in the project (see oel_jax.parallel).
+DATA, FSDP, TP = "data", "fsdp", "tp"
+
+# Finite mask value: fully masked rows (padding queries) stay NaN-free.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3Config:
+  """Architecture of a Qwen3 decoder plus the dtypes it runs in."""
+
+  vocab_size: int
+  """Rows of the embedding and LM head (V)."""
+  hidden_size: int
+  """Width of the residual stream (H)."""
+  intermediate_size: int
+  """Width of the SwiGLU MLP (I)."""
+  num_layers: int
+  """Number of decoder layers (L)."""
+  num_heads: int
+  """Query heads (N)."""
+  num_kv_heads: int
+  """Key/value heads (K); N must be a multiple of K."""
+  head_dim: int
+  """Per-head width (D); Qwen3 decouples it from hidden_size / num_heads."""
+  rope_theta: float = 1_000_000.0
+  """RoPE base: 1e6 for the Qwen3 base models, 5e6 for the Instruct-2507 ones."""
+  rms_norm_eps: float = 1e-6
+  """Epsilon inside every RMSNorm."""
+  tie_word_embeddings: bool = True
+  """Whether the LM head reuses the token embedding."""
+  max_position_embeddings: int = 40_960
+  """Longest context the checkpoint was trained for (recorded, not enforced)."""
+  param_dtype: Any = jnp.float32
+  """Dtype parameters are stored in (the optimizer's master copy when training)."""
+  compute_dtype: Any = jnp.float32
+  """Dtype of matmul inputs and activations; norms, softmax and logits stay float32."""
+  remat: bool = False
+  """Rematerialise each decoder layer in the backward pass (saves activation memory)."""
+
+  def __post_init__(self):
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                 "num_heads", "num_kv_heads", "head_dim"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"Qwen3Config.{name} must be a positive integer, got {value!r}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"Qwen3Config.num_heads ({self.num_heads}) must be a multiple of "
+          f"num_kv_heads ({self.num_kv_heads})")
+    if self.head_dim % 2:
+      raise ValueError(f"Qwen3Config.head_dim must be even for RoPE, got {self.head_dim}")
+    if not self.rope_theta > 0:
+      raise ValueError(f"Qwen3Config.rope_theta must be positive, got {self.rope_theta}")
+
+  def replace(self, **changes) -> "Qwen3Config":
+    return dataclasses.replace(self, **changes)
+
+  @classmethod
+  def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides
+              ) -> "Qwen3Config":
+    """Reads a Hugging Face Qwen3 `config.json` (a directory, a file, or its dict).
+
+    Both transformers v4 (`rope_theta` at the top level) and v5 (`rope_parameters`
+    dict) spellings are accepted. Features Qwen3 checkpoints do not use (attention
+    bias, sliding windows, RoPE scaling) are rejected rather than silently ignored.
+    """
+    source = "<dict>"
+    if isinstance(path_or_dict, Mapping):
+      hf = dict(path_or_dict)
+    else:
+      source = os.fspath(path_or_dict)
+      if os.path.isdir(source):
+        source = os.path.join(source, "config.json")
+      try:
+        with open(source) as f:
+          hf = json.load(f)
+      except FileNotFoundError:
+        raise FileNotFoundError(f"{source}: no config.json there") from None
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{source}: not valid JSON ({e})") from None
+    return cls(**_config_fields_from_hf(hf, source), **overrides)
+
+  def to_hf(self) -> dict[str, Any]:
+    """The `config.json` dict transformers (v4 and v5) reads back as this architecture."""
+    dtype = jnp.dtype(self.param_dtype).name
+    return {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": self.vocab_size,
+        "hidden_size": self.hidden_size,
+        "intermediate_size": self.intermediate_size,
+        "num_hidden_layers": self.num_layers,
+        "num_attention_heads": self.num_heads,
+        "num_key_value_heads": self.num_kv_heads,
+        "head_dim": self.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": self.max_position_embeddings,
+        "rms_norm_eps": self.rms_norm_eps,
+        "rope_theta": self.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+        "rope_scaling": None,
+        "tie_word_embeddings": self.tie_word_embeddings,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "use_cache": True,
+        "torch_dtype": dtype,
+        "dtype": dtype,
+    }
+
+  def num_params(self, *, include_embedding: bool = True) -> int:
+    """Parameter count (the LM head counted once when tied)."""
+    h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
+    attn = h * d * (2 * self.num_heads + 2 * self.num_kv_heads) + 2 * d
+    layer = attn + 3 * h * i + 2 * h
+    body = self.num_layers * layer + h
+    embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+    return body + (embed if include_embedding else 0)
+
+
+_HF_REQUIRED = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads",
+}
+
+
+def _config_fields_from_hf(hf: Mapping[str, Any], source: str) -> dict[str, Any]:
+  model_type = hf.get("model_type")
+  if model_type != "qwen3":
+    raise ValueError(
+        f"{source}: field 'model_type' is {model_type!r}; only 'qwen3' checkpoints are "
+        "supported")
+  missing = [k for k in _HF_REQUIRED if k not in hf]
+  if missing:
+    raise ValueError(f"{source}: missing field(s) {', '.join(missing)}")
+  fields = {ours: hf[theirs] for theirs, ours in _HF_REQUIRED.items()}
+  fields["num_kv_heads"] = hf.get("num_key_value_heads") or hf["num_attention_heads"]
+  fields["head_dim"] = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+  if hf.get("hidden_act", "silu") != "silu":
+    raise ValueError(f"{source}: field 'hidden_act' is {hf['hidden_act']!r}; Qwen3 uses 'silu'")
+  if hf.get("attention_bias"):
+    raise ValueError(f"{source}: field 'attention_bias' is true; not supported for Qwen3")
+  if hf.get("use_sliding_window"):
+    raise ValueError(f"{source}: field 'use_sliding_window' is true; not supported")
+
+  theta = None
+  rope = hf.get("rope_parameters")
+  if isinstance(rope, Mapping):  # transformers v5
+    if rope.get("rope_type", "default") != "default":
+      raise ValueError(
+          f"{source}: field 'rope_parameters.rope_type' is {rope['rope_type']!r}; only "
+          "'default' RoPE is supported")
+    theta = rope.get("rope_theta")
+  elif rope is not None:
+    raise ValueError(f"{source}: field 'rope_parameters' must be an object, got {rope!r}")
+  scaling = hf.get("rope_scaling")
+  if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+    raise ValueError(f"{source}: field 'rope_scaling' is {scaling!r}; RoPE scaling is not "
+                     "supported")
+  if theta is None:
+    theta = hf.get("rope_theta", 10_000.0)  # transformers v4; its default when absent
+  fields["rope_theta"] = float(theta)
+  fields["rms_norm_eps"] = float(hf.get("rms_norm_eps", 1e-6))
+  fields["tie_word_embeddings"] = bool(hf.get("tie_word_embeddings", False))
+  fields["max_position_embeddings"] = int(hf.get("max_position_embeddings", 40_960))
+  return fields
+
+
+# Published shapes (the checkpoints' config.json on the Hugging Face hub).
+PRESETS: dict[str, Qwen3Config] = {
+    "Qwen3-0.6B": Qwen3Config(
+        vocab_size=151_936, hidden_size=1024, intermediate_size=3072, num_layers=28,
+        num_heads=16, num_kv_heads=8, head_dim=128, tie_word_embeddings=True),
+    "Qwen3-1.7B": Qwen3Config(
+        vocab_size=151_936, hidden_size=2048, intermediate_size=6144, num_layers=28,
+        num_heads=16, num_kv_heads=8, head_dim=128, tie_word_embeddings=True),
+    "Qwen3-4B": Qwen3Config(
+        vocab_size=151_936, hidden_size=2560, intermediate_size=9728, num_layers=36,
+        num_heads=32, num_kv_heads=8, head_dim=128, tie_word_embeddings=True),
+    "Qwen3-8B": Qwen3Config(
+        vocab_size=151_936, hidden_size=4096, intermediate_size=12_288, num_layers=36,
+        num_heads=32, num_kv_heads=8, head_dim=128, tie_word_embeddings=False),
+    "Qwen3-4B-Instruct-2507": Qwen3Config(
+        vocab_size=151_936, hidden_size=2560, intermediate_size=9728, num_layers=36,
+        num_heads=32, num_kv_heads=8, head_dim=128, tie_word_embeddings=True,
+        rope_theta=5_000_000.0, max_position_embeddings=262_144),
+}
+
+
+# --------------------------------------------------------------------------------------
+# KV cache
+# --------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Preallocated keys and values of every layer, for incremental decoding.
+
+  Slots fill left to right; `index` is the next free slot, shared by all rows (prompts
+  are left-padded, so padding occupies masked slots).
+  """
+
+  k: tuple[jax.Array, ...]
+  """Per layer, keys `[B, S, K, D]` (RoPE applied)."""
+  v: tuple[jax.Array, ...]
+  """Per layer, values `[B, S, K, D]`."""
+  mask: jax.Array
+  """`[B, S]` int32: 1 where a slot holds a real token."""
+  index: jax.Array
+  """Scalar int32: the next slot to write."""
+
+  @classmethod
+  def zeros(cls, config: Qwen3Config, batch: int, slots: int, dtype=None) -> "KVCache":
+    dtype = dtype or config.compute_dtype
+    shape = (batch, slots, config.num_kv_heads, config.head_dim)
+    k = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    v = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    return cls(k=k, v=v, mask=jnp.zeros((batch, slots), jnp.int32),
+               index=jnp.zeros((), jnp.int32))
+
+  @property
+  def slots(self) -> int:
+    return self.mask.shape[1]
+
+
+# --------------------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------------------
+
+
+def _param(rngs: nnx.Rngs, init, shape, dtype, spec: tuple) -> nnx.Param:
+  # The spec is metadata only (eager_sharding off): placement happens where a mesh is
+  # known (oel_jax.parallel, models.hf.load_hf), so a model can be built without one.
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=spec,
+                   eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm over the last axis, computed in float32."""
+
+  def __init__(self, dim: int, *, eps: float, param_dtype, rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale = _param(rngs, nnx.initializers.ones, (dim,), param_dtype, (None,))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, half-split convention. x `[B, T, heads, D]`, positions `[B, T]`."""
+  d = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x32 = x.astype(jnp.float32)
+  x1, x2 = x32[..., : d // 2], x32[..., d // 2:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def _einsum(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
+  """Matmul in `dtype` with float32 accumulation (fast bf16 path on CPU and TPU)."""
+  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype),
+                    preferred_element_type=jnp.float32)
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention with q/k RMSNorm before RoPE."""
+
+  def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs):
+    self.config = config
+    c, pd = config, config.param_dtype
+    init = nnx.initializers.normal(0.02)
+    self.q_proj = _param(rngs, init, (c.hidden_size, c.num_heads, c.head_dim), pd,
+                         (FSDP, TP, None))
+    self.k_proj = _param(rngs, init, (c.hidden_size, c.num_kv_heads, c.head_dim), pd,
+                         (FSDP, TP, None))
+    self.v_proj = _param(rngs, init, (c.hidden_size, c.num_kv_heads, c.head_dim), pd,
+                         (FSDP, TP, None))
+    self.o_proj = _param(rngs, init, (c.num_heads, c.head_dim, c.hidden_size), pd,
+                         (TP, None, FSDP))
+    self.q_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, param_dtype=pd, rngs=rngs)
+    self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, param_dtype=pd, rngs=rngs)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, attend: jax.Array,
+               kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None
+               ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """x `[B, T, H]`; attend `[B, T, S]` bool (S = T without a cache).
+
+    With a cache, `kv` holds this layer's `[B, S, K, D]` keys and values; the new ones
+    are written at slot `index` and the updated pair is returned.
+    """
+    c, dt = self.config, self.config.compute_dtype
+    q = _einsum("bth,hnd->btnd", x, self.q_proj[...], dt)
+    k = _einsum("bth,hkd->btkd", x, self.k_proj[...], dt)
+    v = _einsum("bth,hkd->btkd", x, self.v_proj[...], dt).astype(dt)
+    q = rope(self.q_norm(q), positions, c.rope_theta).astype(dt)
+    k = rope(self.k_norm(k), positions, c.rope_theta).astype(dt)
+    if kv is not None:
+      cache_k, cache_v = kv
+      k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, 1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, 1)
+      kv = (k, v)
+    b, t = q.shape[:2]
+    groups = c.num_heads // c.num_kv_heads
+    q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
+    scores = _einsum("btkgd,bskd->bkgts", q, k, dt) * (c.head_dim ** -0.5)
+    scores = jnp.where(attend[:, None, None, :, :], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = _einsum("bkgts,bskd->btkgd", probs, v, dt).astype(dt)
+    out = out.reshape(b, t, c.num_heads, c.head_dim)
+    return _einsum("btnd,ndh->bth", out, self.o_proj[...], dt).astype(dt), kv
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs):
+    self.config = config
+    c, pd = config, config.param_dtype
+    init = nnx.initializers.normal(0.02)
+    self.gate_proj = _param(rngs, init, (c.hidden_size, c.intermediate_size), pd, (FSDP, TP))
+    self.up_proj = _param(rngs, init, (c.hidden_size, c.intermediate_size), pd, (FSDP, TP))
+    self.down_proj = _param(rngs, init, (c.intermediate_size, c.hidden_size), pd, (TP, FSDP))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dt = self.config.compute_dtype
+    gate = _einsum("bth,hi->bti", x, self.gate_proj[...], dt)
+    up = _einsum("bth,hi->bti", x, self.up_proj[...], dt)
+    h = (jax.nn.silu(gate) * up).astype(dt)
+    return _einsum("bti,ih->bth", h, self.down_proj[...], dt).astype(dt)
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm attention block followed by a pre-norm MLP block."""
+
+  def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs):
+    pd, eps = config.param_dtype, config.rms_norm_eps
+    self.input_norm = RMSNorm(config.hidden_size, eps=eps, param_dtype=pd, rngs=rngs)
+    self.attn = Attention(config, rngs=rngs)
+    self.post_attn_norm = RMSNorm(config.hidden_size, eps=eps, param_dtype=pd, rngs=rngs)
+    self.mlp = MLP(config, rngs=rngs)
+
+  def __call__(self, x, positions, attend, kv=None, index=None):
+    h, kv = self.attn(self.input_norm(x), positions, attend, kv, index)
+    x = x + h
+    x = x + self.mlp(self.post_attn_norm(x))
+    return x, kv
+
+
+def positions_from_mask(attention_mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
+  """Position ids `[B, T]` counting real tokens only: left/right padding both work."""
+  pos = jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1
+  return jnp.maximum(pos, 0) + jnp.asarray(offset, jnp.int32)
+
+
+class Qwen3(nnx.Module):
+  """Qwen3 causal language model.
+
+  `model(input_ids, positions=None, attention_mask=None)` returns float32 logits
+  `[B, T, V]`. With `cache=` it runs incrementally and returns `(logits, new_cache)`.
+  """
+
+  def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs):
+    self.config = config
+    pd = config.param_dtype
+    self.embed = _param(rngs, nnx.initializers.normal(0.02),
+                        (config.vocab_size, config.hidden_size), pd, (TP, FSDP))
+    self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.final_norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=pd,
+                              rngs=rngs)
+    if not config.tie_word_embeddings:
+      self.lm_head = _param(rngs, nnx.initializers.normal(0.02),
+                            (config.vocab_size, config.hidden_size), pd, (TP, FSDP))
+
+  def unembedding(self) -> jax.Array:
+    """The LM head matrix `[V, H]` (the embedding when tied)."""
+    if self.config.tie_word_embeddings:
+      return self.embed[...]
+    return self.lm_head[...]
+
+  def hidden_states(self, input_ids: jax.Array, positions: jax.Array | None = None,
+                    attention_mask: jax.Array | None = None, *, cache: KVCache | None = None
+                    ) -> tuple[jax.Array, KVCache | None]:
+    """Final-norm hidden states `[B, T, H]` (compute dtype) and the updated cache."""
+    if input_ids.ndim != 2:
+      raise ValueError(f"input_ids must be [B, T], got shape {input_ids.shape}")
+    b, t = input_ids.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), jnp.int32)
+    elif attention_mask.shape != (b, t):
+      raise ValueError(
+          f"attention_mask shape {attention_mask.shape} does not match input_ids {(b, t)}")
+    attention_mask = attention_mask.astype(jnp.int32)
+    c = self.config
+
+    if cache is None:
+      if positions is None:
+        positions = positions_from_mask(attention_mask)
+      causal = jnp.tril(jnp.ones((t, t), bool))
+      attend = causal[None] & (attention_mask[:, None, :] > 0)
+    else:
+      if positions is None:
+        positions = positions_from_mask(attention_mask, cache.mask.sum(-1, keepdims=True))
+      slot_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, attention_mask,
+                                                      cache.index, 1)
+      query_slot = cache.index + jnp.arange(t)
+      causal = jnp.arange(cache.slots)[None, :] <= query_slot[:, None]  # [T, S]
+      attend = causal[None] & (slot_mask[:, None, :] > 0)
+
+    x = jnp.take(self.embed[...], input_ids, axis=0).astype(c.compute_dtype)
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      kv = None if cache is None else (cache.k[i], cache.v[i])
+      if c.remat and cache is None:
+        x, kv = nnx.remat(DecoderLayer.__call__)(layer, x, positions, attend)
+      else:
+        x, kv = layer(x, positions, attend, kv, None if cache is None else cache.index)
+      if kv is not None:
+        new_k.append(kv[0])
+        new_v.append(kv[1])
+    x = self.final_norm(x)
+    if cache is not None:
+      cache = KVCache(k=tuple(new_k), v=tuple(new_v), mask=slot_mask, index=cache.index + t)
+    return x, cache
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """float32 logits `[B, T, V]` from final hidden states `[B, T, H]`."""
+    return _einsum("bth,vh->btv", hidden, self.unembedding(), self.config.compute_dtype)
+
+  def __call__(self, input_ids: jax.Array, positions: jax.Array | None = None,
+               attention_mask: jax.Array | None = None, *, cache: KVCache | None = None):
+    hidden, new_cache = self.hidden_states(input_ids, positions, attention_mask, cache=cache)
+    logits = self.logits(hidden)
+    return logits if cache is None else (logits, new_cache)
+
+
+def init_model(config: Qwen3Config, seed: int = 0) -> Qwen3:
+  """A randomly initialised model (normal(0.02) weights, unit norm scales)."""
+  return Qwen3(config, rngs=nnx.Rngs(params=seed))
+
+
+def abstract_model(config: Qwen3Config) -> Qwen3:
+  """The model's structure with `jax.ShapeDtypeStruct` leaves: no memory is allocated."""
+  return nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(params=0)))
