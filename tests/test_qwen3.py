@@ -1,0 +1,157 @@
+"""Our Qwen3 against transformers' PyTorch Qwen3 (float32, random weights)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hf_reference import hf_logits, make_hf_model, padded_batch
+from oel_jax.models import KVCache, PRESETS, Qwen3Config, abstract_model, load_hf
+
+# (tied, rope theta, query heads, kv heads): both thetas, tied and untied, GQA 1, 2, 4.
+CASES = {
+    "untied-theta1e6-gqa1": dict(tied=False, theta=1e6, heads=4, kv_heads=4),
+    "tied-theta5e6-gqa2": dict(tied=True, theta=5e6, heads=4, kv_heads=2),
+    "untied-theta5e6-gqa4": dict(tied=False, theta=5e6, heads=8, kv_heads=2),
+    "tied-theta1e6-gqa4": dict(tied=True, theta=1e6, heads=8, kv_heads=2),
+}
+LENGTHS = [11, 4, 7, 1]  # mixed lengths, one single-token row
+
+
+@pytest.fixture(scope="module", params=list(CASES), ids=list(CASES))
+def pair(request, tmp_path_factory):
+  hf = make_hf_model(**CASES[request.param], seed=len(request.param))
+  path = tmp_path_factory.mktemp(request.param)
+  hf.save_pretrained(path)
+  return hf, load_hf(path), path
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_logits_match_transformers(pair, side):
+  hf, model, _ = pair
+  ids, mask = padded_batch(LENGTHS, hf.config.vocab_size, side=side, seed=3)
+  ref = hf_logits(hf, ids, mask)
+  ours = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+  real = mask.astype(bool)
+  scale = np.abs(ref[real]).max()
+  assert scale > 1.0  # the weights are large enough that logits are far from flat
+  err = np.abs(ours[real] - ref[real]).max()
+  assert err <= 1e-4 * scale, f"max |diff| {err:.3g} vs logit scale {scale:.3g}"
+
+
+def test_config_read_from_checkpoint(pair):
+  hf, model, _ = pair
+  c = model.config
+  assert c.rope_theta == hf.config.rope_parameters["rope_theta"]
+  assert c.tie_word_embeddings == hf.config.tie_word_embeddings
+  assert (c.num_heads, c.num_kv_heads) == (hf.config.num_attention_heads,
+                                           hf.config.num_key_value_heads)
+  assert hasattr(model, "lm_head") != c.tie_word_embeddings
+
+
+def test_padding_does_not_leak(pair):
+  """A row's logits do not depend on the other rows or on how it is padded."""
+  _, model, _ = pair
+  ids, mask = padded_batch(LENGTHS, model.config.vocab_size, side="left", seed=5)
+  batch = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+  n = LENGTHS[2]
+  alone = np.asarray(model(jnp.asarray(ids[2:3, -n:])))
+  np.testing.assert_allclose(batch[2, -n:], alone[0], atol=2e-5, rtol=0)
+
+
+def test_bf16_compute_close_to_float32(pair):
+  """bf16 matmuls with float32 norms/softmax: mean per-token KL to float32 is small."""
+  hf, _, path = pair
+  model = load_hf(path, dtype=jnp.float32, compute_dtype=jnp.bfloat16)
+  ids, mask = padded_batch(LENGTHS, hf.config.vocab_size, side="left", seed=7)
+  ref = jax.nn.log_softmax(hf_logits(hf, ids, mask).astype(np.float64), -1)
+  ours = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)), np.float64)
+  ours = jax.nn.log_softmax(ours, -1)
+  kl = (np.exp(ref) * (ref - ours)).sum(-1)[mask.astype(bool)]
+  # Measured ~1e-4 on these configs; 2e-3 still rules out a wrong norm or RoPE (those
+  # give KL of order 0.1-1).
+  assert kl.mean() < 2e-3, kl.mean()
+
+
+def test_kv_cache_decode_equals_full_forward(pair):
+  """Prefill a left-padded batch, then decode token by token: same logits as one pass."""
+  _, model, _ = pair
+  prompt_lengths, new = [6, 3, 5, 2], 4
+  ids, mask = padded_batch([n + new for n in prompt_lengths], model.config.vocab_size,
+                           side="left", seed=9)
+  full = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+  t = ids.shape[1] - new
+  cache = KVCache.zeros(model.config, batch=len(ids), slots=ids.shape[1] + 3)
+  logits, cache = model(jnp.asarray(ids[:, :t]), attention_mask=jnp.asarray(mask[:, :t]),
+                        cache=cache)
+  steps = [np.asarray(logits)]
+  for i in range(t, ids.shape[1]):
+    logits, cache = model(jnp.asarray(ids[:, i:i + 1]), cache=cache)
+    steps.append(np.asarray(logits))
+  cached = np.concatenate(steps, axis=1)
+  real = mask.astype(bool)
+  np.testing.assert_allclose(cached[real], full[real], atol=2e-5, rtol=0)
+  assert int(cache.index) == ids.shape[1]
+
+
+def test_remat_gives_same_gradients(pair):
+  _, _, path = pair
+  ids, mask = padded_batch([5, 3], 64, side="right", seed=11)
+
+  def grads(remat):
+    model = load_hf(path, remat=remat)
+
+    def loss(model):
+      return jnp.mean(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)) ** 2)
+
+    return nnx.grad(loss)(model)
+
+  a, b = grads(False), grads(True)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), a, b)
+
+
+# Published totals: the model cards' figures (total / non-embedding) and, where the hub's
+# safetensors store the head separately for tied models, the stored tensor total.
+PUBLISHED = {
+    "Qwen3-0.6B": ("0.6B", "0.44B", 751_632_384),
+    "Qwen3-1.7B": ("1.7B", "1.4B", 2_031_739_904),
+    "Qwen3-4B": ("4.0B", "3.6B", 4_022_468_096),
+    "Qwen3-8B": ("8.2B", "6.95B", 8_190_735_360),
+    "Qwen3-4B-Instruct-2507": ("4.0B", "3.6B", 4_022_468_096),
+}
+
+
+def _rounded(n: int, like: str) -> str:
+  decimals = len(like.split(".")[1]) - 1 if "." in like else 0
+  return f"{n / 1e9:.{decimals}f}B"
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED))
+def test_preset_parameter_counts(name):
+  config = PRESETS[name]
+  model = abstract_model(config)  # shapes only: no memory
+  leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+  total = sum(int(np.prod(x.shape)) for x in leaves)
+  embed = config.vocab_size * config.hidden_size
+  non_embedding = total - embed * (1 if config.tie_word_embeddings else 2)
+  card_total, card_non_embedding, stored = PUBLISHED[name]
+  assert _rounded(total, card_total) == card_total
+  assert _rounded(non_embedding, card_non_embedding) == card_non_embedding
+  stored_total = total + (embed if config.tie_word_embeddings and stored > total else 0)
+  assert stored_total == stored
+  assert total == config.num_params()
+
+
+def test_instruct_2507_uses_its_own_rope_theta():
+  assert PRESETS["Qwen3-4B-Instruct-2507"].rope_theta == 5e6
+  assert PRESETS["Qwen3-4B"].rope_theta == 1e6
+
+
+def test_config_validation_names_the_field():
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    Qwen3Config(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
+                num_heads=3, num_kv_heads=2, head_dim=4)
+  with pytest.raises(ValueError, match="hidden_size"):
+    Qwen3Config(vocab_size=8, hidden_size=0, intermediate_size=8, num_layers=1,
+                num_heads=2, num_kv_heads=2, head_dim=4)
