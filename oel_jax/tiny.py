@@ -97,3 +97,38 @@ def load_tiny_tokenizer():
   from oel_jax import chat  # pylint: disable=import-outside-toplevel
 
   return chat.load_tokenizer(tiny_tokenizer_path())
+
+
+# The tiny model: Qwen3's architecture at a size that runs the whole method on a CPU in
+# minutes. GQA ratio 2 and a decoupled head_dim, like the real checkpoints.
+TINY_SHAPE = dict(
+    vocab_size=PADDED_VOCAB_SIZE, hidden_size=256, intermediate_size=768, num_layers=4,
+    num_heads=8, num_kv_heads=4, head_dim=32, rope_theta=1_000_000.0,
+    tie_word_embeddings=True, max_position_embeddings=32_768)
+TINY_SEED = 0
+
+
+def tiny_config(**overrides):
+  """The tiny model's `Qwen3Config` (dtype fields and shape overridable)."""
+  from oel_jax.models import Qwen3Config  # pylint: disable=import-outside-toplevel
+
+  return Qwen3Config(**{**TINY_SHAPE, **overrides})
+
+
+def tiny_model(seed: int = TINY_SEED, **overrides):
+  """The tiny model with random weights from a fixed seed (no download)."""
+  from oel_jax.models import init_model  # pylint: disable=import-outside-toplevel
+
+  return init_model(tiny_config(**overrides), seed=seed)
+
+
+def write_tiny_checkpoint(path: str | os.PathLike, seed: int = TINY_SEED) -> str:
+  """Writes the tiny model and tokenizer as a Hugging Face checkpoint directory.
+
+  Every stage that takes a checkpoint path (load_hf, transformers, vLLM) can then be run
+  on the tiny default exactly as on a real Qwen3 checkpoint.
+  """
+  from oel_jax.models import save_hf  # pylint: disable=import-outside-toplevel
+
+  save_hf(tiny_model(seed), path, tokenizer=load_tiny_tokenizer())
+  return os.fspath(path)

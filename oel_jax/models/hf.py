@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 from oel_jax import parallel
 from oel_jax.models import safetensors_io
 from oel_jax.models.qwen3 import Qwen3, Qwen3Config, abstract_model
+from oel_jax.models.safetensors_io import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -128,10 +129,6 @@ def tensor_mappings(config: Qwen3Config) -> list[TensorMapping]:
       if "{layer}" in rule.hf_key:
         resolve(rule, layer)
   return out
-
-
-class CheckpointError(ValueError):
-  """A checkpoint directory that does not hold the Qwen3 its config describes."""
 
 
 def _checkpoint_files(path: str) -> dict[str, str]:

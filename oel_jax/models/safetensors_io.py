@@ -37,7 +37,11 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100_000_000
 
 
-class SafetensorsError(ValueError):
+class CheckpointError(ValueError):
+  """A checkpoint that does not hold what it should; the message names the file."""
+
+
+class SafetensorsError(CheckpointError):
   """A safetensors file that cannot be read as described; the message names the file."""
 
 
