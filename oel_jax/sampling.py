@@ -1,0 +1,297 @@
+"""Batched generation with a KV cache: one prefill, then a decode loop in one jitted program.
+
+`Sampler(model, eos_ids=..., pad_id=..., max_seq_len=...)` compiles one program per
+(batch bucket, prompt-length bucket, new-token bucket); the sampling settings, the token
+budget and the weights are traced inputs, so changing any of them, or prompt lengths
+within a bucket, reuses the program. Prompts are left-padded so that every row's next
+token lands in the same cache slot.
+
+Sampling applies temperature, then top-k, then top-p (nucleus), the order of transformers'
+and vLLM's samplers. The log-probability reported for each sampled token is its log
+probability under exactly the distribution it was drawn from (after all three); for greedy
+decoding (temperature 0) it is the model's own log-softmax at temperature 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from oel_jax.models.qwen3 import KVCache, Qwen3
+
+# top_k up to this is served by a partial sort (lax.top_k); larger k, or top-p without
+# top-k, falls back to a full sort of the vocabulary (exact, slower).
+TOP_K_CAP = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationOutput:
+  """What `Sampler.generate` returns, one entry per prompt, in prompt order."""
+
+  tokens: list[list[int]]
+  """Generated ids per prompt; the stop token is included when one was hit."""
+  logprobs: list[list[float]]
+  """Per generated token, its log-probability under the distribution it was sampled from."""
+  finish_reasons: list[str]
+  """"stop" (a stop token was generated) or "length" (the budget ran out)."""
+
+
+def _bucket(n: int, minimum: int) -> int:
+  """Smallest power of two >= max(n, minimum)."""
+  return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
+
+
+def _masked_log_softmax(logits: jax.Array, keep: jax.Array) -> jax.Array:
+  return jax.nn.log_softmax(jnp.where(keep, logits, -jnp.inf), axis=-1)
+
+
+def _nucleus_keep(sorted_logprobs: jax.Array, top_p: jax.Array) -> jax.Array:
+  """For log-probs sorted descending: keep while the mass before a token is < top_p."""
+  mass_before = jnp.cumsum(jnp.exp(sorted_logprobs), axis=-1) - jnp.exp(sorted_logprobs)
+  keep = mass_before < top_p
+  return keep.at[..., 0].set(True)  # the most likely token always survives
+
+
+def _sample_candidates(key, cand_logits, cand_ids, top_k, top_p):
+  """Top-k then top-p over candidates sorted descending; returns (token, logprob)."""
+  rank = jnp.arange(cand_logits.shape[-1])
+  keep_k = jnp.where(top_k > 0, rank[None, :] < top_k, True)
+  logprobs = _masked_log_softmax(cand_logits, keep_k)
+  keep = keep_k & _nucleus_keep(logprobs, top_p)
+  logprobs = _masked_log_softmax(cand_logits, keep)
+  choice = jax.random.categorical(key, logprobs, axis=-1)
+  token = jnp.take_along_axis(cand_ids, choice[:, None], axis=-1)[:, 0]
+  return token, jnp.take_along_axis(logprobs, choice[:, None], axis=-1)[:, 0]
+
+
+def sample_next(key: jax.Array, logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Draws one token per row from `logits` `[B, V]` (float32).
+
+  Returns `(tokens [B], logprobs [B])`. All settings are traced scalars; which branch runs
+  is decided at run time, so no setting recompiles.
+  """
+  vocab = logits.shape[-1]
+  scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
+  cap = min(TOP_K_CAP, vocab)
+
+  def greedy(_):
+    token = jnp.argmax(logits, axis=-1)
+    lp = jax.nn.log_softmax(logits, axis=-1)
+    return token, jnp.take_along_axis(lp, token[:, None], -1)[:, 0]
+
+  def full_vocab(key):  # temperature only: no sort needed
+    lp = jax.nn.log_softmax(scaled, axis=-1)
+    token = jax.random.categorical(key, lp, axis=-1)
+    return token, jnp.take_along_axis(lp, token[:, None], -1)[:, 0]
+
+  def partial_sort(key):  # 0 < top_k <= cap
+    values, ids = jax.lax.top_k(scaled, cap)
+    return _sample_candidates(key, values, ids, top_k, top_p)
+
+  def full_sort(key):  # top-p with no (or a large) top-k
+    order = jnp.argsort(-scaled, axis=-1)
+    values = jnp.take_along_axis(scaled, order, axis=-1)
+    return _sample_candidates(key, values, order, top_k, top_p)
+
+  restricted = (top_k > 0) | (top_p < 1.0)
+  branch = jnp.where(temperature <= 0, 0,
+                     jnp.where(~restricted, 1,
+                               jnp.where((top_k > 0) & (top_k <= cap), 2, 3)))
+  token, logprob = jax.lax.switch(branch, (greedy, full_vocab, partial_sort, full_sort), key)
+  return token.astype(jnp.int32), logprob
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatCompletion:
+  """One chat reply, decoded and split at `</think>`."""
+
+  text: str
+  """The decoded reply (special tokens such as the stop token removed)."""
+  reasoning: str
+  """Text before `</think>` (empty for non-thinking replies)."""
+  answer: str
+  """Text after `</think>` (the whole reply when there is none)."""
+  tokens: list[int]
+  """Generated ids, the stop token included when hit."""
+  logprobs: list[float]
+  """Per generated token, as in `GenerationOutput.logprobs`."""
+  finish_reason: str
+  """"stop" or "length"."""
+
+
+class Sampler:
+  """Generates continuations of token-id prompts with a KV cache.
+
+  Args:
+    model: a `Qwen3` (its weights are copied out; `update_weights` swaps them).
+    eos_ids: ids that end a row (Qwen3: `<|im_end|>` and `<|endoftext|>`).
+    pad_id: id written after a row has stopped and used to pad prompts.
+    max_seq_len: longest prompt + generation the sampler accepts.
+    min_prompt_bucket: smallest padded prompt length (prompts pad to powers of two).
+    mesh: shard the batch over the mesh's (data, fsdp) axes when it divides them.
+  """
+
+  def __init__(self, model: Qwen3, *, eos_ids: Sequence[int], pad_id: int, max_seq_len: int,
+               min_prompt_bucket: int = 32, mesh: jax.sharding.Mesh | None = None):
+    if not eos_ids:
+      raise ValueError("eos_ids must name at least one stop token")
+    self.config = model.config
+    for i in (*eos_ids, pad_id):
+      if not 0 <= int(i) < self.config.vocab_size:
+        raise ValueError(f"token id {i} is outside the vocabulary [0, {self.config.vocab_size})")
+    self.eos_ids = tuple(int(i) for i in eos_ids)
+    self.pad_id = int(pad_id)
+    self.max_seq_len = int(max_seq_len)
+    self.min_prompt_bucket = int(min_prompt_bucket)
+    self.mesh = mesh
+    self._graphdef, self._params = nnx.split(model)
+    self.num_compilations = 0
+    self._jitted = jax.jit(self._generate, static_argnames=("gen_slots",))
+
+  # ---- weights ----
+
+  def update_weights(self, model_or_state: Qwen3 | nnx.State) -> None:
+    """Swaps in new weights of the same shapes and dtypes (no recompilation)."""
+    state = model_or_state
+    if isinstance(state, nnx.Module):
+      state = nnx.state(state)
+    old = dict(nnx.to_flat_state(self._params))
+    new = dict(nnx.to_flat_state(state))
+    if old.keys() != new.keys():
+      diff = sorted(set(old) ^ set(new), key=str)
+      raise ValueError(f"update_weights: parameter set differs at {diff[0]}")
+    for path, var in old.items():
+      value = new[path].get_value() if hasattr(new[path], "get_value") else new[path]
+      if value.shape != var.shape or value.dtype != var.get_value().dtype:
+        raise ValueError(
+            f"update_weights: {'.'.join(map(str, path))} is {value.shape} {value.dtype}, "
+            f"expected {var.shape} {var.get_value().dtype}")
+    self._params = jax.tree.map(
+        lambda o, n: jax.device_put(n, o.sharding) if isinstance(o, jax.Array) else n,
+        self._params, state)
+
+  # ---- the jitted program ----
+
+  def _generate(self, params, prompt_ids, prompt_mask, active, budget, temperature, top_k,
+                top_p, key, *, gen_slots: int):
+    self.num_compilations += 1  # runs only while tracing
+    model = nnx.merge(self._graphdef, params)
+    batch, prompt_len = prompt_ids.shape
+    cache = KVCache.zeros(self.config, batch, prompt_len + gen_slots)
+    hidden, cache = model.hidden_states(prompt_ids, attention_mask=prompt_mask, cache=cache)
+    logits = model.logits(hidden[:, -1:])[:, 0]
+    eos = jnp.asarray(self.eos_ids, jnp.int32)
+
+    def sample(step, logits, done, tokens, logprobs):
+      tok, lp = sample_next(jax.random.fold_in(key, step), logits, temperature, top_k, top_p)
+      tok = jnp.where(done, self.pad_id, tok)
+      lp = jnp.where(done, 0.0, lp)
+      tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], step, 1)
+      logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, lp[:, None], step, 1)
+      return tok, done | jnp.isin(tok, eos), tokens, logprobs
+
+    tokens = jnp.full((batch, gen_slots), self.pad_id, jnp.int32)
+    logprobs = jnp.zeros((batch, gen_slots), jnp.float32)
+    done = ~active
+    tok, done, tokens, logprobs = sample(0, logits, done, tokens, logprobs)
+
+    def cond(carry):
+      step, _, done, *_ = carry
+      return (step < budget) & ~jnp.all(done)
+
+    def body(carry):
+      step, tok, done, tokens, logprobs, cache = carry
+      hidden, cache = model.hidden_states(tok[:, None], attention_mask=(~done)[:, None],
+                                          cache=cache)
+      logits = model.logits(hidden)[:, 0]
+      tok, done, tokens, logprobs = sample(step, logits, done, tokens, logprobs)
+      return step + 1, tok, done, tokens, logprobs, cache
+
+    carry = (jnp.int32(1), tok, done, tokens, logprobs, cache)
+    steps, _, done, tokens, logprobs, _ = jax.lax.while_loop(cond, body, carry)
+    return tokens, logprobs, steps
+
+  # ---- public API ----
+
+  def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0
+               ) -> GenerationOutput:
+    """Generates up to `max_new_tokens` for each prompt (a list of token ids, any length)."""
+    if not prompts:
+      return GenerationOutput([], [], [])
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+      raise ValueError(f"invalid sampling settings: temperature={temperature} (>= 0), "
+                       f"top_k={top_k} (>= 0), top_p={top_p} (in (0, 1])")
+    lengths = [len(p) for p in prompts]
+    for i, n in enumerate(lengths):
+      if n == 0:
+        raise ValueError(f"prompt {i} is empty")
+      if n + max_new_tokens > self.max_seq_len:
+        raise ValueError(f"prompt {i} has {n} tokens; with max_new_tokens={max_new_tokens} "
+                         f"it exceeds max_seq_len={self.max_seq_len}")
+    prompt_len = min(_bucket(max(lengths), self.min_prompt_bucket),
+                     self.max_seq_len - max_new_tokens)
+    gen_slots = _bucket(max_new_tokens, 16)
+    batch = _bucket(len(prompts), 1)
+    if self.mesh is not None:  # whole rows per batch shard
+      shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+      batch = -(-batch // shards) * shards
+
+    ids = np.full((batch, prompt_len), self.pad_id, np.int32)
+    mask = np.zeros((batch, prompt_len), np.int32)
+    for row, prompt in enumerate(prompts):
+      ids[row, prompt_len - len(prompt):] = np.asarray(prompt, np.int32)
+      mask[row, prompt_len - len(prompt):] = 1
+    if np.any((ids < 0) | (ids >= self.config.vocab_size)):
+      row = int(np.argwhere((ids < 0) | (ids >= self.config.vocab_size))[0, 0])
+      raise ValueError(f"prompt {row} holds a token id outside [0, {self.config.vocab_size})")
+    mask[len(prompts):, -1] = 1  # filler rows: one real token, inactive from the start
+    active = np.arange(batch) < len(prompts)
+
+    args = [jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(active)]
+    if self.mesh is not None:
+      sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(
+          ("data", "fsdp")))
+      args = [jax.device_put(a, sharding) for a in args]
+    tokens, logprobs, _ = self._jitted(
+        self._params, *args, jnp.int32(max_new_tokens), jnp.float32(temperature),
+        jnp.int32(top_k), jnp.float32(top_p), jax.random.key(seed), gen_slots=gen_slots)
+    tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+
+    out_tokens, out_logprobs, reasons = [], [], []
+    eos = set(self.eos_ids)
+    for row in range(len(prompts)):
+      toks = tokens[row, :max_new_tokens].tolist()
+      stop = next((i for i, t in enumerate(toks) if t in eos), None)
+      n = len(toks) if stop is None else stop + 1
+      out_tokens.append(toks[:n])
+      out_logprobs.append(logprobs[row, :n].tolist())
+      reasons.append("length" if stop is None else "stop")
+    return GenerationOutput(out_tokens, out_logprobs, reasons)
+
+  def generate_chat(self, tokenizer: Any, conversations: Sequence[Sequence[dict]], *,
+                    enable_thinking: bool, **generate_kwargs) -> list[ChatCompletion]:
+    """Chat messages -> the tokenizer's chat template -> generate -> decoded, split replies.
+
+    `generate_kwargs` are those of `generate` (max_new_tokens, temperature, ...).
+    """
+    from oel_jax import chat  # pylint: disable=import-outside-toplevel
+
+    prompts = [chat.encode_chat(tokenizer, messages, enable_thinking=enable_thinking)
+               for messages in conversations]
+    out = self.generate(prompts, **generate_kwargs)
+    replies = []
+    for tokens, logprobs, reason in zip(out.tokens, out.logprobs, out.finish_reasons):
+      text = tokenizer.decode(tokens, skip_special_tokens=True)
+      reasoning, answer = chat.split_reasoning(text)
+      replies.append(ChatCompletion(text, reasoning, answer, tokens, logprobs, reason))
+    return replies

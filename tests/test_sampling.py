@@ -1,0 +1,209 @@
+"""The sampler against transformers' generate and against the sampling formula in NumPy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from hf_reference import make_hf_model
+from oel_jax import chat, parallel, tiny
+from oel_jax.models import load_hf
+from oel_jax.sampling import Sampler
+
+VOCAB = 128
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 40, 41, 42], [3, 4], [9, 9, 9, 1, 2], [77], [20] * 17]
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory):
+  hf = make_hf_model(vocab=VOCAB, heads=8, kv_heads=2, tied=False, theta=5e6, seed=4)
+  path = tmp_path_factory.mktemp("sampler")
+  hf.save_pretrained(path)
+  return hf, path, load_hf(path)
+
+
+def _hf_greedy(hf, prompt, new, eos):
+  with torch.no_grad():
+    out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt)),
+                      max_new_tokens=new, do_sample=False, eos_token_id=list(eos),
+                      pad_token_id=0)
+  tokens = out[0, len(prompt):].tolist()
+  for i, t in enumerate(tokens):  # transformers pads after a stop
+    if t in eos:
+      return tokens[:i + 1]
+  return tokens
+
+
+def test_greedy_equals_transformers(ref):
+  hf, _, model = ref
+  new = 24
+  # Stop tokens picked from the unconstrained greedy runs, so some rows stop early.
+  free = Sampler(model, eos_ids=[VOCAB - 1], pad_id=0, max_seq_len=128)
+  runs = free.generate(PROMPTS, max_new_tokens=new, temperature=0).tokens
+  eos = (runs[0][5], runs[2][2])
+  sampler = Sampler(model, eos_ids=eos, pad_id=0, max_seq_len=128)
+  out = sampler.generate(PROMPTS, max_new_tokens=new, temperature=0)
+  assert "stop" in out.finish_reasons and "length" in out.finish_reasons
+  for prompt, tokens, reason in zip(PROMPTS, out.tokens, out.finish_reasons):
+    assert tokens == _hf_greedy(hf, prompt, new, eos)
+    assert (reason == "stop") == (tokens[-1] in eos)
+    assert reason == "stop" or len(tokens) == new
+
+
+def test_batched_equals_alone(ref):
+  _, _, model = ref
+  sampler = Sampler(model, eos_ids=[VOCAB - 1], pad_id=0, max_seq_len=128)
+  batched = sampler.generate(PROMPTS, max_new_tokens=10, temperature=0)
+  for i, prompt in enumerate(PROMPTS):
+    alone = sampler.generate([prompt], max_new_tokens=10, temperature=0)
+    assert alone.tokens[0] == batched.tokens[i]
+    np.testing.assert_allclose(alone.logprobs[0], batched.logprobs[i], atol=1e-5)
+
+
+def _expected_distribution(logits, temperature, top_k, top_p):
+  """Temperature, then top-k, then top-p, in float64 NumPy (transformers' definition)."""
+  z = logits.astype(np.float64) / temperature
+  order = np.argsort(-z, kind="stable")
+  keep = np.zeros_like(z, bool)
+  keep[order[: top_k if top_k > 0 else len(z)]] = True
+  p = np.where(keep, np.exp(z - z.max()), 0.0)
+  p /= p.sum()
+  sorted_p = p[order]
+  mass_before = np.cumsum(sorted_p) - sorted_p
+  nucleus = np.zeros_like(keep)
+  nucleus[order[mass_before < top_p]] = True
+  p = np.where(keep & nucleus, p, 0.0)
+  return p / p.sum()
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (1.0, 0, 1.0),    # plain sampling over the whole vocabulary
+    (0.7, 20, 0.8),   # the paper's evaluation setting
+    (1.3, 0, 0.9),    # nucleus without top-k (full sort)
+    (0.5, 5, 1.0),    # top-k only
+])
+def test_sampling_distribution_and_logprobs(ref, temperature, top_k, top_p):
+  hf, _, model = ref
+  prompt = PROMPTS[1]
+  with torch.no_grad():
+    logits = hf(torch.tensor([prompt])).logits[0, -1].numpy()
+  expected = _expected_distribution(logits, temperature, top_k, top_p)
+  sampler = Sampler(model, eos_ids=[VOCAB - 1], pad_id=0, max_seq_len=64)
+  draws, logprobs = [], []
+  for seed in range(4):
+    out = sampler.generate([prompt] * 1024, max_new_tokens=1, temperature=temperature,
+                           top_k=top_k, top_p=top_p, seed=seed)
+    draws += [t[0] for t in out.tokens]
+    logprobs += [lp[0] for lp in out.logprobs]
+  draws, logprobs = np.asarray(draws), np.asarray(logprobs)
+  # Nothing outside the support, and every reported logprob is exactly log p(token).
+  assert expected[draws].min() > 0
+  np.testing.assert_allclose(logprobs, np.log(expected[draws]), atol=2e-5)
+  # Total variation between empirical and expected frequencies: with n = 4096 draws over
+  # m tokens of mass, E[TV] <= 0.5 * sqrt(m / n) (Cauchy-Schwarz); the bound allows 1.5x.
+  support = int((expected > 0).sum())
+  empirical = np.bincount(draws, minlength=VOCAB) / len(draws)
+  tv = 0.5 * np.abs(empirical - expected).sum()
+  assert tv < 0.75 * np.sqrt(support / len(draws)), (tv, support)
+  if top_k or top_p < 1:
+    assert support < VOCAB  # the restriction really removed tokens in this case
+
+
+def test_seeds(ref):
+  _, _, model = ref
+  sampler = Sampler(model, eos_ids=[VOCAB - 1], pad_id=0, max_seq_len=128)
+  kw = dict(max_new_tokens=12, temperature=1.0)
+  a = sampler.generate(PROMPTS, seed=3, **kw)
+  b = sampler.generate(PROMPTS, seed=3, **kw)
+  c = sampler.generate(PROMPTS, seed=4, **kw)
+  assert a.tokens == b.tokens and a.logprobs == b.logprobs
+  assert a.tokens != c.tokens
+
+
+def test_no_recompilation_in_steady_state(ref):
+  _, path, model = ref
+  sampler = Sampler(model, eos_ids=[VOCAB - 1], pad_id=0, max_seq_len=256)
+  sampler.generate(PROMPTS, max_new_tokens=16, temperature=0)
+  assert sampler.num_compilations == 1
+  for temperature, top_k, top_p in [(0.7, 20, 0.8), (1.0, 0, 1.0), (1.3, 0, 0.5),
+                                    (0.2, 300, 0.9)]:
+    sampler.generate(PROMPTS, max_new_tokens=16, temperature=temperature, top_k=top_k,
+                     top_p=top_p)
+  # Budgets within the same bucket, prompt lengths within the same bucket.
+  sampler.generate([p + [3] * 5 for p in PROMPTS], max_new_tokens=9, temperature=0)
+  new_model = load_hf(path)
+  new_model.embed[...] = new_model.embed[...] * 1.5
+  sampler.update_weights(new_model)
+  sampler.generate(PROMPTS, max_new_tokens=16, temperature=0)
+  assert sampler.num_compilations == 1
+
+  # A game loop whose prompts grow turn by turn and whose batch shrinks compiles a
+  # bounded number of programs: one per (batch bucket, prompt bucket).
+  prompts = [[7] * 10 for _ in range(5)]
+  for turn in range(6):
+    prompts = [p + [9] * 20 for p in prompts[: 5 - turn // 2]]
+    sampler.generate(prompts, max_new_tokens=16, temperature=0.7)
+  assert sampler.num_compilations <= 1 + 4
+
+
+def test_update_weights_takes_effect(ref):
+  _, path, model = ref
+  other = load_hf(path)
+  other.layers[0].mlp.down_proj[...] = other.layers[0].mlp.down_proj[...] * -3.0
+  sampler = Sampler(model, eos_ids=[VOCAB - 1], pad_id=0, max_seq_len=128)
+  before = sampler.generate(PROMPTS, max_new_tokens=12, temperature=0)
+  sampler.update_weights(other)
+  after = sampler.generate(PROMPTS, max_new_tokens=12, temperature=0)
+  fresh = Sampler(other, eos_ids=[VOCAB - 1], pad_id=0, max_seq_len=128)
+  assert after.tokens == fresh.generate(PROMPTS, max_new_tokens=12, temperature=0).tokens
+  assert after.tokens != before.tokens
+  wrong = load_hf(path, dtype=jnp.bfloat16)
+  with pytest.raises(ValueError, match="update_weights: embed is .* bfloat16"):
+    sampler.update_weights(wrong)
+
+
+def test_sharded_model_generates_the_same(ref):
+  _, path, model = ref
+  mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tp=2))
+  sharded = load_hf(path, mesh=mesh)
+  single = Sampler(model, eos_ids=[VOCAB - 1], pad_id=0, max_seq_len=128)
+  multi = Sampler(sharded, eos_ids=[VOCAB - 1], pad_id=0, max_seq_len=128, mesh=mesh)
+  a = single.generate(PROMPTS, max_new_tokens=10, temperature=0)
+  b = multi.generate(PROMPTS, max_new_tokens=10, temperature=0)
+  assert a.tokens == b.tokens
+  np.testing.assert_allclose(np.concatenate(a.logprobs), np.concatenate(b.logprobs),
+                             atol=1e-4)
+
+
+def test_bad_input(ref):
+  _, _, model = ref
+  sampler = Sampler(model, eos_ids=[VOCAB - 1], pad_id=0, max_seq_len=32)
+  with pytest.raises(ValueError, match="prompt 1 is empty"):
+    sampler.generate([[1], []], max_new_tokens=4)
+  with pytest.raises(ValueError, match="prompt 0 has 30 tokens.*max_seq_len=32"):
+    sampler.generate([[1] * 30], max_new_tokens=4)
+  with pytest.raises(ValueError, match="prompt 1 holds a token id outside"):
+    sampler.generate([[1], [VOCAB + 5]], max_new_tokens=4)
+  with pytest.raises(ValueError, match="top_p"):
+    sampler.generate([[1]], max_new_tokens=4, top_p=0.0)
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    Sampler(model, eos_ids=[VOCAB], pad_id=0, max_seq_len=32)
+
+
+def test_chat_generation_splits_reasoning():
+  tokenizer = tiny.load_tiny_tokenizer()
+  sampler = Sampler(tiny.tiny_model(), eos_ids=chat.stop_token_ids(tokenizer),
+                    pad_id=tokenizer.pad_token_id, max_seq_len=256)
+  conversations = [[{"role": "user", "content": "Which way? Answer [up] or [down]."}],
+                   [{"role": "user", "content": "Hi"}]]
+  out = sampler.generate_chat(tokenizer, conversations, enable_thinking=False,
+                              max_new_tokens=12, temperature=0)
+  assert len(out) == 2
+  for completion, conversation in zip(out, conversations):
+    ids = chat.encode_chat(tokenizer, conversation, enable_thinking=False)
+    raw = sampler.generate([ids], max_new_tokens=12, temperature=0)
+    assert completion.tokens == raw.tokens[0]
+    text = tokenizer.decode(raw.tokens[0], skip_special_tokens=True)
+    assert completion.text == text
+    assert (completion.reasoning, completion.answer) == chat.split_reasoning(text)
