@@ -236,9 +236,10 @@ class KVCache:
   """
 
   k: tuple[jax.Array, ...]
-  """Per layer, keys `[B, S, K, D]` (RoPE applied)."""
+  """Per layer, keys `[B, K, S, D]` (RoPE applied; heads-major so attention reads
+  the cache without transposing it every step)."""
   v: tuple[jax.Array, ...]
-  """Per layer, values `[B, S, K, D]`."""
+  """Per layer, values `[B, K, S, D]`."""
   mask: jax.Array
   """`[B, S]` int32: 1 where a slot holds a real token."""
   index: jax.Array
@@ -247,7 +248,7 @@ class KVCache:
   @classmethod
   def zeros(cls, config: Qwen3Config, batch: int, slots: int, dtype=None) -> "KVCache":
     dtype = dtype or config.compute_dtype
-    shape = (batch, slots, config.num_kv_heads, config.head_dim)
+    shape = (batch, config.num_kv_heads, slots, config.head_dim)
     k = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
     v = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
     return cls(k=k, v=v, mask=jnp.zeros((batch, slots), jnp.int32),
@@ -326,27 +327,27 @@ class Attention(nnx.Module):
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """x `[B, T, H]`; attend `[B, T, S]` bool (S = T without a cache).
 
-    With a cache, `kv` holds this layer's `[B, S, K, D]` keys and values; the new ones
+    With a cache, `kv` holds this layer's `[B, K, S, D]` keys and values; the new ones
     are written at slot `index` and the updated pair is returned.
     """
     c, dt = self.config, self.config.compute_dtype
     q = _einsum("bth,hnd->btnd", x, self.q_proj[...], dt)
     k = _einsum("bth,hkd->btkd", x, self.k_proj[...], dt)
-    v = _einsum("bth,hkd->btkd", x, self.v_proj[...], dt).astype(dt)
+    v = _einsum("bth,hkd->bktd", x, self.v_proj[...], dt).astype(dt)
     q = rope(self.q_norm(q), positions, c.rope_theta).astype(dt)
-    k = rope(self.k_norm(k), positions, c.rope_theta).astype(dt)
+    k = rope(self.k_norm(k), positions, c.rope_theta).astype(dt).transpose(0, 2, 1, 3)
     if kv is not None:
       cache_k, cache_v = kv
-      k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, 1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, 1)
+      k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, 2)
+      v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, 2)
       kv = (k, v)
     b, t = q.shape[:2]
     groups = c.num_heads // c.num_kv_heads
     q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
-    scores = _einsum("btkgd,bskd->bkgts", q, k, dt) * (c.head_dim ** -0.5)
+    scores = _einsum("btkgd,bksd->bkgts", q, k, dt) * (c.head_dim ** -0.5)
     scores = jnp.where(attend[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = _einsum("bkgts,bskd->btkgd", probs, v, dt).astype(dt)
+    out = _einsum("bkgts,bksd->btkgd", probs, v, dt).astype(dt)
     out = out.reshape(b, t, c.num_heads, c.head_dim)
     return _einsum("btnd,ndh->bth", out, self.o_proj[...], dt).astype(dt), kv
 
