@@ -20,6 +20,10 @@ NAMES = (
     "sokoban_rules",
     "game_prompt",
     "game_prompt_with_knowledge",
+    "extraction_structured",
+    "extraction_unstructured",
+    "extraction_structured_official",
+    "extraction_unstructured_official",
 )
 """The templates shipped in this package, by name (file name without ``.txt``)."""
 
