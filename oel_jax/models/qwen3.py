@@ -347,8 +347,10 @@ class Attention(nnx.Module):
     scores = _einsum("btkgd,bksd->bkgts", q, k, dt) * (c.head_dim ** -0.5)
     scores = jnp.where(attend[:, None, None, :, :], scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = _einsum("bkgts,bksd->btkgd", probs, v, dt).astype(dt)
-    out = out.reshape(b, t, c.num_heads, c.head_dim)
+    # Batch-major output, then transpose: XLA:CPU's DotThunk rejects bf16 x bf16 -> f32
+    # when the dot itself must emit [B, T, K, G, D].
+    out = _einsum("bkgts,bksd->bkgtd", probs, v, dt).astype(dt)
+    out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, c.num_heads, c.head_dim)
     return _einsum("btnd,ndh->bth", out, self.o_proj[...], dt).astype(dt), kv
 
 
