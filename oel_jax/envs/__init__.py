@@ -6,6 +6,8 @@
   `read_trajectories` (streaming), `write_trajectories` / `TrajectoryWriter` (atomic).
 - `parse_action`, `build_prompt` and `insert_knowledge`: the prompt and action conventions
   shared by every game.
+- `rollout` (with `RolloutConfig`): many games played in lockstep by one sampler, one batched
+  generation per turn; `game_seeds`: training and held-out board seeds that never overlap.
 
 TextArena is imported only when a game is reset, so reading trajectory files does not need it.
 """
@@ -17,6 +19,13 @@ from oel_jax.envs.base import (
     build_prompt,
     insert_knowledge,
     parse_action,
+)
+from oel_jax.envs.lockstep import (
+    FORMAT_ERROR_RESPONSE,
+    RolloutConfig,
+    game_seeds,
+    rollout,
+    strip_reasoning,
 )
 from oel_jax.envs.textarena_games import (
     FINAL_FEEDBACK,
@@ -49,4 +58,5 @@ __all__ = [
     "FORMAT_VERSION", "EnvSpec", "ModelInfo", "Outcome", "Trajectory", "TrajectoryFormatError",
     "TrajectoryWriter", "Turn", "load_trajectories", "read_trajectories", "schema",
     "validate_record", "write_trajectories",
+    "FORMAT_ERROR_RESPONSE", "RolloutConfig", "game_seeds", "rollout", "strip_reasoning",
 ]

@@ -1,0 +1,320 @@
+"""Batched multi-turn rollouts: many games played at once, in lockstep, by one sampler.
+
+    trajectories = rollout(sampler, tokenizer, game_seeds("train", 0, round_, 64),
+                           RolloutConfig(env="frozenlake"), model=ModelInfo("Qwen/Qwen3-4B", 1),
+                           path="runs/round1/train.jsonl")
+
+Every turn, the prompt of each game still running is rendered as one user message with the
+tokenizer's own chat template (thinking on or off), and all of them go to the sampler in **one**
+batched `generate` call (or in chunks of `RolloutConfig.max_batch_size`). Each reply is decoded
+(special tokens dropped), optionally stripped of its reasoning, and played in its game; games
+that end leave the batch. This is the official implementation's loop (microsoft/LMOps,
+``oel/verl/verl/workers/rollout/vllm_rollout/vllm_rollout_spmd.py``,
+``generate_sequences_textgame``), with our `oel_jax.envs` games in place of its TextArena calls.
+
+Reasoning (``keep_reasoning``), as the official ``_postprocess_textgame_response`` does it:
+
+- kept (the default, and what every official script uses): the decoded reply is recorded and
+  played as it is;
+- stripped: the text after the last ``</think>`` (not whitespace-stripped) is recorded and
+  played; a reply with no ``</think>`` becomes `FORMAT_ERROR_RESPONSE`, which holds no action,
+  so the game sees an invalid move. The reasoning is not recorded anywhere in that mode.
+
+Per turn, ``Turn.metadata`` holds ``prompt_tokens`` (the templated prompt's length),
+``response_tokens`` (tokens generated, the stop token not counted) and ``finish_reason``
+(``"stop"``: the model ended its turn; ``"length"``: cut at ``max_new_tokens``).
+``response_tokens`` counts every generated token, reasoning included, in both modes.
+
+Seeds. Board seeds come from `game_seeds` (training and held-out evaluation sets that never
+overlap). Sampling randomness comes from `RolloutConfig.seed`: the call for turn ``t`` (chunk
+``c``) uses a key derived from ``(seed, t, c)``, so the same seeds and config give the same
+trajectories. (Which random numbers a game gets depends on its row in the batch, so a game's
+replies do change when the set of games changes.)
+
+(This module is ``lockstep``, not ``rollout``, so that ``oel_jax.envs.rollout`` is the function.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from oel_jax.envs.textarena_games import GAMES, make_env
+from oel_jax.envs.trajectory import ModelInfo, Trajectory, write_trajectories
+
+THINK_END = "</think>"
+
+FORMAT_ERROR_RESPONSE = "Format error: no </think> found in the response"
+"""What replaces a reply with no ``</think>`` when reasoning is stripped (official text)."""
+
+GAMES_PER_ROUND = 1_000_000
+"""Most games one `game_seeds` set (one split, base seed and round) can hold."""
+
+MAX_ROUNDS = 1_000
+"""Rounds per base seed that `game_seeds` keeps apart (``round`` is in [0, MAX_ROUNDS))."""
+
+SPLITS = ("train", "eval")
+
+
+def game_seeds(split: str, base_seed: int, round_: int, n: int, start: int = 0) -> list[int]:
+  """Board seeds for ``n`` games: a training set per round, or the fixed held-out set.
+
+  The scheme: with ``block = base_seed * MAX_ROUNDS + r``, where ``r = round_`` for
+  ``"train"`` and ``r = 0`` for ``"eval"``, game ``i`` gets
+
+      seed = 2 * (block * GAMES_PER_ROUND + start + i) + (1 if split == "train" else 0)
+
+  so that
+
+  - evaluation seeds are even and training seeds odd: the two sets never overlap, whatever the
+    base seeds and rounds;
+  - evaluation seeds do not depend on the round (the held-out maps stay fixed across rounds);
+  - training seeds of different rounds (or base seeds) never overlap;
+  - ``start`` selects further games of the same set (e.g. the extraction games first, then the
+    consolidation games: ``game_seeds("train", b, r, n2, start=n1)``).
+
+  (Seeds differ; boards may still repeat: 3x3 FrozenLake with a fixed start and goal has only
+  a few dozen distinct maps.)
+
+  Args:
+    split: ``"train"`` or ``"eval"``.
+    base_seed: the experiment's seed, >= 0.
+    round_: the OEL round, in [0, MAX_ROUNDS); ignored for ``"eval"``.
+    n: how many seeds.
+    start: index of the first game in the set; ``start + n <= GAMES_PER_ROUND``.
+
+  Returns:
+    ``n`` distinct non-negative seeds, in game order.
+  """
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  for name, value in (("base_seed", base_seed), ("round_", round_), ("n", n), ("start", start)):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+      raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+  if round_ >= MAX_ROUNDS:
+    raise ValueError(f"round_ must be < MAX_ROUNDS={MAX_ROUNDS}, got {round_}")
+  if start + n > GAMES_PER_ROUND:
+    raise ValueError(f"start + n = {start + n} exceeds GAMES_PER_ROUND={GAMES_PER_ROUND}")
+  train = split == "train"
+  block = int(base_seed) * MAX_ROUNDS + (int(round_) if train else 0)
+  first = block * GAMES_PER_ROUND + int(start)
+  return [2 * (first + i) + int(train) for i in range(int(n))]
+
+
+def strip_reasoning(text: str) -> str:
+  """The reply as played when reasoning is stripped (official ``keep_reasoning=False``).
+
+  The text after the last ``</think>``, as it is (leading newlines kept); with no
+  ``</think>``, `FORMAT_ERROR_RESPONSE`.
+  """
+  if THINK_END in text:
+    return text.rsplit(THINK_END, 1)[1]
+  return FORMAT_ERROR_RESPONSE
+
+
+class Generator(Protocol):
+  """What `rollout` needs from a sampler (`oel_jax.sampling.Sampler` is one).
+
+  ``generate`` returns an object with ``tokens`` (generated ids per prompt, the stop token
+  included when hit) and ``finish_reasons`` (``"stop"`` or ``"length"``). An optional
+  ``max_seq_len`` attribute lets `rollout` report over-long prompts itself.
+  """
+
+  def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+               temperature: float, top_k: int, top_p: float, seed: int) -> Any:
+    ...
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+  """How a batch of games is played. Defaults: the official deployment rollouts."""
+
+  env: str = "frozenlake"
+  """The game, a name `oel_jax.envs.make_env` knows (``"frozenlake"``, ``"sokoban"``)."""
+
+  env_settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  """Overrides of the game's settings (`make_env` keywords); empty = the paper's settings."""
+
+  enable_thinking: bool = True
+  """Passed to the chat template: Qwen3 thinking mode on (the model reasons in
+  ``<think>...</think>`` first) or off (an empty think block is pre-filled). The official
+  ``textgame_no_think`` is its negation. Templates without the flag ignore it."""
+
+  keep_reasoning: bool = True
+  """Whether the reasoning before ``</think>`` stays in the reply that is recorded and parsed
+  (True, as in every official script), or is stripped (see `strip_reasoning`)."""
+
+  max_new_tokens: int = 1024
+  """Token budget of one reply (reasoning included); the paper uses 1024."""
+
+  temperature: float = 0.7
+  """Sampling temperature (0 = greedy). Official deployment rollouts: 0.7."""
+
+  top_k: int = 0
+  """Keep only the k most likely tokens (0 = off). Official deployment rollouts: off."""
+
+  top_p: float = 1.0
+  """Nucleus sampling mass in (0, 1] (1 = off). Official deployment rollouts: 1."""
+
+  seed: int = 0
+  """Sampling seed (>= 0): with the same board seeds and config, the same trajectories."""
+
+  max_batch_size: int | None = None
+  """Most prompts per `generate` call; more active games are split into several calls per
+  turn. None: all active games in one call."""
+
+  progress: bool = True
+  """Show a tqdm progress bar (games finished, current turn, games still running)."""
+
+  def __post_init__(self):
+    if self.env not in GAMES:
+      raise ValueError(f"unknown environment {self.env!r}; known: {', '.join(GAMES)}")
+    object.__setattr__(self, "env_settings", dict(self.env_settings))
+    for name in ("enable_thinking", "keep_reasoning", "progress"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+    if _bad_int(self.max_new_tokens, 1):
+      raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+    if _bad_int(self.top_k, 0):
+      raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+    if _bad_int(self.seed, 0):
+      raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+    if self.max_batch_size is not None and _bad_int(self.max_batch_size, 1):
+      raise ValueError(f"max_batch_size must be None or an integer >= 1, got "
+                       f"{self.max_batch_size!r}")
+    if not self.temperature >= 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+
+  def sampling(self) -> dict[str, Any]:
+    """The sampling settings as JSON data (recorded in each trajectory's metadata)."""
+    return {"temperature": float(self.temperature), "top_k": int(self.top_k),
+            "top_p": float(self.top_p), "max_new_tokens": int(self.max_new_tokens),
+            "seed": int(self.seed)}
+
+
+def _bad_int(value: Any, minimum: int) -> bool:
+  return isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum
+
+
+def turn_seed(seed: int, turn: int, chunk: int = 0) -> int:
+  """The sampler seed of turn ``turn`` (chunk ``chunk``) of a rollout with sampling ``seed``."""
+  return int(np.random.SeedSequence([int(seed), int(turn), int(chunk)])
+             .generate_state(1, np.uint32)[0])
+
+
+def rollout(sampler: Generator, tokenizer: Any, seeds: Sequence[int],
+            config: RolloutConfig = RolloutConfig(), *, model: ModelInfo,
+            knowledge: str | None = None, path: str | None = None,
+            metadata: Mapping[str, Any] | None = None,
+            timings: dict[str, float] | None = None) -> list[Trajectory]:
+  """Plays one game per board seed, all in lockstep, and returns their trajectories.
+
+  Args:
+    sampler: a `oel_jax.sampling.Sampler` (or anything with its ``generate``).
+    tokenizer: the model's transformers tokenizer (its chat template renders the prompts).
+    seeds: board seeds, one game each (see `game_seeds`).
+    config: how to play.
+    model: recorded in every trajectory (name and OEL round of the deployed model).
+    knowledge: experiential knowledge shown in every prompt (paper Fig. 12); None or "" for
+      none (the prompts recorded then carry no knowledge block).
+    path: if given, the trajectories are also written there as a JSONL file (atomically:
+      complete or not at all).
+    metadata: extra JSON data merged into every trajectory's metadata (e.g. ``{"split":
+      "train"}``).
+    timings: if given, filled with ``generate_s`` (time in sampler calls), ``other_s`` (the
+      rest: environments, templating, decoding), ``wall_s`` (both; not the file write),
+      ``turns`` and ``calls``.
+
+  Returns:
+    The trajectories, in the order of ``seeds``. Each one's metadata holds ``sampling``
+    (`RolloutConfig.sampling`), ``enable_thinking``, ``keep_reasoning`` and
+    ``with_knowledge``, plus ``metadata``.
+
+  Raises:
+    ValueError: a prompt plus ``max_new_tokens`` does not fit the sampler's ``max_seq_len``
+      (named by game, seed and turn), or the sampler returned the wrong number of replies.
+  """
+  from oel_jax import chat  # pylint: disable=import-outside-toplevel  (transformers: slow)
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+
+  if not isinstance(model, ModelInfo):
+    raise TypeError(f"model must be a ModelInfo, got {type(model).__name__}")
+  seeds = [int(s) for s in seeds]
+  wall_start = time.perf_counter()
+  generate_s = 0.0
+  calls = 0
+  envs = [make_env(config.env, seed=s, knowledge=knowledge, **config.env_settings)
+          for s in seeds]
+  for env in envs:
+    env.reset()
+  turn_meta: list[list[dict[str, Any]]] = [[] for _ in envs]
+  max_seq_len = getattr(sampler, "max_seq_len", None)
+  active = list(range(len(envs)))
+  turn = 0
+  bar = tqdm(total=len(envs), unit="game", desc=f"{config.env} rollout",
+             disable=not config.progress, leave=False)
+  try:
+    while active:
+      bar.set_postfix(turn=turn, running=len(active))
+      prompts = []
+      for i in active:
+        ids = chat.encode_chat(tokenizer, [{"role": "user", "content": envs[i].prompt}],
+                               enable_thinking=config.enable_thinking)
+        if max_seq_len is not None and len(ids) + config.max_new_tokens > max_seq_len:
+          raise ValueError(
+              f"game {i} (seed {seeds[i]}), turn {turn}: the prompt has {len(ids)} tokens; "
+              f"with max_new_tokens={config.max_new_tokens} it exceeds the sampler's "
+              f"max_seq_len={max_seq_len} (the official code allows 512 prompt tokens per "
+              "turn plus the knowledge)")
+        prompts.append(ids)
+      size = config.max_batch_size or len(prompts)
+      tokens, reasons = [], []
+      for chunk, lo in enumerate(range(0, len(prompts), size)):
+        batch = prompts[lo:lo + size]
+        t0 = time.perf_counter()
+        out = sampler.generate(batch, max_new_tokens=config.max_new_tokens,
+                               temperature=config.temperature, top_k=config.top_k,
+                               top_p=config.top_p, seed=turn_seed(config.seed, turn, chunk))
+        generate_s += time.perf_counter() - t0
+        calls += 1
+        if len(out.tokens) != len(batch) or len(out.finish_reasons) != len(batch):
+          raise ValueError(f"the sampler returned {len(out.tokens)} replies and "
+                           f"{len(out.finish_reasons)} finish reasons for {len(batch)} prompts")
+        tokens.extend(out.tokens)
+        reasons.extend(out.finish_reasons)
+      for i, ids, toks, reason in zip(active, prompts, tokens, reasons):
+        toks = [int(t) for t in toks]
+        text = tokenizer.decode(toks, skip_special_tokens=True)
+        response = text if config.keep_reasoning else strip_reasoning(text)
+        envs[i].step(response)
+        turn_meta[i].append({"prompt_tokens": len(ids),
+                             "response_tokens": len(toks) - int(reason == "stop"),
+                             "finish_reason": str(reason)})
+      still = [i for i in active if not envs[i].done]
+      bar.update(len(active) - len(still))
+      active = still
+      turn += 1
+  finally:
+    bar.close()
+
+  extra = {"sampling": config.sampling(), "enable_thinking": config.enable_thinking,
+           "keep_reasoning": config.keep_reasoning, "with_knowledge": bool(knowledge),
+           **dict(metadata or {})}
+  trajectories = []
+  for env, metas in zip(envs, turn_meta):
+    t = env.trajectory(model, metadata=extra)
+    turns = tuple(dataclasses.replace(turn_, metadata=m) for turn_, m in zip(t.turns, metas))
+    trajectories.append(dataclasses.replace(t, turns=turns))
+  if timings is not None:
+    wall = time.perf_counter() - wall_start
+    timings.update(generate_s=generate_s, other_s=wall - generate_s, wall_s=wall,
+                   turns=float(turn), calls=float(calls))
+  if path is not None:
+    write_trajectories(path, trajectories)
+  return trajectories
