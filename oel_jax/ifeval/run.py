@@ -1,0 +1,166 @@
+"""IF-Eval answered by our sampler: prompts -> chat template -> generate -> score.
+
+    result = evaluate_ifeval(sampler, tokenizer, path="input_data.jsonl",
+                             enable_thinking=False)
+    result.scores.prompt_level_strict, json.dumps(result.to_dict())
+
+Each prompt is one user message rendered by the tokenizer's chat template (thinking on or
+off) and answered by ``Sampler.generate_chat``. The part scored is the answer after the last
+``</think>`` (``oel_jax.chat.split_reasoning``: whitespace around it stripped; a reply whose
+reasoning never closed, because the token budget ran out, has an empty answer and so
+follows no instruction). Prompts are sorted by token length and answered in chunks of
+`batch_size` (so each chunk pads little); chunk i samples with seed ``seed + i``, and the
+results are put back in the data's order. Greedy decoding (temperature 0) is the default,
+as in the usual IF-Eval setups; the paper (arXiv:2603.16856 section 4.1) reports
+prompt-level strict accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from absl import logging
+
+from oel_jax.ifeval.score import IFEvalExample, IFEvalScores, load_examples, score_example
+from oel_jax.ifeval.score import aggregate
+
+DEFAULT_MAX_NEW_TOKENS = 1280  # lm-evaluation-harness's IF-Eval generation budget
+
+
+@dataclasses.dataclass(frozen=True)
+class IFEvalResponse:
+  """One prompt's reply and its verdicts."""
+
+  key: int
+  """The prompt's ``key``."""
+  answer: str
+  """The scored text: the reply after ``</think>``."""
+  reasoning: str
+  """The reply before ``</think>`` (empty with thinking off)."""
+  num_tokens: int
+  """Tokens generated, the stop token excluded."""
+  finish_reason: str
+  """"stop" or "length" (the budget ran out)."""
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class IFEvalResult:
+  """An IF-Eval run: the accuracies, how they were produced, and every reply."""
+
+  scores: IFEvalScores
+  """Prompt- and instruction-level accuracies, strict and loose, per type, per prompt."""
+  enable_thinking: bool
+  """Whether the chat template asked for reasoning."""
+  max_new_tokens: int
+  """The token budget per reply."""
+  temperature: float
+  """Sampling temperature (0 = greedy)."""
+  top_k: int
+  """Top-k (0 = off)."""
+  top_p: float
+  """Top-p (1 = off)."""
+  seed: int
+  """Base sampling seed (chunk i used seed + i)."""
+  batch_size: int
+  """Prompts per generate call."""
+  num_truncated: int
+  """Replies that hit the token budget (finish_reason "length")."""
+  num_empty_answers: int
+  """Replies whose answer is blank (these follow no instruction)."""
+  mean_response_tokens: float
+  """Mean generated tokens per reply (reasoning included, stop token excluded)."""
+  responses: tuple[IFEvalResponse, ...]
+  """Per prompt, in the data's order."""
+
+  @property
+  def prompt_level_strict(self) -> float:
+    """The paper's IF-Eval number: prompt-level strict accuracy."""
+    return self.scores.prompt_level_strict
+
+  def to_dict(self, *, include_responses: bool = True) -> dict[str, Any]:
+    """A JSON-ready dict: the settings, the accuracies and (optionally) every reply."""
+    out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+           if f.name not in ("scores", "responses")}
+    out.update(self.scores.to_dict(include_prompts=include_responses))
+    if include_responses:
+      out["responses"] = [r.to_dict() for r in self.responses]
+    return out
+
+
+def evaluate_ifeval(sampler: Any, tokenizer: Any, *, path: str | os.PathLike | None = None,
+                    examples: Sequence[IFEvalExample] | None = None,
+                    enable_thinking: bool, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                    limit: int | None = None, batch_size: int = 16,
+                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                    seed: int = 0) -> IFEvalResult:
+  """Answers IF-Eval's prompts with `sampler` and scores the answers.
+
+  Args:
+    sampler: an ``oel_jax.sampling.Sampler`` (anything with its ``generate_chat``).
+    tokenizer: the model's transformers tokenizer (with its chat template).
+    path: IF-Eval's ``input_data.jsonl``; None with `examples` None reads the
+      ``google/IFEval`` dataset (needs ``datasets`` and the network or a cache).
+    examples: already-loaded prompts, instead of `path`.
+    enable_thinking: passed to the chat template.
+    max_new_tokens: the budget per reply (reasoning included).
+    limit: answer only the first `limit` prompts.
+    batch_size: prompts per ``generate_chat`` call.
+    temperature, top_k, top_p, seed: sampling settings (temperature 0 is greedy).
+
+  Returns:
+    An `IFEvalResult`.
+  """
+  if examples is not None and path is not None:
+    raise ValueError("give either path or examples, not both")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if examples is None:
+    examples = load_examples(path, limit=limit)
+  else:
+    examples = list(examples)[:limit] if limit is not None else list(examples)
+  if not examples:
+    raise ValueError("no IF-Eval prompts to answer")
+
+  from oel_jax import chat  # pylint: disable=import-outside-toplevel
+
+  conversations = [[{"role": "user", "content": e.prompt}] for e in examples]
+  lengths = [len(chat.encode_chat(tokenizer, c, enable_thinking=enable_thinking))
+             for c in conversations]
+  order = sorted(range(len(examples)), key=lambda i: (lengths[i], i))
+  replies: list[Any] = [None] * len(examples)
+  for chunk_index, start in enumerate(range(0, len(order), batch_size)):
+    rows = order[start:start + batch_size]
+    out = sampler.generate_chat(
+        tokenizer, [conversations[i] for i in rows], enable_thinking=enable_thinking,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        seed=seed + chunk_index)
+    if len(out) != len(rows):
+      raise RuntimeError(f"generate_chat returned {len(out)} replies for {len(rows)} prompts")
+    for i, reply in zip(rows, out):
+      replies[i] = reply
+    logging.info("IF-Eval: answered %d/%d prompts", min(start + batch_size, len(order)),
+                 len(order))
+
+  responses = []
+  for example, reply in zip(examples, replies):
+    tokens = list(reply.tokens)
+    stop = reply.finish_reason == "stop"
+    responses.append(IFEvalResponse(
+        key=example.key, answer=reply.answer, reasoning=reply.reasoning,
+        num_tokens=len(tokens) - (1 if stop and tokens else 0),
+        finish_reason=reply.finish_reason))
+  scores = aggregate([score_example(e, r.answer) for e, r in zip(examples, responses)])
+  return IFEvalResult(
+      scores=scores, enable_thinking=bool(enable_thinking), max_new_tokens=int(max_new_tokens),
+      temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), seed=int(seed),
+      batch_size=int(batch_size),
+      num_truncated=sum(r.finish_reason == "length" for r in responses),
+      num_empty_answers=sum(not r.answer.strip() for r in responses),
+      mean_response_tokens=sum(r.num_tokens for r in responses) / len(responses),
+      responses=tuple(responses))
