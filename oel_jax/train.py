@@ -1,0 +1,351 @@
+"""The consolidation train step: on-policy context distillation against a frozen teacher.
+
+One jitted program per step: the frozen teacher (knowledge + prefix + response) and the
+student (prefix + response) run forward, their final hidden states at the response
+positions are aligned, the top-k reverse KL (`oel_jax.losses`, DESIGN.md 5.3) is computed
+in memory-bounded token chunks, and AdamW updates the student. A batch larger than fits is
+split into micro-batches whose gradients accumulate into the one optimizer step, so the
+loss stays the token-mean over the whole batch.
+
+Alignment. Logits at position t predict token t + 1, so the response token j (at
+sequence position p_j) is scored by the hidden state at p_j - 1 in each model.
+`DistillBatch` carries those indices explicitly for both sequences, so the student and the
+teacher may pad and prefix differently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from oel_jax import losses, parallel
+from oel_jax.models.qwen3 import Qwen3
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimizer and loss settings of consolidation (paper Table 3/4 defaults)."""
+
+  learning_rate: float = 1e-6
+  """Constant learning rate (no warm-up)."""
+  weight_decay: float = 0.01
+  """AdamW decoupled weight decay."""
+  b1: float = 0.9
+  """AdamW first-moment decay."""
+  b2: float = 0.999
+  """AdamW second-moment decay."""
+  eps: float = 1e-8
+  """AdamW epsilon."""
+  max_grad_norm: float = 1.0
+  """Global-norm gradient clipping threshold."""
+  divergence: str = losses.TOPK_REVERSE_KL
+  """One of `oel_jax.losses.DIVERGENCES` (forward KL for off-policy distillation)."""
+  k: int = 256
+  """Top-k support size; 0 for the full vocabulary."""
+  temperature: float = 0.7
+  """The sampling temperature, applied to both models' logits (DESIGN.md 5.3)."""
+  renormalize: bool = False
+  """Renormalise both distributions over the top-k support."""
+  micro_batches: int = 1
+  """Split each batch into this many micro-batches (gradient accumulation)."""
+  loss_chunk_size: int = 256
+  """Tokens per chunk in the memory-bounded loss."""
+  vocab_chunk_size: int = 8192
+  """Vocabulary rows per tile in the loss's backward pass."""
+
+  def __post_init__(self):
+    if self.divergence not in losses.DIVERGENCES:
+      raise ValueError(f"TrainConfig.divergence must be one of {losses.DIVERGENCES}, "
+                       f"got {self.divergence!r}")
+    for name in ("learning_rate", "temperature", "max_grad_norm"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+    if self.k < 0:
+      raise ValueError(f"TrainConfig.k must be >= 0, got {self.k}")
+    if self.micro_batches < 1:
+      raise ValueError(f"TrainConfig.micro_batches must be >= 1, got {self.micro_batches}")
+
+  def optimizer(self) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(self.max_grad_norm),
+        optax.adamw(self.learning_rate, b1=self.b1, b2=self.b2, eps=self.eps,
+                    weight_decay=self.weight_decay))
+
+
+@flax.struct.dataclass
+class DistillBatch:
+  """One consolidation batch (B rows). Sequences are right-padded."""
+
+  student_ids: jax.Array
+  """`[B, Ts]` int32: prefix (no knowledge) + response."""
+  student_mask: jax.Array
+  """`[B, Ts]` int32: 1 for real tokens."""
+  teacher_ids: jax.Array
+  """`[B, Tt]` int32: knowledge + prefix + the same response."""
+  teacher_mask: jax.Array
+  """`[B, Tt]` int32."""
+  student_index: jax.Array
+  """`[B, R]` int32: position whose logits predict response token j, in the student."""
+  teacher_index: jax.Array
+  """`[B, R]` int32: the same for the teacher."""
+  response_mask: jax.Array
+  """`[B, R]` float32: 1 for response tokens scored (up to and including the first end)."""
+
+  @property
+  def batch_size(self) -> int:
+    return self.student_ids.shape[0]
+
+
+def make_batch(student_prompts, teacher_prompts, responses, *, pad_id: int,
+               student_len: int | None = None, teacher_len: int | None = None,
+               response_len: int | None = None) -> DistillBatch:
+  """Builds a `DistillBatch` from token-id lists (host side, NumPy).
+
+  Row i is student `student_prompts[i] + responses[i]` and teacher `teacher_prompts[i] +
+  responses[i]`; lengths pad to the given sizes (default: the longest row), so that
+  callers can bucket shapes and avoid recompiling.
+  """
+  if not len(student_prompts) == len(teacher_prompts) == len(responses):
+    raise ValueError(f"make_batch: {len(student_prompts)} student prompts, "
+                     f"{len(teacher_prompts)} teacher prompts, {len(responses)} responses")
+  for i, r in enumerate(responses):
+    if not r:
+      raise ValueError(f"make_batch: response {i} is empty")
+  b = len(responses)
+  ts = student_len or max(len(p) + len(r) for p, r in zip(student_prompts, responses))
+  tt = teacher_len or max(len(p) + len(r) for p, r in zip(teacher_prompts, responses))
+  rl = response_len or max(len(r) for r in responses)
+  out = {name: np.zeros((b, n), np.int32) for name, n in
+         [("student_ids", ts), ("student_mask", ts), ("teacher_ids", tt),
+          ("teacher_mask", tt), ("student_index", rl), ("teacher_index", rl)]}
+  out["student_ids"][:] = pad_id
+  out["teacher_ids"][:] = pad_id
+  response_mask = np.zeros((b, rl), np.float32)
+  for i, (sp, tp, r) in enumerate(zip(student_prompts, teacher_prompts, responses)):
+    for side, prompt, n in (("student", sp, ts), ("teacher", tp, tt)):
+      if not prompt:
+        raise ValueError(f"make_batch: {side} prompt {i} is empty")
+      if len(prompt) + len(r) > n:
+        raise ValueError(f"make_batch: row {i} {side} sequence has {len(prompt) + len(r)} "
+                         f"tokens, more than the padded length {n}")
+      if len(r) > rl:
+        raise ValueError(f"make_batch: response {i} has {len(r)} tokens > {rl}")
+      seq = list(prompt) + list(r)
+      out[f"{side}_ids"][i, :len(seq)] = seq
+      out[f"{side}_mask"][i, :len(seq)] = 1
+      out[f"{side}_index"][i, :len(r)] = np.arange(len(prompt) - 1, len(seq) - 1)
+    response_mask[i, :len(r)] = 1.0
+  return DistillBatch(**{k: jnp.asarray(v) for k, v in out.items()},
+                      response_mask=jnp.asarray(response_mask))
+
+
+@flax.struct.dataclass
+class TrainState:
+  """The student's parameters, its optimizer state and the step count."""
+
+  params: Any
+  """The student's `nnx.State` of parameters (float32 master weights)."""
+  opt_state: Any
+  """AdamW state mirroring `params`."""
+  step: jax.Array
+  """Scalar int32: optimizer steps taken."""
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or gradient was NaN or infinite; `.state` is the unchanged train state."""
+
+  def __init__(self, message: str, state: "TrainState"):
+    super().__init__(message)
+    self.state = state
+
+
+def _gather(hidden: jax.Array, index: jax.Array) -> jax.Array:
+  """`[B, T, H]` at `[B, R]` positions -> `[B, R, H]`."""
+  return jnp.take_along_axis(hidden, index[..., None], axis=1)
+
+
+class Trainer:
+  """Builds and runs the jitted consolidation step for one model architecture.
+
+  Args:
+    student: the model to train (its graph is reused for the teacher).
+    config: optimizer and loss settings.
+    mesh: device mesh (axes data, fsdp, tp); None for the default device.
+  """
+
+  def __init__(self, student: Qwen3, config: TrainConfig = TrainConfig(),
+               mesh: Mesh | None = None):
+    self.config = config
+    self.model_config = student.config
+    self.mesh = mesh
+    self.graphdef, params = nnx.split(student)
+    self.tx = config.optimizer()
+    self._check_config()
+    if mesh is not None:
+      self.param_sharding = jax.tree.map(
+          lambda spec: NamedSharding(mesh, spec), nnx.get_partition_spec(params))
+      for path, var in nnx.to_flat_state(params):
+        parallel.param_sharding(path, var, mesh)  # divisibility, with a clear error
+      abstract_opt = jax.eval_shape(self.tx.init, params)
+      replicated = NamedSharding(mesh, P())
+      self.opt_sharding = optax.tree_map_params(
+          self.tx, lambda _, s: s, abstract_opt, self.param_sharding,
+          transform_non_params=lambda _: replicated)
+      self.batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
+      self.state_sharding = TrainState(params=self.param_sharding,
+                                       opt_state=self.opt_sharding, step=replicated)
+    self._step = self._build_step()
+    self.num_compilations = 0
+
+  # ---- checks ----
+
+  def _check_config(self):
+    c, v = self.model_config, self.model_config.vocab_size
+    if self.config.k > v:
+      raise ValueError(f"TrainConfig.k ({self.config.k}) exceeds the vocabulary ({v})")
+    if self.mesh is not None:
+      tp = self.mesh.shape["tp"]
+      for name in ("num_heads", "num_kv_heads", "intermediate_size", "vocab_size"):
+        if getattr(c, name) % tp:
+          raise ValueError(f"Qwen3Config.{name} ({getattr(c, name)}) is not divisible by "
+                           f"mesh axis 'tp' ({tp})")
+
+  def check_batch(self, batch: DistillBatch):
+    """Raises before compiling when the batch cannot be split as configured."""
+    b, m = batch.batch_size, self.config.micro_batches
+    if b % m:
+      raise ValueError(f"batch size {b} is not divisible by micro_batches ({m})")
+    if self.mesh is not None:
+      shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+      if (b // m) % shards:
+        raise ValueError(f"micro-batch size {b // m} (batch {b} / {m} micro-batches) is not "
+                         f"divisible by mesh axes data x fsdp ({shards})")
+
+  # ---- state ----
+
+  def init_state(self, student: Qwen3) -> TrainState:
+    """A fresh train state from the student's current weights (placed on the mesh)."""
+    # A copy: the step donates the state's buffers, which must not be the model's own.
+    copy = lambda p: jax.tree.map(jnp.copy, p)
+    params = nnx.state(student)
+    if self.mesh is not None:
+      params = jax.jit(copy, out_shardings=self.param_sharding)(params)
+      opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sharding)(params)
+      step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(self.mesh, P()))
+    else:
+      params = jax.jit(copy)(params)
+      opt_state, step = self.tx.init(params), jnp.zeros((), jnp.int32)
+    return TrainState(params=params, opt_state=opt_state, step=step)
+
+  def teacher_params(self, teacher: Qwen3) -> Any:
+    """The frozen teacher's parameters, placed like the student's."""
+    params = nnx.state(teacher)
+    if self.mesh is not None:
+      params = jax.device_put(params, self.param_sharding)
+    return params
+
+  def student(self, state: TrainState) -> Qwen3:
+    """The student model at `state` (shares its arrays)."""
+    return nnx.merge(self.graphdef, state.params)
+
+  # ---- the step ----
+
+  def _loss_stats(self, params, teacher_params, batch: DistillBatch):
+    """Sum of per-token divergences and token statistics over one micro-batch."""
+    cfg = self.config
+    student = nnx.merge(self.graphdef, params)
+    teacher = nnx.merge(self.graphdef, teacher_params)
+    hs, _ = student.hidden_states(batch.student_ids, attention_mask=batch.student_mask)
+    ht, _ = teacher.hidden_states(batch.teacher_ids, attention_mask=batch.teacher_mask)
+    ht = jax.lax.stop_gradient(ht)
+    stats = losses.per_token_divergence_from_hidden(
+        _gather(hs, batch.student_index), student.unembedding(),
+        _gather(ht, batch.teacher_index), jax.lax.stop_gradient(teacher.unembedding()),
+        divergence=cfg.divergence, k=cfg.k, temperature=cfg.temperature,
+        renormalize=cfg.renormalize, chunk_size=cfg.loss_chunk_size,
+        vocab_chunk_size=cfg.vocab_chunk_size, with_entropy=True)
+    w = batch.response_mask
+    total = jnp.sum(stats.divergence * w)
+    return total, (jnp.sum(stats.student_entropy * w), jnp.sum(stats.teacher_entropy * w))
+
+  def _build_step(self) -> Callable:
+    m = self.config.micro_batches
+
+    def step(state: TrainState, teacher_params, batch: DistillBatch):
+      self.num_compilations += 1  # runs only while tracing
+      tokens = jnp.sum(batch.response_mask)
+      denom = jnp.maximum(tokens, 1.0)
+      grad_fn = jax.value_and_grad(self._loss_stats, has_aux=True)
+      micro = jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), batch)
+
+      def accumulate(carry, mb):
+        grads, loss, ent_s, ent_t = carry
+        (l, (es, et)), g = grad_fn(state.params, teacher_params, mb)
+        grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+        return (grads, loss + l, ent_s + es, ent_t + et), None
+
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+      init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
+      if m == 1:
+        (grads, loss, ent_s, ent_t), _ = accumulate(init, jax.tree.map(lambda x: x[0], micro))
+      else:
+        (grads, loss, ent_s, ent_t), _ = jax.lax.scan(accumulate, init, micro)
+      grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
+      loss = loss / denom
+      grad_norm = optax.global_norm(grads)
+      updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+      # A non-finite step leaves the state exactly as it was; the caller raises.
+      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+      new_state = TrainState(params=keep(params, state.params),
+                             opt_state=keep(opt_state, state.opt_state),
+                             step=state.step + finite.astype(jnp.int32))
+      metrics = {"loss": loss, "grad_norm": grad_norm, "student_entropy": ent_s / denom,
+                 "teacher_entropy": ent_t / denom, "tokens": tokens}
+      return new_state, metrics
+
+    if self.mesh is None:
+      return jax.jit(step, donate_argnums=(0,))
+    batch_sharding = jax.tree.map(lambda _: self.batch_sharding,
+                                  DistillBatch(*([0] * 7)))
+    return jax.jit(step, donate_argnums=(0,),
+                   in_shardings=(self.state_sharding, self.param_sharding, batch_sharding),
+                   out_shardings=(self.state_sharding, NamedSharding(self.mesh, P())))
+
+  def lower(self, state, teacher_params, batch):
+    """The lowered step for abstract or concrete inputs (compile-only analysis)."""
+    return self._step.lower(state, teacher_params, batch)
+
+  def train_step(self, state: TrainState, teacher_params: Any, batch: DistillBatch
+                 ) -> tuple[TrainState, dict[str, float]]:
+    """One optimizer step. `state` is donated: use the returned one.
+
+    Raises:
+      NonFiniteLossError: the loss or gradient norm was not finite; nothing was updated
+        and the error's `.state` equals the input state.
+    """
+    self.check_batch(batch)
+    if self.mesh is not None:
+      batch = jax.device_put(batch, self.batch_sharding)
+    start = time.perf_counter()
+    new_state, metrics = self._step(state, teacher_params, batch)
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    metrics["step_time"] = time.perf_counter() - start
+    metrics["tokens_per_second"] = metrics["tokens"] / metrics["step_time"]
+    if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+      raise NonFiniteLossError(
+          f"non-finite loss {metrics['loss']} / grad norm {metrics['grad_norm']} at step "
+          f"{int(new_state.step)}; parameters and optimizer state were not updated (the "
+          "exception's .state holds them)", new_state)
+    return new_state, metrics
