@@ -58,6 +58,36 @@ def _nucleus_keep(sorted_logprobs: jax.Array, top_p: jax.Array) -> jax.Array:
   return keep.at[..., 0].set(True)  # the most likely token always survives
 
 
+_BLOCK = 1024
+
+
+def draw(key: jax.Array, logprobs: jax.Array) -> jax.Array:
+  """One index per row from normalised log-probabilities `[B, V]`, by inverse CDF.
+
+  Needs one uniform number per row, where Gumbel-max (`jax.random.categorical`) draws V
+  of them: at Qwen3's V = 151,936 that is most of a CPU decode step. The CDF is summed in
+  two levels (blocks of 1024, then within the chosen block) so float32 rounding stays
+  near 1e-7 however large V is. Zero-probability entries are never chosen.
+  """
+  b, v = logprobs.shape
+  blocks = -(-v // _BLOCK)
+  probs = jnp.exp(jnp.pad(logprobs, ((0, 0), (0, blocks * _BLOCK - v)),
+                          constant_values=-jnp.inf)).reshape(b, blocks, _BLOCK)
+  block_mass = probs.sum(-1)  # [B, blocks]
+  u = 1.0 - jax.random.uniform(key, (b, 1))  # in (0, 1]: the first entry is never forced
+  block_cdf = jnp.cumsum(block_mass, -1)
+  target = u * block_cdf[:, -1:]
+  block = jnp.minimum(jnp.sum(block_cdf < target, -1), blocks - 1)
+  before = jnp.take_along_axis(block_cdf, block[:, None], -1) - jnp.take_along_axis(
+      block_mass, block[:, None], -1)
+  inner = jnp.take_along_axis(probs, block[:, None, None], 1)[:, 0]  # [B, BLOCK]
+  inner_cdf = jnp.cumsum(inner, -1)
+  # Entries past the last nonzero one are never chosen (rounding guard).
+  last = _BLOCK - 1 - jnp.argmax((inner > 0)[:, ::-1], -1)
+  index = jnp.minimum(jnp.sum(inner_cdf < (target - before), -1), last)
+  return block * _BLOCK + index
+
+
 def _sample_candidates(key, cand_logits, cand_ids, top_k, top_p):
   """Top-k then top-p over candidates sorted descending; returns (token, logprob)."""
   rank = jnp.arange(cand_logits.shape[-1])
@@ -65,7 +95,7 @@ def _sample_candidates(key, cand_logits, cand_ids, top_k, top_p):
   logprobs = _masked_log_softmax(cand_logits, keep_k)
   keep = keep_k & _nucleus_keep(logprobs, top_p)
   logprobs = _masked_log_softmax(cand_logits, keep)
-  choice = jax.random.categorical(key, logprobs, axis=-1)
+  choice = draw(key, logprobs)
   token = jnp.take_along_axis(cand_ids, choice[:, None], axis=-1)[:, 0]
   return token, jnp.take_along_axis(logprobs, choice[:, None], axis=-1)[:, 0]
 
@@ -88,7 +118,7 @@ def sample_next(key: jax.Array, logits: jax.Array, temperature: jax.Array, top_k
 
   def full_vocab(key):  # temperature only: no sort needed
     lp = jax.nn.log_softmax(scaled, axis=-1)
-    token = jax.random.categorical(key, lp, axis=-1)
+    token = draw(key, lp)
     return token, jnp.take_along_axis(lp, token[:, None], -1)[:, 0]
 
   def partial_sort(key):  # 0 < top_k <= cap

@@ -207,3 +207,25 @@ def test_chat_generation_splits_reasoning():
     text = tokenizer.decode(raw.tokens[0], skip_special_tokens=True)
     assert completion.text == text
     assert (completion.reasoning, completion.answer) == chat.split_reasoning(text)
+
+
+def test_inverse_cdf_draw_across_blocks():
+  """`draw` over a vocabulary of several 1024-blocks: right support and frequencies."""
+  from oel_jax.sampling import draw
+  rng = np.random.default_rng(0)
+  v = 5000
+  logits = rng.normal(size=v) * 2
+  logits[rng.choice(v, 4000, replace=False)] = -np.inf  # zero-probability entries
+  logits[4999] = 3.0  # mass in the last, partial block
+  logprobs = logits - np.logaddexp.reduce(logits[np.isfinite(logits)])
+  expected = np.exp(logprobs)
+  n = 16_000
+  batch = np.broadcast_to(logprobs, (n, v)).astype(np.float32)
+  picks = np.asarray(jax.jit(draw)(jax.random.key(1), jnp.asarray(batch)))
+  assert expected[picks].min() > 0
+  empirical = np.bincount(picks, minlength=v) / n
+  support = int((expected > 0).sum())
+  tv = 0.5 * np.abs(empirical - expected).sum()
+  assert tv < 0.75 * np.sqrt(support / n), tv
+  per_block = lambda p: np.add.reduceat(p, np.arange(0, v, 1024))
+  np.testing.assert_allclose(per_block(empirical), per_block(expected), atol=0.01)
