@@ -138,6 +138,19 @@ def sample_next(key: jax.Array, logits: jax.Array, temperature: jax.Array, top_k
   return token.astype(jnp.int32), logprob
 
 
+def _last_logits(model: Qwen3, hidden: jax.Array) -> jax.Array:
+  """float32 logits `[B, V]` from hidden states `[B, H]`.
+
+  Written as unembedding @ hidden^T: with the `[V, H]` matrix as the left operand, XLA:CPU
+  keeps its stored layout inside the decode loop. The other way round it hoists a
+  transposed copy of the whole matrix out of the loop (311 MB at Qwen3-0.6B's vocab) and
+  the in-loop matmul then runs ~30% slower.
+  """
+  dt = model.config.compute_dtype
+  return jnp.einsum("vh,bh->vb", model.unembedding().astype(dt), hidden.astype(dt),
+                    preferred_element_type=jnp.float32).T
+
+
 @dataclasses.dataclass(frozen=True)
 class ChatCompletion:
   """One chat reply, decoded and split at `</think>`."""
@@ -220,7 +233,7 @@ class Sampler:
     batch, prompt_len = prompt_ids.shape
     cache = KVCache.zeros(self.config, batch, prompt_len + gen_slots)
     hidden, cache = model.hidden_states(prompt_ids, attention_mask=prompt_mask, cache=cache)
-    logits = model.logits(hidden[:, -1:])[:, 0]
+    logits = _last_logits(model, hidden[:, -1])
     eos = jnp.asarray(self.eos_ids, jnp.int32)
 
     def sample(step, logits, done, tokens, logprobs):
@@ -244,7 +257,7 @@ class Sampler:
       step, tok, done, tokens, logprobs, cache = carry
       hidden, cache = model.hidden_states(tok[:, None], attention_mask=(~done)[:, None],
                                           cache=cache)
-      logits = model.logits(hidden)[:, 0]
+      logits = _last_logits(model, hidden[:, 0])
       tok, done, tokens, logprobs = sample(step, logits, done, tokens, logprobs)
       return step + 1, tok, done, tokens, logprobs, cache
 
