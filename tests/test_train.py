@@ -214,3 +214,19 @@ def test_bad_configuration_fails_before_compiling(setup):
   with pytest.raises(ValueError, match=r"num_kv_heads \(2\) is not divisible by mesh axis "
                      r"'tp' \(4\)"):
     Trainer(student, TrainConfig(k=16), mesh=parallel.make_mesh(parallel.MeshConfig(fsdp=2, tp=4)))
+
+
+def test_rematerialised_layers_give_the_same_step(setup):
+  """remat inside the micro-batch scan and grad (the large-model configuration)."""
+  batch, _ = setup
+  results = []
+  for remat in (False, True):
+    config = CONFIG.replace(remat=remat)
+    student, teacher = init_model(config, seed=1), init_model(config, seed=2)
+    trainer = Trainer(student, TrainConfig(learning_rate=1e-3, k=16, micro_batches=2))
+    state, metrics = trainer.train_step(trainer.init_state(student),
+                                        trainer.teacher_params(teacher), batch)
+    results.append((metrics, jax.tree.map(np.asarray, state.params)))
+  (m0, p0), (m1, p1) = results
+  assert m1["loss"] == pytest.approx(m0["loss"], rel=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=PARAM_ATOL), p0, p1)

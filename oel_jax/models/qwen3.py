@@ -390,6 +390,21 @@ class DecoderLayer(nnx.Module):
     return x, kv
 
 
+def _remat_layer(layer: DecoderLayer, x, positions, attend):
+  """The layer under `jax.checkpoint`, as a pure function of its parameters.
+
+  (A pure function rather than `nnx.remat`: the model is often merged from parameters
+  inside other transforms (scan over micro-batches, grad), where NNX refuses to touch a
+  module from a different trace level.)
+  """
+  graphdef, state = nnx.split(layer)
+
+  def run(state, x, positions, attend):
+    return nnx.merge(graphdef, state)(x, positions, attend)[0]
+
+  return jax.checkpoint(run)(state, x, positions, attend)
+
+
 def positions_from_mask(attention_mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
   """Position ids `[B, T]` counting real tokens only: left/right padding both work."""
   pos = jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1
@@ -455,7 +470,7 @@ class Qwen3(nnx.Module):
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.k[i], cache.v[i])
       if c.remat and cache is None:
-        x, kv = nnx.remat(DecoderLayer.__call__)(layer, x, positions, attend)
+        x, kv = _remat_layer(layer, x, positions, attend), None
       else:
         x, kv = layer(x, positions, attend, kv, None if cache is None else cache.index)
       if kv is not None:
