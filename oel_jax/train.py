@@ -15,6 +15,7 @@ teacher may pad and prefix differently.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -287,14 +288,22 @@ class Trainer:
       denom = jnp.maximum(tokens, 1.0)
       grad_fn = jax.value_and_grad(self._loss_stats, has_aux=True)
       micro = jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), batch)
+      if self.mesh is not None:  # rows of each micro-batch split over the devices, not
+        # whole micro-batches per device (what the reshape alone would let XLA pick)
+        spec = NamedSharding(self.mesh, P(None, ("data", "fsdp")))
+        micro = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spec), micro)
 
       def accumulate(carry, mb):
         grads, loss, ent_s, ent_t = carry
         (l, (es, et)), g = grad_fn(state.params, teacher_params, mb)
         grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+        if self.mesh is not None:  # accumulate sharded like the parameters
+          grads = jax.lax.with_sharding_constraint(grads, self.param_sharding)
         return (grads, loss + l, ent_s + es, ent_t + et), None
 
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+      if self.mesh is not None:
+        zeros = jax.lax.with_sharding_constraint(zeros, self.param_sharding)
       init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
       if m == 1:
         (grads, loss, ent_s, ent_t), _ = accumulate(init, jax.tree.map(lambda x: x[0], micro))
@@ -323,9 +332,13 @@ class Trainer:
                    in_shardings=(self.state_sharding, self.param_sharding, batch_sharding),
                    out_shardings=(self.state_sharding, NamedSharding(self.mesh, P())))
 
+  def _mesh_context(self):
+    return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
   def lower(self, state, teacher_params, batch):
     """The lowered step for abstract or concrete inputs (compile-only analysis)."""
-    return self._step.lower(state, teacher_params, batch)
+    with self._mesh_context():
+      return self._step.lower(state, teacher_params, batch)
 
   def train_step(self, state: TrainState, teacher_params: Any, batch: DistillBatch
                  ) -> tuple[TrainState, dict[str, float]]:
@@ -339,7 +352,8 @@ class Trainer:
     if self.mesh is not None:
       batch = jax.device_put(batch, self.batch_sharding)
     start = time.perf_counter()
-    new_state, metrics = self._step(state, teacher_params, batch)
+    with self._mesh_context():
+      new_state, metrics = self._step(state, teacher_params, batch)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     metrics["step_time"] = time.perf_counter() - start
     metrics["tokens_per_second"] = metrics["tokens"] / metrics["step_time"]

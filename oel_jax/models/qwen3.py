@@ -390,6 +390,18 @@ class DecoderLayer(nnx.Module):
     return x, kv
 
 
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Pins dimension 0 to the mesh's batch axes (data, fsdp) when a mesh is active.
+
+  Parameters shard along fsdp too, so without this XLA may choose to split activations
+  along the hidden dimension and keep every row on every device.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not {DATA, FSDP} <= set(mesh.axis_names):
+    return x
+  return jax.lax.with_sharding_constraint(x, P((DATA, FSDP)))
+
+
 def _remat_layer(layer: DecoderLayer, x, positions, attend):
   """The layer under `jax.checkpoint`, as a pure function of its parameters.
 
@@ -465,7 +477,7 @@ class Qwen3(nnx.Module):
       causal = jnp.arange(cache.slots)[None, :] <= query_slot[:, None]  # [T, S]
       attend = causal[None] & (slot_mask[:, None, :] > 0)
 
-    x = jnp.take(self.embed[...], input_ids, axis=0).astype(c.compute_dtype)
+    x = constrain_batch(jnp.take(self.embed[...], input_ids, axis=0).astype(c.compute_dtype))
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
       kv = None if cache is None else (cache.k[i], cache.v[i])
@@ -473,6 +485,7 @@ class Qwen3(nnx.Module):
         x, kv = _remat_layer(layer, x, positions, attend), None
       else:
         x, kv = layer(x, positions, attend, kv, None if cache is None else cache.index)
+      x = constrain_batch(x)
       if kv is not None:
         new_k.append(kv[0])
         new_v.append(kv[1])
