@@ -23,36 +23,11 @@ import numpy as np
 import torch
 import transformers
 
+from machine import copy_bandwidth, matmul_rate
 from oel_jax.models import load_hf
 from oel_jax.sampling import Sampler
 
 PROMPT = 32
-
-
-def matmul_rate() -> float:
-  """Achieved bf16 matmul FLOP/s with float32 accumulation (2048^3)."""
-  n = 2048
-  a = jnp.ones((n, n), jnp.bfloat16)
-  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-  f(a, a).block_until_ready()
-  best = float("inf")
-  for _ in range(5):
-    t = time.perf_counter()
-    f(a, a).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best
-
-
-def copy_bandwidth() -> float:
-  """Bytes per second of a large array copy (read + write counted once, as read)."""
-  x = np.ones(256 * 2 ** 20 // 4, np.float32)
-  y = np.empty_like(x)
-  best = float("inf")
-  for _ in range(5):
-    t = time.perf_counter()
-    np.copyto(y, x)
-    best = min(best, time.perf_counter() - t)
-  return x.nbytes / best
 
 
 def build(layers: int, path: str) -> transformers.Qwen3ForCausalLM:

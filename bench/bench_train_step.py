@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,25 +24,11 @@ import numpy as np
 import torch
 import transformers
 
+from machine import best_time, matmul_rate
 from oel_jax.models import load_hf
 from oel_jax.train import TrainConfig, Trainer, make_batch
 
 K = 256
-
-
-def matmul_rate() -> float:
-  n = 2048
-  a = jnp.ones((n, n), jnp.bfloat16)
-  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-  f(a, a).block_until_ready()
-  best = min(_timed(lambda: f(a, a).block_until_ready()) for _ in range(5))
-  return 2 * n ** 3 / best
-
-
-def _timed(fn) -> float:
-  t = time.perf_counter()
-  fn()
-  return time.perf_counter() - t
 
 
 def torch_step_fn(student, teacher, optimizer, s_ids, t_ids, s_pos, t_pos, temperature):
@@ -124,7 +109,7 @@ def main():
                        torch.tensor(np.asarray(batch.student_index), dtype=torch.long),
                        torch.tensor(np.asarray(batch.teacher_index), dtype=torch.long), 0.7)
   step()
-  theirs = min(_timed(step) for _ in range(args.steps))
+  theirs = best_time(step, args.steps)
 
   c = student.config
   non_embed = c.num_params() - c.vocab_size * c.hidden_size
