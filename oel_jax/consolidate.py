@@ -1,0 +1,853 @@
+"""Server side, stage 2: consolidating experiential knowledge into the weights.
+
+On-policy context distillation (arXiv:2603.16856 section 3.3; DESIGN.md 5.3): the student
+answers trajectory prefixes without the knowledge, and is trained to match a frozen teacher (the
+model as it was at the start of the round) that sees a knowledge text in its prompt, through the
+top-k reverse KL of `oel_jax.train`.
+
+    config = ConsolidationConfig(steps=20, train=TrainConfig(learning_rate=5e-6))
+    result = run_consolidation(model, model, tokenizer, load_trajectories("consolidate.jsonl"),
+                               load_knowledge_set("knowledge").texts, config,
+                               workdir="round1/consolidate")
+    result.model          # the consolidated Qwen3; result.metrics: one dict per step
+
+What each step does, and how it follows the official implementation (microsoft/LMOps,
+``oel/verl/verl/trainer/ppo/ray_trainer.py``, ``fit`` with ``stage=consolidate``;
+``oel/scripts/textgame_consolidate.sh`` for the settings):
+
+- Prefixes (`build_prefixes`): every turn of every consolidation trajectory gives one prefix,
+  the user message the model saw at that turn (``Turn.prompt``, no knowledge). Officially each
+  step's batch is every turn (``history``) of 64 freshly played games; here the games were
+  played beforehand (trajectory files), and step ``s`` takes the next ``games_per_step`` games
+  of a seeded per-epoch permutation (`ConsolidationConfig.shuffle`), each with all its turns (at
+  most `max_prefixes_per_game`, a seeded subset beyond that). With at least ``steps *
+  games_per_step`` games no game is used twice, as officially.
+- Responses: the current student samples one reply per prefix (official ``rollout.n=1``,
+  temperature 0.7, top-p 1, no top-k, ``max_response_length=1024``), from the prefix rendered
+  with the chat template (thinking on or off, the official ``not textgame_no_think``). The
+  sampler gets the student's new weights after every optimizer step (the official rollout engine
+  is synced to the actor every step).
+- Teacher inputs: per row, a knowledge text drawn uniformly at random (with replacement) from
+  the set (official ``rng.choice(EXPERIENCES)`` per sample), put into the prompt's knowledge
+  block (`oel_jax.envs.insert_knowledge`; an empty text gives no block, as officially), rendered
+  with the same chat template and thinking flag, followed by the *same* response tokens.
+- Loss (`oel_jax.train.Trainer`): scored response tokens are the reply up to and including its
+  first stop token; a reply cut at the token budget is scored as it is (official
+  ``get_response_mask``). One optimizer step per batch.
+- Teacher: the round-start model, frozen (official ``ref`` worker); its parameters are never
+  written (the train state holds a copy of the student's).
+
+Baselines (DESIGN.md 5.3, issue 6 part 4):
+
+- ``mode="off_policy"``: off-policy context distillation. The *teacher*, with the knowledge in
+  its prompt, samples the replies, and the loss is the forward KL (`oel_jax.losses.FORWARD_KL`,
+  set in ``train.divergence``) on them (the official opcd ``generate_off_policy``, which plays
+  the games with the knowledge-prompted teacher; here, with no environment on the server side,
+  the teacher answers the recorded prefixes).
+- ``context="raw_trajectories"``: the context texts are raw trajectories instead of extracted
+  knowledge (paper Table 1); build them with `raw_trajectory_contexts` and pass them as
+  ``knowledge``. They go in the same knowledge block.
+
+Randomness and resuming. Every random choice of step ``s`` (which games, which turns, which
+knowledge text per row, the sampling seed) is a function of ``(config.seed, s)`` alone, so the
+data position is the step count. With ``workdir``, orbax checkpoints of the train state (student
+parameters, optimizer state, step) plus JSON metadata (step, data position, the metrics so far
+and a fingerprint of the config and inputs) are written to ``workdir/checkpoints`` every
+`checkpoint_every` steps and at the end; one metrics line per step is appended to
+``workdir/metrics.jsonl``. Calling `run_consolidation` again with the same inputs continues
+from the latest checkpoint: ``metrics.jsonl`` is rewritten to the checkpoint's steps (lines
+written after it are dropped) and the run goes on. The final weights and the (non-timing)
+metrics equal those of an uninterrupted run, bit for bit on the same machine.
+
+Shapes. The jitted train step compiles once per batch shape, so the rows and the three lengths
+of the `DistillBatch` (student sequence, teacher sequence, response) are padded up to buckets
+(`bucket_size`: `length_buckets_per_doubling` sizes per power of two, at least
+`min_length_bucket`); padding rows have no scored tokens and change neither loss nor gradient.
+
+Differences from the official code, on purpose: the loss is the token mean over the whole batch
+(officially a per-micro-batch token mean weighted by rows); prompts are never truncated (the
+sampler raises when one does not fit, where the official code right-truncates at
+``max_prompt_length``, which its settings make long enough for every game prompt).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from oel_jax import losses
+from oel_jax.envs import Trajectory, insert_knowledge
+from oel_jax.models.qwen3 import Qwen3
+from oel_jax.train import DistillBatch, TrainConfig, Trainer, TrainState, make_batch
+
+_log = logging.getLogger(__name__)
+
+MODES = ("on_policy", "off_policy")
+CONTEXTS = ("knowledge", "raw_trajectories")
+
+CHECKPOINT_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+META_KIND = "oel_jax.consolidation_checkpoint"
+META_VERSION = 1
+
+TIMING_KEYS = ("sampling_time", "train_time", "step_time", "tokens_per_second",
+               "sampled_tokens_per_second")
+"""Metrics that measure time (they differ between otherwise identical runs)."""
+
+RESUMABLE_FIELDS = ("steps", "checkpoint_every", "keep_checkpoints")
+"""Config fields that may change between an interrupted run and its resumption."""
+
+# Tags that keep the random streams of one step apart.
+_ORDER, _TURNS, _CONTEXT, _SAMPLE = 1, 2, 3, 4
+
+
+def _seed(*parts: int) -> np.random.SeedSequence:
+  return np.random.SeedSequence([int(p) for p in parts])
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration.
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"ConsolidationConfig.{name} must be an integer, got {value!r}")
+  if value < minimum:
+    raise ValueError(f"ConsolidationConfig.{name} must be >= {minimum}, got {value}")
+
+
+def _check_number(name: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+    raise ValueError(f"ConsolidationConfig.{name} must be a number, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsolidationConfig:
+  """Settings of the consolidation stage (defaults: the official scripts, paper Table 4)."""
+
+  steps: int = 20
+  """Optimizer steps (paper: 20 for Qwen3-1.7B/4B FrozenLake, 100 otherwise)."""
+
+  games_per_step: int = 64
+  """Games whose prefixes make one batch (official ``data.train_batch_size=64``)."""
+
+  max_prefixes_per_game: int | None = 5
+  """Most prefixes taken from one game (a seeded subset of its turns beyond that); None for all
+  turns. Our games stop after 5 turns, so 5 takes every turn, as officially."""
+
+  max_new_tokens: int = 1024
+  """Token budget of a sampled reply, reasoning included (official ``max_response_length``)."""
+
+  temperature: float = 0.7
+  """Sampling temperature (official 0.7). Must equal ``train.temperature``, which the loss
+  applies to both models' logits."""
+
+  top_p: float = 1.0
+  """Nucleus sampling mass in (0, 1] (official: 1, off)."""
+
+  top_k: int = 0
+  """Top-k sampling cut, 0 for none (official: none)."""
+
+  enable_thinking: bool = True
+  """Render student and teacher prompts with thinking on (Qwen3 thinking models; the official
+  ``not textgame_no_think``). Templates without the flag ignore it."""
+
+  mode: str = "on_policy"
+  """``"on_policy"``: the student samples, loss reverse top-k KL (OEL). ``"off_policy"``: the
+  knowledge-prompted teacher samples, loss forward KL (``train.divergence`` must be
+  `oel_jax.losses.FORWARD_KL`); the paper's baseline."""
+
+  context: str = "knowledge"
+  """What the teacher's context texts are: ``"knowledge"`` (the extracted knowledge set) or
+  ``"raw_trajectories"`` (the paper's raw-trajectory baseline: texts from
+  `raw_trajectory_contexts`). Recorded with the run; the texts are used the same way."""
+
+  train: TrainConfig = TrainConfig()
+  """Optimizer and loss settings (learning rate, k, divergence, micro-batches, ...)."""
+
+  seed: int = 0
+  """Base seed: each step's games, turns, knowledge draws and sampling seed derive from
+  ``(seed, step)``."""
+
+  shuffle: bool = True
+  """Games are taken in a seeded permutation per pass over the trajectories (True) or in the
+  given order (False)."""
+
+  checkpoint_every: int = 5
+  """With a workdir, save a checkpoint every this-many steps (and always after the last);
+  0: only after the last."""
+
+  keep_checkpoints: int = 1
+  """Checkpoints kept in ``workdir/checkpoints`` (older ones are deleted after a newer one is
+  complete)."""
+
+  min_length_bucket: int = 64
+  """Smallest padded length of the batch's student and teacher sequences (and of its
+  responses, unless `max_new_tokens` is smaller)."""
+
+  length_buckets_per_doubling: int = 2
+  """Padded sizes per power of two (1: powers of two, at most 2x padding; 2: also 1.5x
+  powers, at most 1.5x; more sizes waste less compute and compile more programs). Also used
+  for the rows."""
+
+  min_row_bucket: int = 1
+  """Smallest padded number of rows in a batch."""
+
+  max_sampling_batch: int | None = None
+  """Most prompts per sampler call (the step's prompts are split into several calls); None:
+  all in one call."""
+
+  def __post_init__(self):
+    for name in ("steps", "games_per_step", "max_new_tokens", "keep_checkpoints",
+                 "min_length_bucket", "length_buckets_per_doubling", "min_row_bucket"):
+      _check_int(name, getattr(self, name), 1)
+    for name in ("top_k", "seed", "checkpoint_every"):
+      _check_int(name, getattr(self, name), 0)
+    for name in ("max_prefixes_per_game", "max_sampling_batch"):
+      if getattr(self, name) is not None:
+        _check_int(name, getattr(self, name), 1)
+    for name in ("enable_thinking", "shuffle"):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f"ConsolidationConfig.{name} must be a bool, got "
+                         f"{getattr(self, name)!r}")
+    _check_number("temperature", self.temperature)
+    _check_number("top_p", self.top_p)
+    if not self.temperature > 0:
+      raise ValueError(f"ConsolidationConfig.temperature must be > 0 (the loss divides "
+                       f"logits by it), got {self.temperature}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"ConsolidationConfig.top_p must be in (0, 1], got {self.top_p}")
+    if self.mode not in MODES:
+      raise ValueError(f"ConsolidationConfig.mode must be one of {MODES}, got {self.mode!r}")
+    if self.context not in CONTEXTS:
+      raise ValueError(f"ConsolidationConfig.context must be one of {CONTEXTS}, got "
+                       f"{self.context!r}")
+    if not isinstance(self.train, TrainConfig):
+      raise ValueError(f"ConsolidationConfig.train must be a TrainConfig, got "
+                       f"{type(self.train).__name__}")
+    if not math.isclose(self.train.temperature, self.temperature, rel_tol=0, abs_tol=1e-12):
+      raise ValueError(
+          f"ConsolidationConfig.temperature ({self.temperature}) differs from "
+          f"train.temperature ({self.train.temperature}): the loss scores the replies at the "
+          "temperature they were sampled at; set both to the same value")
+    if self.mode == "off_policy" and self.train.divergence != losses.FORWARD_KL:
+      raise ValueError(f"mode='off_policy' trains with the forward KL on teacher samples: set "
+                       f"train.divergence={losses.FORWARD_KL!r} (got "
+                       f"{self.train.divergence!r})")
+    if self.mode == "on_policy" and self.train.divergence == losses.FORWARD_KL:
+      raise ValueError(f"mode='on_policy' trains with a reverse KL on student samples; "
+                       f"train.divergence={losses.FORWARD_KL!r} belongs to mode='off_policy'")
+
+  def to_dict(self) -> dict[str, Any]:
+    """The settings as JSON data (``train`` as a nested object)."""
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, data: Mapping[str, Any]) -> ConsolidationConfig:
+    """Builds a config from JSON data; unknown keys are an error."""
+    if not isinstance(data, Mapping):
+      raise ValueError(f"consolidation config must be an object, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+      raise ValueError(f"unknown consolidation config field(s) {unknown}; known: "
+                       f"{sorted(known)}")
+    data = dict(data)
+    if isinstance(data.get("train"), Mapping):
+      train_known = {f.name for f in dataclasses.fields(TrainConfig)}
+      bad = sorted(set(data["train"]) - train_known)
+      if bad:
+        raise ValueError(f"unknown train config field(s) {bad}; known: {sorted(train_known)}")
+      data["train"] = TrainConfig(**data["train"])
+    return cls(**data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefixes and per-step data.
+
+
+@dataclasses.dataclass(frozen=True)
+class Prefix:
+  """One training prompt: the user message of one turn of one trajectory."""
+
+  prompt: str
+  """The exact user-message text the model saw at that turn (no knowledge block)."""
+
+  game: int
+  """Index of its trajectory in the list given to `build_prefixes`."""
+
+  turn: int
+  """Index of the turn in that trajectory (0 = the first)."""
+
+
+def build_prefixes(trajectories: Sequence[Trajectory]) -> list[Prefix]:
+  """Every turn of every trajectory, in order, as one `Prefix` each.
+
+  Raises:
+    TypeError: an item is not a `Trajectory`.
+  """
+  out = []
+  for g, trajectory in enumerate(trajectories):
+    if not isinstance(trajectory, Trajectory):
+      raise TypeError(f"trajectories[{g}] is a {type(trajectory).__name__}, not a Trajectory")
+    for t, turn in enumerate(trajectory.turns):
+      out.append(Prefix(prompt=turn.prompt, game=g, turn=t))
+  return out
+
+
+def group_by_game(prefixes: Sequence[Prefix]) -> list[list[int]]:
+  """Prefix indices per game (games in order of first appearance; games with no turn absent)."""
+  games: dict[int, list[int]] = {}
+  for i, p in enumerate(prefixes):
+    games.setdefault(p.game, []).append(i)
+  return list(games.values())
+
+
+def select_prefixes(games: Sequence[Sequence[int]], config: ConsolidationConfig,
+                    step: int) -> list[int]:
+  """The prefix indices that make the batch of ``step`` (1-based), a function of (seed, step).
+
+  Step ``s`` takes games ``(s-1)*G .. s*G-1`` of the endless sequence made of one permutation
+  of all games per pass (`ConsolidationConfig.shuffle`), and of each game all its prefixes, or
+  a seeded subset of `max_prefixes_per_game` of them (kept in turn order).
+  """
+  n, g = len(games), config.games_per_step
+  if n == 0:
+    raise ValueError("select_prefixes: no games")
+  orders: dict[int, np.ndarray] = {}
+  rows: list[int] = []
+  for j, position in enumerate(range((step - 1) * g, step * g)):
+    epoch, index = divmod(position, n)
+    if epoch not in orders:
+      orders[epoch] = (np.random.default_rng(_seed(config.seed, _ORDER, epoch)).permutation(n)
+                       if config.shuffle else np.arange(n))
+    turns = list(games[int(orders[epoch][index])])
+    cap = config.max_prefixes_per_game
+    if cap is not None and len(turns) > cap:
+      rng = np.random.default_rng(_seed(config.seed, _TURNS, step, j))
+      turns = [turns[k] for k in sorted(rng.choice(len(turns), cap, replace=False).tolist())]
+    rows.extend(turns)
+  return rows
+
+
+def draw_contexts(rows: int, num_contexts: int, config: ConsolidationConfig,
+                  step: int) -> list[int]:
+  """One context (knowledge text) index per row, uniform with replacement, from (seed, step)."""
+  rng = np.random.default_rng(_seed(config.seed, _CONTEXT, step))
+  return rng.integers(0, num_contexts, size=rows).tolist()
+
+
+def sampling_seed(seed: int, step: int, chunk: int = 0) -> int:
+  """The sampler seed of chunk ``chunk`` of step ``step``."""
+  return int(_seed(seed, _SAMPLE, step, chunk).generate_state(1, np.uint32)[0])
+
+
+def encode_prompt(tokenizer: Any, message: str, *, enable_thinking: bool) -> list[int]:
+  """One user message rendered with the tokenizer's chat template, as token ids."""
+  from oel_jax import chat  # pylint: disable=import-outside-toplevel  (transformers: slow)
+
+  return chat.encode_chat(tokenizer, [{"role": "user", "content": message}],
+                          enable_thinking=enable_thinking)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+  """What one step feeds the sampler and the loss, before the replies exist."""
+
+  step: int
+  """The step (1-based)."""
+
+  prefixes: tuple[int, ...]
+  """Prefix index per row."""
+
+  contexts: tuple[int, ...]
+  """Knowledge (context) text index per row."""
+
+  student_prompts: tuple[tuple[int, ...], ...]
+  """Per row, the student's prompt token ids (prefix, no knowledge, chat template)."""
+
+  teacher_prompts: tuple[tuple[int, ...], ...]
+  """Per row, the teacher's prompt token ids (prefix with the knowledge block)."""
+
+
+def step_inputs(prefixes: Sequence[Prefix], games: Sequence[Sequence[int]],
+                knowledge: Sequence[str], tokenizer: Any, config: ConsolidationConfig,
+                step: int, student_cache: dict[int, tuple[int, ...]] | None = None
+                ) -> StepInputs:
+  """Chooses the rows of ``step`` and renders the student's and the teacher's prompts."""
+  rows = select_prefixes(games, config, step)
+  contexts = draw_contexts(len(rows), len(knowledge), config, step)
+  cache = {} if student_cache is None else student_cache
+  student, teacher = [], []
+  for i, c in zip(rows, contexts):
+    if i not in cache:
+      cache[i] = tuple(encode_prompt(tokenizer, prefixes[i].prompt,
+                                     enable_thinking=config.enable_thinking))
+    student.append(cache[i])
+    teacher.append(tuple(encode_prompt(tokenizer, insert_knowledge(prefixes[i].prompt,
+                                                                   knowledge[c]),
+                                       enable_thinking=config.enable_thinking)))
+  return StepInputs(step=step, prefixes=tuple(rows), contexts=tuple(contexts),
+                    student_prompts=tuple(student), teacher_prompts=tuple(teacher))
+
+
+def bucket_size(n: int, minimum: int = 1, per_doubling: int = 1, multiple: int = 1) -> int:
+  """The padded size for ``n``: the smallest bucket >= max(n, minimum), a multiple of ``multiple``.
+
+  Buckets are the powers of two and ``per_doubling - 1`` evenly spaced sizes between each two
+  (``per_doubling=2``: 64, 96, 128, 192, 256, 384, ...), so padding wastes at most a factor
+  ``1 + 1 / per_doubling`` and n up to N has about ``per_doubling * log2(N)`` buckets.
+  """
+  n = max(int(n), int(minimum), 1)
+  base = 1 << (n.bit_length() - 1)  # largest power of two <= n
+  step = max(1, base // int(per_doubling))
+  size = base + -(-(n - base) // step) * step
+  return -(-size // int(multiple)) * int(multiple)
+
+
+def build_batch(student_prompts: Sequence[Sequence[int]], teacher_prompts: Sequence[Sequence[int]],
+                responses: Sequence[Sequence[int]], *, pad_id: int, config: ConsolidationConfig,
+                row_multiple: int = 1) -> DistillBatch:
+  """The `DistillBatch` of one step, its rows and lengths padded up to buckets.
+
+  Row i is ``student_prompts[i] + responses[i]`` / ``teacher_prompts[i] + responses[i]``, every
+  response token scored. Padding rows (a single pad token each) have no scored token.
+  """
+  b = len(responses)
+  rows = bucket_size(b, config.min_row_bucket, config.length_buckets_per_doubling, row_multiple)
+  sizes = [bucket_size(max(len(p) + len(r) for p, r in zip(prompts, responses)),
+                       config.min_length_bucket, config.length_buckets_per_doubling)
+           for prompts in (student_prompts, teacher_prompts)]
+  response_len = bucket_size(max(len(r) for r in responses),
+                             min(config.min_length_bucket, config.max_new_tokens),
+                             config.length_buckets_per_doubling)
+  filler = [[pad_id]] * (rows - b)
+  batch = make_batch(list(student_prompts) + filler, list(teacher_prompts) + filler,
+                     list(responses) + filler, pad_id=pad_id, student_len=sizes[0],
+                     teacher_len=sizes[1], response_len=response_len)
+  if rows > b:
+    mask = np.asarray(batch.response_mask).copy()
+    mask[b:] = 0.0
+    batch = batch.replace(response_mask=jnp.asarray(mask))
+  return batch
+
+
+# ---------------------------------------------------------------------------------------------
+# Raw-trajectory contexts (the paper's Table 1 baseline).
+
+
+def raw_trajectory_contexts(trajectories: Sequence[Trajectory], tokenizer: Any, *,
+                            num_contexts: int, max_tokens: int, seed: int = 0) -> list[str]:
+  """Context texts made of raw trajectories, for ``context="raw_trajectories"``.
+
+  Context k lists the trajectories (formatted as the extractor reads them,
+  `oel_jax.experience.format_trajectory`) in a seeded order of its own and keeps the last
+  whole ones that fit in ``max_tokens`` tokens together (the same budget L_max as knowledge);
+  when not even the last one fits, its last ``max_tokens`` tokens.
+  """
+  from oel_jax import experience  # pylint: disable=import-outside-toplevel
+
+  if not trajectories:
+    raise ValueError("raw_trajectory_contexts: no trajectories")
+  texts = [experience.format_trajectory(t) for t in trajectories]
+  counts = [experience.count_tokens(tokenizer, t) for t in texts]
+  out = []
+  for k in range(num_contexts):
+    order = np.random.default_rng(_seed(seed, k)).permutation(len(texts)).tolist()
+    kept: list[int] = []
+    total = 0
+    for i in reversed(order):
+      if total + counts[i] > max_tokens:
+        break
+      kept.append(i)
+      total += counts[i]
+    if not kept:
+      ids = tokenizer.encode(texts[order[-1]], add_special_tokens=False)[-max_tokens:]
+      out.append(tokenizer.decode(ids))
+    else:
+      out.append("".join(texts[i] for i in reversed(kept)))
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and metrics files.
+
+
+def _digest(obj: Any) -> str:
+  return hashlib.sha256(json.dumps(obj, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _prefix_digest(prefixes: Sequence[Prefix], ids: Mapping[int, Sequence[int]]) -> str:
+  """Digest of the prefixes' places and their rendered token ids (tokenizer and template)."""
+  h = hashlib.sha256()
+  for i, p in enumerate(prefixes):
+    h.update(np.asarray([p.game, p.turn, len(ids[i])], np.int64).tobytes())
+    h.update(np.asarray(ids[i], np.int64).tobytes())
+  return h.hexdigest()
+
+
+def _atomic_write(path: str, text: str) -> None:
+  folder = os.path.dirname(path) or "."
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _metrics_line(m: Mapping[str, Any]) -> str:
+  return json.dumps(m, allow_nan=False) + "\n"
+
+
+class _Checkpoints:
+  """Orbax checkpoints of (train state, JSON metadata) in one folder."""
+
+  def __init__(self, folder: str, keep: int):
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+    self._ocp = ocp
+    self.folder = os.path.abspath(folder)
+    policy = getattr(ocp.checkpoint_managers, "LatestN", None)
+    keep_option = ({"preservation_policy": policy(n=keep)} if policy is not None
+                   else {"max_to_keep": keep})  # orbax < 0.11.x
+    self.manager = ocp.CheckpointManager(
+        self.folder, options=ocp.CheckpointManagerOptions(
+            create=True, enable_async_checkpointing=False, **keep_option))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: TrainState, meta: Mapping[str, Any]) -> None:
+    ocp = self._ocp
+    self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))), force=True)
+    self.manager.wait_until_finished()
+
+  def read_meta(self, step: int) -> dict[str, Any]:
+    ocp = self._ocp
+    return self.manager.restore(
+        step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def restore_state(self, step: int, abstract: TrainState) -> TrainState:
+    ocp = self._ocp
+    return self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract)))["state"]
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage.
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsolidationResult:
+  """What `run_consolidation` returns."""
+
+  model: Qwen3
+  """The consolidated student (a `Qwen3` holding the final weights; shares `state`'s arrays)."""
+
+  metrics: tuple[dict[str, Any], ...]
+  """One dict per step, steps 1..`config.steps` in order (also ``workdir/metrics.jsonl``)."""
+
+  state: TrainState
+  """The final train state (parameters, optimizer state, step)."""
+
+  resumed_from: int
+  """The checkpoint step the run continued from (0: it started fresh)."""
+
+
+def _check_knowledge(knowledge: Any) -> tuple[str, ...]:
+  if isinstance(knowledge, (str, bytes)):
+    raise TypeError("knowledge must be a sequence of texts (the knowledge set), not a single "
+                    "string; wrap one text as [text]")
+  try:
+    texts = tuple(knowledge)
+  except TypeError:
+    raise TypeError(f"knowledge must be a sequence of str, got {type(knowledge).__name__}"
+                    ) from None
+  if not texts:
+    raise ValueError("the knowledge set is empty: consolidation needs at least one knowledge "
+                     "text (run the extraction stage first)")
+  for i, t in enumerate(texts):
+    if not isinstance(t, str):
+      raise TypeError(f"knowledge[{i}] is a {type(t).__name__}, not a str")
+  if not any(texts):
+    _log.warning("every knowledge text is empty: the teacher sees the same prompt as the "
+                 "student, so consolidation only pulls the student toward the round-start model")
+  return texts
+
+
+def _check_prefixes(prefixes: Sequence[Prefix]) -> None:
+  for p in prefixes:
+    try:
+      insert_knowledge(p.prompt, "x")
+    except ValueError as e:
+      raise ValueError(f"trajectory {p.game}, turn {p.turn}: {e}") from None
+
+
+def abstract_state(trainer: Trainer, student: Qwen3) -> TrainState:
+  """The train state's shapes, dtypes and shardings, without allocating it (for restoring)."""
+  params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.state(student))
+  abstract = TrainState(params=params, opt_state=jax.eval_shape(trainer.tx.init, params),
+                        step=jax.ShapeDtypeStruct((), jnp.int32))
+  if trainer.mesh is not None:
+    shardings = trainer.state_sharding
+  else:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: device, abstract)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
+def _copy_params(params: Any) -> Any:
+  # The train step donates the state: the sampler must hold arrays of its own.
+  return jax.tree.map(jnp.copy, params)
+
+
+def run_consolidation(student: Qwen3, teacher: Qwen3, tokenizer: Any,
+                      trajectories: Sequence[Trajectory], knowledge: Sequence[str],
+                      config: ConsolidationConfig, *, workdir: str | os.PathLike[str] | None = None,
+                      mesh: jax.sharding.Mesh | None = None, sampler: Any = None,
+                      trainer: Trainer | None = None, progress: bool = True,
+                      on_step: Callable[[int, dict[str, Any]], None] | None = None
+                      ) -> ConsolidationResult:
+  """Consolidates the knowledge into the student by (on-policy) context distillation.
+
+  Args:
+    student: the model to train; its own arrays are not modified.
+    teacher: the frozen round-start model (may be the same object as ``student``); never
+      modified. Must have the student's architecture.
+    tokenizer: the models' transformers tokenizer (chat template, stop tokens).
+    trajectories: the consolidation trajectories; every turn is a prefix.
+    knowledge: the knowledge set C (`oel_jax.experience.load_knowledge_set(...).texts`), or the
+      raw-trajectory contexts for ``config.context="raw_trajectories"``.
+    config: the stage's settings.
+    workdir: folder for checkpoints (``checkpoints/``) and ``metrics.jsonl``; a run there is
+      continued from its latest checkpoint. None: nothing is written, no resume.
+    mesh: device mesh for the train step (and for a sampler made here); ignored when
+      ``trainer`` is given (its own mesh is used).
+    sampler: an `oel_jax.sampling.Sampler` of this architecture to reuse (compiled programs);
+      its weights are replaced. Made here when None. On return it holds the final weights.
+    trainer: an `oel_jax.train.Trainer` of this architecture with ``config.train`` to reuse
+      (compiled steps); made here when None.
+    progress: show a tqdm progress bar.
+    on_step: called as ``on_step(step, metrics)`` after every step (after its checkpoint).
+
+  Returns:
+    A `ConsolidationResult`.
+
+  Raises:
+    ValueError / TypeError: bad inputs (no trajectories or turns, an empty knowledge set, a
+      prompt that already holds knowledge, mismatched models, a checkpoint of another run in
+      ``workdir``), before any work.
+    oel_jax.train.NonFiniteLossError: a step's loss was not finite (nothing was updated).
+  """
+  from oel_jax import chat  # pylint: disable=import-outside-toplevel
+  from oel_jax.sampling import Sampler  # pylint: disable=import-outside-toplevel
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+
+  # ---- inputs, checked before any work ----
+  if not isinstance(config, ConsolidationConfig):
+    raise TypeError(f"config must be a ConsolidationConfig, got {type(config).__name__}")
+  if isinstance(trajectories, (str, bytes)):
+    raise TypeError("trajectories must be a sequence of Trajectory records (read a file with "
+                    "oel_jax.envs.load_trajectories)")
+  trajectories = list(trajectories)
+  if not trajectories:
+    raise ValueError("no consolidation trajectories: consolidation needs at least one "
+                     "trajectory with a turn")
+  prefixes = build_prefixes(trajectories)
+  if not prefixes:
+    raise ValueError(f"the {len(trajectories)} consolidation trajectories have no turns: "
+                     "there is no prefix to train on")
+  knowledge = _check_knowledge(knowledge)
+  _check_prefixes(prefixes)
+  if not isinstance(student, Qwen3) or not isinstance(teacher, Qwen3):
+    raise TypeError("student and teacher must be oel_jax.models.Qwen3 models")
+  if teacher.config != student.config:
+    raise ValueError(f"teacher and student architectures differ: {teacher.config} vs "
+                     f"{student.config}")
+  games = group_by_game(prefixes)
+  if trainer is None:
+    trainer = Trainer(student, config.train, mesh=mesh)
+  elif trainer.config != config.train or trainer.model_config != student.config:
+    raise ValueError("the trainer given was built for another TrainConfig or architecture "
+                     "than config.train and the student's")
+  stop_ids = chat.stop_token_ids(tokenizer)
+  pad_id = tokenizer.pad_token_id
+  pad_id = stop_ids[0] if pad_id is None else int(pad_id)
+  row_multiple = config.train.micro_batches
+  if trainer.mesh is not None:
+    row_multiple *= trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
+
+  student_cache: dict[int, tuple[int, ...]] = {}
+  longest = 0
+  for i, p in enumerate(prefixes):
+    student_cache[i] = tuple(encode_prompt(tokenizer, p.prompt,
+                                           enable_thinking=config.enable_thinking))
+    if len(student_cache[i]) > len(student_cache[longest]):
+      longest = i
+  need = len(student_cache[longest])
+  if config.mode == "off_policy":  # the teacher samples from prompts with knowledge
+    widest = max(knowledge, key=len)
+    need = len(encode_prompt(tokenizer, insert_knowledge(prefixes[longest].prompt, widest),
+                             enable_thinking=config.enable_thinking))
+  if sampler is not None and need + config.max_new_tokens > getattr(sampler, "max_seq_len",
+                                                                     math.inf):
+    raise ValueError(f"the sampler's max_seq_len ({sampler.max_seq_len}) cannot hold the "
+                     f"longest prompt ({need} tokens) plus max_new_tokens "
+                     f"({config.max_new_tokens})")
+
+  fingerprint = {
+      "config": {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_FIELDS},
+      "model": repr(student.config),
+      "prefixes": _prefix_digest(prefixes, student_cache),
+      "knowledge": _digest(list(knowledge)),
+  }
+  fingerprint = json.loads(json.dumps(fingerprint))
+
+  # ---- resume ----
+  checkpoints = None
+  metrics_path = None
+  history: list[dict[str, Any]] = []
+  start = 0
+  state = None
+  if workdir is not None:
+    workdir = os.fspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    metrics_path = os.path.join(workdir, METRICS_FILE)
+    checkpoints = _Checkpoints(os.path.join(workdir, CHECKPOINT_DIR), config.keep_checkpoints)
+  try:
+    if checkpoints is not None:
+      latest = checkpoints.latest_step()
+      if latest is not None:
+        meta = checkpoints.read_meta(latest)
+        if meta.get("kind") != META_KIND or meta.get("version") != META_VERSION:
+          raise ValueError(f"{checkpoints.folder}/{latest}: not an oel_jax consolidation "
+                           "checkpoint")
+        if meta["fingerprint"] != fingerprint:
+          diff = sorted(k for k in fingerprint if meta["fingerprint"].get(k) != fingerprint[k])
+          if "config" in diff:
+            old = meta["fingerprint"]["config"]
+            diff += [f"config.{k}" for k in fingerprint["config"]
+                     if old.get(k) != fingerprint["config"][k]]
+          raise ValueError(f"{checkpoints.folder} holds a consolidation of other inputs or "
+                           f"settings (differing: {', '.join(diff)}); use the same ones to "
+                           "resume, or another workdir")
+        if latest > config.steps:
+          raise ValueError(f"{checkpoints.folder} is at step {latest}, beyond "
+                           f"config.steps={config.steps}")
+        state = checkpoints.restore_state(latest, abstract_state(trainer, student))
+        history = [dict(m) for m in meta["metrics"]]
+        start = latest
+        _log.info("consolidation: resuming from step %d (%s)", latest, checkpoints.folder)
+      _atomic_write(metrics_path, "".join(_metrics_line(m) for m in history))
+    if state is None:
+      state = trainer.init_state(student)
+    if trainer.mesh is None:
+      # Committed like a restored state, so that a fresh and a resumed run share one compiled
+      # step (jit keys its programs on whether the arguments are committed to a device).
+      state = jax.device_put(state, jax.devices()[0])
+    teacher_params = trainer.teacher_params(teacher)
+    if sampler is None:
+      # Built on the train state's arrays, so its weights sit where the trainer's do (on the
+      # mesh); they are replaced by copies right below.
+      sampler = Sampler(trainer.student(state), eos_ids=stop_ids, pad_id=pad_id,
+                        max_seq_len=bucket_size(need + 64) + config.max_new_tokens,
+                        mesh=trainer.mesh)
+    if config.mode == "on_policy":
+      sampler.update_weights(_copy_params(state.params))
+    else:
+      sampler.update_weights(teacher_params)
+
+    # ---- the steps ----
+    bar = tqdm(total=config.steps, initial=start, unit="step", desc="consolidate",
+               disable=not progress, leave=False)
+    try:
+      for step in range(start + 1, config.steps + 1):
+        t_step = time.perf_counter()
+        inputs = step_inputs(prefixes, games, knowledge, tokenizer, config, step,
+                             student_cache)
+        prompts = (inputs.student_prompts if config.mode == "on_policy"
+                   else inputs.teacher_prompts)
+        size = config.max_sampling_batch or len(prompts)
+        responses, reasons = [], []
+        t0 = time.perf_counter()
+        for chunk, lo in enumerate(range(0, len(prompts), size)):
+          out = sampler.generate([list(p) for p in prompts[lo:lo + size]],
+                                 max_new_tokens=config.max_new_tokens,
+                                 temperature=config.temperature, top_k=config.top_k,
+                                 top_p=config.top_p, seed=sampling_seed(config.seed, step, chunk))
+          responses.extend([int(t) for t in toks] for toks in out.tokens)
+          reasons.extend(out.finish_reasons)
+        sampling_time = time.perf_counter() - t0
+        batch = build_batch(inputs.student_prompts, inputs.teacher_prompts, responses,
+                            pad_id=pad_id, config=config, row_multiple=row_multiple)
+        state, m = trainer.train_step(state, teacher_params, batch)
+        if config.mode == "on_policy":
+          sampler.update_weights(_copy_params(state.params))
+        generated = sum(len(r) for r in responses)
+        position = step * config.games_per_step
+        line = {
+            "step": step,
+            "loss": m["loss"], "grad_norm": m["grad_norm"],
+            "student_entropy": m["student_entropy"], "teacher_entropy": m["teacher_entropy"],
+            "tokens": m["tokens"],
+            "rows": len(responses), "padded_rows": int(batch.batch_size),
+            "games": config.games_per_step, "epoch": (position - 1) // len(games),
+            "games_consumed": position,
+            "student_len": int(batch.student_ids.shape[1]),
+            "teacher_len": int(batch.teacher_ids.shape[1]),
+            "response_len": int(batch.response_mask.shape[1]),
+            "mean_response_tokens": generated / len(responses),
+            "truncated_fraction": sum(r == "length" for r in reasons) / len(reasons),
+            "sampling_time": sampling_time, "train_time": m["step_time"],
+            "tokens_per_second": m["tokens_per_second"],
+            "sampled_tokens_per_second": generated / max(sampling_time, 1e-9),
+            "step_time": time.perf_counter() - t_step,
+        }
+        history.append(line)
+        if metrics_path is not None:
+          with open(metrics_path, "a", encoding="utf-8") as f:
+            f.write(_metrics_line(line))
+        if checkpoints is not None and (
+            step == config.steps or (config.checkpoint_every and
+                                     step % config.checkpoint_every == 0)):
+          checkpoints.save(step, state, {
+              "kind": META_KIND, "version": META_VERSION, "step": step,
+              "games_consumed": position, "seed": config.seed,
+              "fingerprint": fingerprint, "metrics": history})
+        bar.update(1)
+        bar.set_postfix(loss=f"{line['loss']:.4g}", tok_s=f"{line['tokens_per_second']:.0f}")
+        if on_step is not None:
+          on_step(step, dict(line))
+    finally:
+      bar.close()
+  finally:
+    if checkpoints is not None:
+      checkpoints.close()
+  if config.mode == "off_policy":
+    sampler.update_weights(_copy_params(state.params))
+  return ConsolidationResult(model=trainer.student(state), metrics=tuple(history), state=state,
+                             resumed_from=start)

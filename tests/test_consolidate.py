@@ -1,0 +1,395 @@
+"""The consolidation stage: prefixes, teacher inputs, a tiny end-to-end run, resume, bad input."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from oel_jax import chat, consolidate, losses, parallel, tiny
+from oel_jax.consolidate import ConsolidationConfig, run_consolidation
+from oel_jax.envs import (ModelInfo, insert_knowledge, load_trajectories, make_env,
+                          write_trajectories)
+from oel_jax.sampling import Sampler
+from oel_jax.train import TrainConfig, Trainer
+
+KNOWLEDGE = ("- EXPERIENCE ITEM: Holes end the game; step around them.",
+             "",  # a run that extracted nothing: the teacher sees no knowledge block
+             "- EXPERIENCE ITEM: The goal is at the bottom right; move down and right.")
+
+# A tiny run whose every step has the same batch shape (one compiled train step).
+CONFIG = ConsolidationConfig(
+    steps=4, games_per_step=2, max_new_tokens=16, checkpoint_every=2, enable_thinking=False,
+    min_length_bucket=512, min_row_bucket=4, seed=3,
+    train=TrainConfig(learning_rate=1e-3, k=16))
+
+
+def _model(seed=0, **overrides):
+  """The tiny model's vocabulary and tokenizer, smaller still (fast on CPU)."""
+  shape = dict(num_layers=1, hidden_size=64, intermediate_size=128, num_heads=2, num_kv_heads=1)
+  return tiny.tiny_model(seed, **{**shape, **overrides})
+
+
+def _play(game, seed, replies):
+  """Plays scripted replies; returns the trajectory and every prompt the game gave."""
+  env = make_env(game, seed=seed, max_turns=len(replies))
+  seen = [env.reset()]
+  for reply in replies:
+    prompt, done = env.step(reply)
+    if done:
+      break
+    seen.append(prompt)
+  return env.trajectory(ModelInfo("tiny", 0)), seen
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return tiny.load_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def played():
+  specs = [("frozenlake", 1, ["[down]", "[right]"]), ("sokoban", 3, ["[up]"]),
+           ("frozenlake", 5, ["no action here", "[up]"]), ("frozenlake", 7, ["[left]"]),
+           ("sokoban", 9, ["[a]", "[w]", "[d]"])]
+  return [_play(*s) for s in specs]
+
+
+@pytest.fixture(scope="module")
+def trajectories(played):
+  return [t for t, _ in played]
+
+
+# ---- prefixes and per-step data (no model) ----
+
+
+def test_every_turn_gives_exactly_one_prefix_equal_to_the_prompt_seen(played, tmp_path):
+  trajectories = [t for t, _ in played]
+  prefixes = consolidate.build_prefixes(trajectories)
+  assert len(prefixes) == sum(len(t.turns) for t in trajectories)
+  assert [(p.game, p.turn) for p in prefixes] == [
+      (g, i) for g, t in enumerate(trajectories) for i in range(len(t.turns))]
+  for p in prefixes:
+    assert p.prompt == played[p.game][1][p.turn]  # what the environment showed the model
+    assert p.prompt == trajectories[p.game].turns[p.turn].prompt
+    assert "Given experience" not in p.prompt
+  # Through a trajectory file: the same prefixes.
+  path = tmp_path / "consolidate.jsonl"
+  write_trajectories(path, trajectories)
+  assert consolidate.build_prefixes(load_trajectories(path)) == prefixes
+  assert consolidate.group_by_game(prefixes) == [
+      [i for i, p in enumerate(prefixes) if p.game == g] for g in range(len(trajectories))]
+
+
+def test_step_selection_is_a_seeded_pass_over_the_games(trajectories):
+  games = consolidate.group_by_game(consolidate.build_prefixes(trajectories))
+  config = ConsolidationConfig(games_per_step=2, seed=5)
+  first_pass = [consolidate.select_prefixes(games, config, s) for s in (1, 2)]
+  rows = [r for step in first_pass for r in step]
+  chosen = [g for g, turns in enumerate(games) if turns[0] in rows]
+  assert len(chosen) == 4 and len(rows) == sum(len(games[g]) for g in chosen)  # no repeats
+  assert consolidate.select_prefixes(games, config, 2) == first_pass[1]  # a function of step
+  assert len({tuple(consolidate.select_prefixes(games, dataclasses.replace(config, seed=k), 1))
+              for k in range(10)}) > 1  # the seed matters
+  in_order = dataclasses.replace(config, shuffle=False)
+  assert consolidate.select_prefixes(games, in_order, 1) == games[0] + games[1]
+  assert consolidate.select_prefixes(games, in_order, 3) == games[4] + games[0]  # next pass
+  capped = dataclasses.replace(in_order, games_per_step=5, max_prefixes_per_game=2)
+  rows = consolidate.select_prefixes(games, capped, 1)
+  assert len(rows) == sum(min(2, len(t)) for t in games) and rows == sorted(rows)
+  contexts = consolidate.draw_contexts(1000, 3, config, 1)
+  assert contexts == consolidate.draw_contexts(1000, 3, config, 1)
+  assert set(contexts) == {0, 1, 2} and contexts != consolidate.draw_contexts(1000, 3, config, 2)
+
+
+def test_bucket_sizes():
+  assert [consolidate.bucket_size(n, 64, 2) for n in (1, 64, 65, 96, 97, 128, 129, 300, 8000)
+          ] == [64, 64, 96, 96, 128, 128, 192, 384, 8192]
+  assert [consolidate.bucket_size(n, 1, 1) for n in (1, 3, 5, 9)] == [1, 4, 8, 16]
+  assert consolidate.bucket_size(5, 1, 2, multiple=4) == 8
+  assert consolidate.bucket_size(3, 4, 2) == 4
+
+
+def test_teacher_inputs_hold_the_knowledge_and_the_same_response_at_aligned_positions(
+    tok, trajectories):
+  prefixes = consolidate.build_prefixes(trajectories)
+  games = consolidate.group_by_game(prefixes)
+  config = dataclasses.replace(CONFIG, games_per_step=5, min_length_bucket=64, min_row_bucket=1)
+  inputs = consolidate.step_inputs(prefixes, games, KNOWLEDGE, tok, config, step=1)
+  rows = len(inputs.prefixes)
+  assert sorted(inputs.prefixes) == list(range(len(prefixes)))  # one pass: every prefix
+  responses = [tok.encode(f"I think [down] {'x' * i}", add_special_tokens=False)
+               + [tiny.IM_END_ID] for i in range(rows)]
+  batch = consolidate.build_batch(inputs.student_prompts, inputs.teacher_prompts, responses,
+                                  pad_id=tiny.PAD_ID, config=config, row_multiple=4)
+  assert batch.batch_size % 4 == 0 and batch.batch_size >= rows
+  assert set(inputs.contexts) == {0, 1, 2}
+  for i, (p, c) in enumerate(zip(inputs.prefixes, inputs.contexts)):
+    n = len(responses[i])
+    sidx = np.asarray(batch.student_index[i, :n])
+    tidx = np.asarray(batch.teacher_index[i, :n])
+    assert np.asarray(batch.student_ids[i])[sidx + 1].tolist() == responses[i]
+    assert np.asarray(batch.teacher_ids[i])[tidx + 1].tolist() == responses[i]
+    assert float(batch.response_mask[i].sum()) == n
+    student_prompt = tok.decode(np.asarray(batch.student_ids[i])[:sidx[0] + 1].tolist())
+    teacher_prompt = tok.decode(np.asarray(batch.teacher_ids[i])[:tidx[0] + 1].tolist())
+    assert student_prompt == chat.render_chat(
+        tok, [{"role": "user", "content": prefixes[p].prompt}], enable_thinking=False)
+    assert teacher_prompt == chat.render_chat(
+        tok, [{"role": "user", "content": insert_knowledge(prefixes[p].prompt, KNOWLEDGE[c])}],
+        enable_thinking=False)
+    for k, text in enumerate(KNOWLEDGE):
+      if text:
+        assert (text in teacher_prompt) == (k == c)
+        assert text not in student_prompt
+    if not KNOWLEDGE[c]:
+      assert teacher_prompt == student_prompt
+  assert float(batch.response_mask[rows:].sum()) == 0  # padding rows score nothing
+  assert batch.student_ids.shape[1] % 64 == 0 and batch.teacher_ids.shape[1] % 64 == 0
+
+
+def test_raw_trajectory_contexts(tok, trajectories):
+  texts = consolidate.raw_trajectory_contexts(trajectories, tok, num_contexts=3, max_tokens=600,
+                                              seed=1)
+  assert len(texts) == 3 and len(set(texts)) > 1
+  for t in texts:
+    assert "Round0_Input:" in t and len(tok.encode(t, add_special_tokens=False)) <= 600
+  short = consolidate.raw_trajectory_contexts(trajectories, tok, num_contexts=1, max_tokens=10)
+  assert len(tok.encode(short[0], add_special_tokens=False)) <= 10
+
+
+# ---- runs with the tiny model ----
+
+
+class SpySampler:
+  """Wraps a Sampler; records every weight swap (a checksum) and every generate call."""
+
+  def __init__(self, sampler):
+    self.inner = sampler
+    self.max_seq_len = sampler.max_seq_len
+    self.updates, self.calls = [], []
+
+  def update_weights(self, params):
+    self.updates.append(sum(float(np.abs(np.asarray(x, np.float64)).sum())
+                            for x in jax.tree.leaves(params)))
+    self.inner.update_weights(params)
+
+  def generate(self, prompts, **kwargs):
+    self.calls.append((prompts, kwargs))
+    return self.inner.generate(prompts, **kwargs)
+
+
+def _params(model):
+  return [np.array(x) for x in jax.tree.leaves(nnx.state(model))]
+
+
+def _checksum(model):
+  return sum(float(np.abs(x.astype(np.float64)).sum()) for x in _params(model))
+
+
+def _deterministic(metrics):
+  return [{k: v for k, v in m.items() if k not in consolidate.TIMING_KEYS} for m in metrics]
+
+
+@pytest.fixture(scope="module")
+def engine(tok):
+  model = _model()
+  sampler = Sampler(model, eos_ids=chat.stop_token_ids(tok), pad_id=tiny.PAD_ID,
+                    max_seq_len=1024, min_prompt_bucket=512)
+  return model, Trainer(model, CONFIG.train), sampler
+
+
+@pytest.fixture(scope="module")
+def full_run(tok, trajectories, engine, tmp_path_factory):
+  model, trainer, sampler = engine
+  before = _params(model)
+  spy = SpySampler(sampler)
+  workdir = tmp_path_factory.mktemp("full")
+  result = run_consolidation(model, model, tok, trajectories, KNOWLEDGE, CONFIG,
+                             workdir=workdir, sampler=spy, trainer=trainer, progress=False)
+  return result, workdir, before, spy
+
+
+def test_tiny_run_trains_the_student_and_leaves_the_teacher_alone(tok, trajectories, full_run,
+                                                                  engine):
+  result, workdir, before, spy = full_run
+  model, trainer, _ = engine
+  after = _params(result.model)
+  assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+  # The teacher (here the same object as the student argument) is bit-identical.
+  assert all(np.array_equal(a, b) for a, b in zip(before, _params(model)))
+  assert int(result.state.step) == CONFIG.steps and result.resumed_from == 0
+  assert trainer.num_compilations == 1  # bucketed shapes: one program for every step
+  # The sampler had the student's current weights for every step, and the final ones after.
+  assert len(spy.calls) == CONFIG.steps and len(spy.updates) == CONFIG.steps + 1
+  assert spy.updates[0] == pytest.approx(_checksum(model), rel=1e-12)
+  assert len(set(spy.updates)) == len(spy.updates)
+  assert spy.updates[-1] == pytest.approx(_checksum(result.model), rel=1e-12)
+  seeds = [kw["seed"] for _, kw in spy.calls]
+  assert len(set(seeds)) == len(seeds)
+  assert all(kw["temperature"] == 0.7 and kw["top_p"] == 1.0 and kw["max_new_tokens"] == 16
+             for _, kw in spy.calls)
+  # Metrics: one line per step, in the file too.
+  assert [m["step"] for m in result.metrics] == [1, 2, 3, 4]
+  with open(os.path.join(workdir, consolidate.METRICS_FILE)) as f:
+    lines = [json.loads(line) for line in f]
+  assert lines == list(result.metrics)
+  for m in result.metrics:
+    for key in ("loss", "grad_norm", "student_entropy", "teacher_entropy", "tokens",
+                "tokens_per_second", "sampling_time"):
+      assert np.isfinite(m[key]), key
+    assert m["rows"] <= m["padded_rows"] == 4 and 0 < m["tokens"] <= 16 * m["rows"]
+  assert sorted(os.listdir(os.path.join(workdir, consolidate.CHECKPOINT_DIR))) == ["4"]
+  # Run again: the finished checkpoint is found, nothing is recomputed.
+  again = run_consolidation(model, model, tok, trajectories, KNOWLEDGE, CONFIG,
+                            workdir=workdir, sampler=spy.inner, trainer=trainer, progress=False)
+  assert again.resumed_from == 4 and again.metrics == result.metrics
+  assert all(np.array_equal(a, b) for a, b in zip(after, _params(again.model)))
+
+
+class Interrupt(Exception):
+  pass
+
+
+@pytest.mark.parametrize("how", ["crash", "shorter_run"])
+def test_resume_gives_the_uninterrupted_result(tok, trajectories, engine, full_run, tmp_path,
+                                               how):
+  model, trainer, sampler = engine
+  result = full_run[0]
+
+  if how == "crash":  # dies after step 3's metrics line, before any checkpoint of step 3
+    def die(step, metrics):
+      del metrics
+      if step == 3:
+        raise Interrupt
+    with pytest.raises(Interrupt):
+      run_consolidation(model, model, tok, trajectories, KNOWLEDGE, CONFIG, workdir=tmp_path,
+                        sampler=sampler, trainer=trainer, progress=False, on_step=die)
+    with open(tmp_path / consolidate.METRICS_FILE) as f:
+      assert len(f.readlines()) == 3
+  else:  # a run of 2 steps, extended to 4
+    run_consolidation(model, model, tok, trajectories, KNOWLEDGE,
+                      dataclasses.replace(CONFIG, steps=2), workdir=tmp_path, sampler=sampler,
+                      trainer=trainer, progress=False)
+  resumed = run_consolidation(model, model, tok, trajectories, KNOWLEDGE, CONFIG,
+                              workdir=tmp_path, sampler=sampler, trainer=trainer,
+                              progress=False)
+  assert resumed.resumed_from == 2
+  assert _deterministic(resumed.metrics) == _deterministic(result.metrics)
+  with open(tmp_path / consolidate.METRICS_FILE) as f:
+    assert _deterministic(json.loads(line) for line in f) == _deterministic(result.metrics)
+  for a, b in zip(_params(result.model), _params(resumed.model)):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(jax.tree.leaves(result.state.opt_state),
+                  jax.tree.leaves(resumed.state.opt_state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert all(np.array_equal(a, b) for a, b in zip(full_run[2], _params(model)))
+  # A resumed state is placed like a fresh one: the compiled step is reused, not recompiled
+  # (jit's program cache, an internal counter).
+  assert trainer.num_compilations == 1 and trainer._step._cache_size() == 1
+
+
+def test_resuming_with_other_settings_or_inputs_is_refused(tok, trajectories, engine,
+                                                           full_run):
+  model, trainer, sampler = engine
+  workdir = full_run[1]
+  kwargs = dict(workdir=workdir, sampler=sampler, trainer=trainer, progress=False)
+  with pytest.raises(ValueError, match="config.seed"):
+    run_consolidation(model, model, tok, trajectories, KNOWLEDGE,
+                      dataclasses.replace(CONFIG, seed=4), **kwargs)
+  with pytest.raises(ValueError, match="knowledge"):
+    run_consolidation(model, model, tok, trajectories, KNOWLEDGE[:2], CONFIG, **kwargs)
+  with pytest.raises(ValueError, match="prefixes"):
+    run_consolidation(model, model, tok, trajectories[:3], KNOWLEDGE, CONFIG, **kwargs)
+
+
+def test_sharded_run_resumes_on_the_mesh(tok, trajectories, full_run, tmp_path):
+  mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=4, tp=1))
+  model = _model()
+  # One trainer for both runs: its compiled step is reused.
+  kwargs = dict(workdir=tmp_path, trainer=Trainer(model, CONFIG.train, mesh=mesh),
+                progress=False)
+  run_consolidation(model, model, tok, trajectories, KNOWLEDGE,
+                    dataclasses.replace(CONFIG, steps=1), **kwargs)
+  result = run_consolidation(model, model, tok, trajectories, KNOWLEDGE,
+                             dataclasses.replace(CONFIG, steps=2), **kwargs)
+  assert result.resumed_from == 1 and [m["step"] for m in result.metrics] == [1, 2]
+  assert kwargs["trainer"]._step._cache_size() == 1  # the restored state needs no new program
+  assert all(m["padded_rows"] % 8 == 0 for m in result.metrics)  # rows split over 8 devices
+  up = result.state.params["layers"][0]["mlp"]["up_proj"][...]
+  assert up.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tp")
+  # The same first step as on one device (padding rows change nothing).
+  first = full_run[0].metrics[0]
+  assert result.metrics[0]["tokens"] == first["tokens"]
+  assert result.metrics[0]["loss"] == pytest.approx(first["loss"], rel=1e-3, abs=1e-6)
+
+
+def test_off_policy_baseline_samples_from_the_teacher_with_knowledge(tok, trajectories, engine):
+  model, _, sampler = engine
+  config = dataclasses.replace(
+      CONFIG, steps=1, mode="off_policy",
+      train=dataclasses.replace(CONFIG.train, divergence=losses.FORWARD_KL))
+  spy = SpySampler(sampler)
+  student = _model(seed=1)
+  result = run_consolidation(student, model, tok, trajectories, KNOWLEDGE, config, sampler=spy,
+                             progress=False)
+  (prompts, _), = spy.calls
+  texts = [tok.decode(p) for p in prompts]
+  assert any(KNOWLEDGE[0] in t or KNOWLEDGE[2] in t for t in texts)
+  assert spy.updates[0] == pytest.approx(_checksum(model), rel=1e-12)  # teacher weights
+  assert spy.updates[-1] == pytest.approx(_checksum(result.model), rel=1e-12)
+  assert np.isfinite(result.metrics[0]["loss"])
+
+
+# ---- bad input ----
+
+
+def test_bad_input_fails_before_any_work(tok, trajectories, engine, tmp_path):
+  model = engine[0]
+
+  def run(trajs=trajectories, knowledge=KNOWLEDGE, config=CONFIG, teacher=model):
+    run_consolidation(model, teacher, tok, trajs, knowledge, config, workdir=tmp_path,
+                      sampler=object(), progress=False)  # a sampler that would fail if used
+
+  with pytest.raises(ValueError, match="knowledge set is empty"):
+    run(knowledge=[])
+  with pytest.raises(TypeError, match="not a single string"):
+    run(knowledge=KNOWLEDGE[0])
+  with pytest.raises(TypeError, match=r"knowledge\[1\]"):
+    run(knowledge=["a", 3])
+  with pytest.raises(ValueError, match="no consolidation trajectories"):
+    run(trajs=[])
+  no_turns = dataclasses.replace(trajectories[0], turns=())
+  with pytest.raises(ValueError, match="no turns"):
+    run(trajs=[no_turns])
+  turns = list(trajectories[1].turns)
+  turns[0] = dataclasses.replace(turns[0], prompt=insert_knowledge(turns[0].prompt, "k"))
+  with pytest.raises(ValueError, match="trajectory 1, turn 0"):
+    run(trajs=[trajectories[0], dataclasses.replace(trajectories[1], turns=tuple(turns))])
+  with pytest.raises(ValueError, match="architectures differ"):
+    run(teacher=_model(num_layers=2))
+  with pytest.raises(ValueError, match="k \\(4096\\) exceeds the vocabulary"):
+    run(config=dataclasses.replace(CONFIG, train=dataclasses.replace(CONFIG.train, k=4096)))
+  assert os.listdir(tmp_path) == []
+
+
+def test_config_validation():
+  with pytest.raises(ValueError, match="train.temperature"):
+    ConsolidationConfig(temperature=1.0)
+  with pytest.raises(ValueError, match="forward_kl"):
+    ConsolidationConfig(mode="off_policy")
+  with pytest.raises(ValueError, match="mode='off_policy'"):
+    ConsolidationConfig(train=TrainConfig(divergence=losses.FORWARD_KL))
+  with pytest.raises(ValueError, match="games_per_step"):
+    ConsolidationConfig(games_per_step=0)
+  with pytest.raises(ValueError, match="context"):
+    ConsolidationConfig(context="trajectories")
+  with pytest.raises(ValueError, match="enable_thinking"):
+    ConsolidationConfig(enable_thinking=1)
+  config = ConsolidationConfig(steps=3, train=TrainConfig(learning_rate=5e-6))
+  assert ConsolidationConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+  with pytest.raises(ValueError, match="unknown"):
+    ConsolidationConfig.from_dict({"step": 3})
