@@ -287,7 +287,10 @@ class Trainer:
       tokens = jnp.sum(batch.response_mask)
       denom = jnp.maximum(tokens, 1.0)
       grad_fn = jax.value_and_grad(self._loss_stats, has_aux=True)
-      micro = jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), batch)
+      # Strided micro-batches (micro-batch j = rows j, j + m, ...): each device already
+      # holds its share of every micro-batch, so splitting moves no data.
+      micro = jax.tree.map(
+          lambda x: x.reshape(x.shape[0] // m, m, *x.shape[1:]).swapaxes(0, 1), batch)
       if self.mesh is not None:  # rows of each micro-batch split over the devices, not
         # whole micro-batches per device (what the reshape alone would let XLA pick)
         spec = NamedSharding(self.mesh, P(None, ("data", "fsdp")))
