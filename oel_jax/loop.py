@@ -511,8 +511,8 @@ class OnlineLoop:
     self.workdir = os.path.abspath(workdir)
     self._models: dict[str, Any] = {}
     self._tokenizer = None
-    self._sampler = None
-    self._sampler_holds: str | None = None
+    self._samplers: dict[Any, Any] = {}
+    self._holds: dict[Any, str] = {}
     self._mesh = None
     self._writer = None
     self._trainer = None
@@ -625,9 +625,9 @@ class OnlineLoop:
                                       devices=jax.devices()[:size])
     return self._mesh
 
-  def load_model(self, path: str, *, fresh: bool = False):
-    """Loads ``"tiny"`` or a HF checkpoint (cached by path unless ``fresh``)."""
-    if not fresh and path in self._models:
+  def load_model(self, path: str):
+    """Loads ``"tiny"`` or a HF checkpoint (the last one loaded is cached)."""
+    if path in self._models:
       return self._models[path]
     from oel_jax import tiny  # pylint: disable=import-outside-toplevel
     from oel_jax.models import load_hf  # pylint: disable=import-outside-toplevel
@@ -639,26 +639,28 @@ class OnlineLoop:
         parallel.shard_model(model, self.mesh())
     else:
       model = load_hf(path, dtype=param, compute_dtype=compute, mesh=self.mesh())
-    if not fresh:
-      self._models = {path: model}  # Keep one: real models are large.
+    self._models = {path: model}  # Keep one: real models are large.
     return model
 
-  def sampler(self, path: str | None = None):
-    """The process's one sampler, holding the weights of ``path`` when given."""
+  def sampler(self, path: str, tokenizer: Any = None):
+    """A sampler holding the weights of ``path``: one per architecture, reused (and its
+    compiled programs with it) by swapping weights."""
     from oel_jax import chat  # pylint: disable=import-outside-toplevel
     from oel_jax.sampling import Sampler  # pylint: disable=import-outside-toplevel
-    if path is not None and (self._sampler is None or self._sampler_holds != path):
-      model = self.load_model(path)
-      if self._sampler is None:
-        tok = self.tokenizer()
-        self._sampler = Sampler(model, eos_ids=chat.stop_token_ids(tok),
-                                pad_id=tok.pad_token_id if tok.pad_token_id is not None
-                                else chat.stop_token_ids(tok)[0],
-                                max_seq_len=int(self.config.max_seq_len), mesh=self.mesh())
-      else:
-        self._sampler.update_weights(model)
-      self._sampler_holds = path
-    return self._sampler
+    model = self.load_model(path)
+    key = model.config
+    sampler = self._samplers.get(key)
+    if sampler is None:
+      tok = tokenizer or self.tokenizer()
+      stops = chat.stop_token_ids(tok)
+      sampler = Sampler(model, eos_ids=stops,
+                        pad_id=tok.pad_token_id if tok.pad_token_id is not None else stops[0],
+                        max_seq_len=int(self.config.max_seq_len), mesh=self.mesh())
+      self._samplers[key] = sampler
+    elif self._holds.get(key) != path:
+      sampler.update_weights(model)
+    self._holds[key] = path
+    return sampler
 
   def _model_info(self, round_: int):
     from oel_jax.envs import ModelInfo  # pylint: disable=import-outside-toplevel
@@ -712,12 +714,17 @@ class OnlineLoop:
       logging.info("round %d: extraction resumes at step %d of %d", round_, done,
                    config.num_trajectories)
     extractor = self.config.extraction.model or self.deployed_path(round_)
+    # Knowledge from another model (a baseline): its own tokenizer and sampler.
+    tokenizer = self.tokenizer()
+    if self.config.extraction.model:
+      from oel_jax import chat  # pylint: disable=import-outside-toplevel
+      tokenizer = chat.load_tokenizer(extractor)
     bar = tqdm(total=config.num_trajectories, initial=done, unit="step",
                desc=f"round {round_} extraction (K={config.num_runs})",
                disable=not self.config.progress, leave=False)
     try:
-      state = run_extraction(pool, config, tokenizer=self.tokenizer(),
-                             sampler=self.sampler(extractor), out_dir=out_dir,
+      state = run_extraction(pool, config, tokenizer=tokenizer,
+                             sampler=self.sampler(extractor, tokenizer), out_dir=out_dir,
                              on_step=lambda s: bar.update(1))
     finally:
       bar.close()
@@ -751,7 +758,7 @@ class OnlineLoop:
     if self._trainer is None:
       from oel_jax.train import Trainer  # pylint: disable=import-outside-toplevel
       self._trainer = Trainer(model, config.train, mesh=self.mesh())
-    self._sampler_holds = None  # Consolidation swaps the student's weights in.
+    self._holds.pop(model.config, None)  # Consolidation swaps the student's weights in.
     result = consolidate.run_consolidation(
         model, model, self.tokenizer(), trajectories, list(knowledge), config,
         workdir=os.path.join(folder, "consolidation"), mesh=self.mesh(), sampler=sampler,
