@@ -198,7 +198,11 @@ class Sampler:
     self.min_prompt_bucket = int(min_prompt_bucket)
     self.min_batch_bucket = int(min_batch_bucket)
     self.mesh = mesh
-    self._graphdef, self._params = nnx.split(model)
+    self._graphdef, params = nnx.split(model)
+    # Committed to their current placement, as `update_weights` places new ones: an
+    # uncommitted and a committed argument are different cache keys to jit, so leaving
+    # these uncommitted made the first weight swap recompile every program once.
+    self._params = jax.tree.map(lambda x: jax.device_put(x, x.sharding), params)
     self.num_compilations = 0
     self._jitted = jax.jit(self._generate, static_argnames=("gen_slots",))
 

@@ -137,6 +137,8 @@ def test_no_recompilation_in_steady_state(ref):
   sampler.update_weights(new_model)
   sampler.generate(PROMPTS, max_new_tokens=16, temperature=0)
   assert sampler.num_compilations == 1
+  # No compile without a trace either (e.g. committed vs uncommitted weights).
+  assert sampler._jitted._cache_size() == 1  # pylint: disable=protected-access
 
   # A game loop whose prompts grow turn by turn and whose batch shrinks compiles a
   # bounded number of programs: one per (batch bucket, prompt bucket).
