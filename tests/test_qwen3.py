@@ -112,6 +112,31 @@ def test_remat_gives_same_gradients(tmp_path):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), a, b)
 
 
+def test_remat_layer_scan_in_bf16_matches_the_layer_loop(tmp_path):
+  """remat runs the layers as a scan over stacked weights cast to bf16 before stacking;
+  the loop casts inside each einsum: the same values and float32 parameter gradients."""
+  path = tmp_path / "ckpt"
+  make_hf_model(**CASES["tied-theta5e6-gqa2"], layers=3).save_pretrained(path)
+  ids, mask = padded_batch([9, 5], 128, side="left", seed=12)
+
+  def run(remat):
+    model = load_hf(path, compute_dtype=jnp.bfloat16, remat=remat)
+
+    def loss(model):
+      hidden, _ = model.hidden_states(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+      return jnp.mean(hidden.astype(jnp.float32) ** 2)
+
+    return nnx.jit(nnx.value_and_grad(loss))(model)
+
+  (va, ga), (vb, gb) = run(False), run(True)
+  assert float(vb) == pytest.approx(float(va), rel=1e-3)
+  for (path_, x), (_, y) in zip(nnx.to_flat_state(ga), nnx.to_flat_state(gb)):
+    x, y = np.asarray(x[...]), np.asarray(y[...])
+    assert y.dtype == np.float32, path_
+    # bf16 activations: fusion order may differ, so compare to a bf16-sized tolerance.
+    np.testing.assert_allclose(y, x, rtol=0, atol=2e-2 * np.abs(x).max(), err_msg=str(path_))
+
+
 # Published totals: the model cards' figures (total / non-embedding) and, where the hub's
 # safetensors store the head separately for tied models, the stored tensor total.
 PUBLISHED = {

@@ -66,7 +66,10 @@ class Qwen3Config:
   compute_dtype: Any = jnp.float32
   """Dtype of matmul inputs and activations; norms, softmax and logits stay float32."""
   remat: bool = False
-  """Rematerialise each decoder layer in the backward pass (saves activation memory)."""
+  """Rematerialise each decoder layer in the backward pass (saves activation memory).
+
+  Without a cache the layers then run as one `lax.scan` over their stacked parameters,
+  which keeps one layer's working set live at a time."""
 
   def __post_init__(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -402,19 +405,52 @@ def constrain_batch(x: jax.Array) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, P((DATA, FSDP)))
 
 
-def _remat_layer(layer: DecoderLayer, x, positions, attend):
-  """The layer under `jax.checkpoint`, as a pure function of its parameters.
+def _stacked_layer_params(layers, compute_dtype):
+  """Every layer's parameters stacked along a new leading axis (the scan's `xs`).
 
-  (A pure function rather than `nnx.remat`: the model is often merged from parameters
-  inside other transforms (scan over micro-batches, grad), where NNX refuses to touch a
-  module from a different trace level.)
+  Matmul weights are cast to the compute dtype first (the einsums cast them anyway, so
+  values and gradients are unchanged) to halve the stacked copy; norm scales keep their
+  dtype. Under a mesh each stacked array keeps its parameter's sharding, unsplit along
+  the layer axis, so that each scan step gathers only its own layer's shards.
   """
-  graphdef, state = nnx.split(layer)
+  states = [nnx.state(layer) for layer in layers]
+  mesh = jax.sharding.get_abstract_mesh()
+  shard = not mesh.empty and {FSDP, TP} <= set(mesh.axis_names)
+  variables = jax.tree.leaves(states[0], is_leaf=lambda x: isinstance(x, nnx.Variable))
+  columns = zip(*(jax.tree.leaves(state) for state in states))
+  stacked = []
+  for variable, values in zip(variables, columns):
+    out = jnp.stack([v.astype(compute_dtype) if v.ndim >= 2 else v for v in values])
+    if shard:
+      spec = variable.get_metadata().get("out_sharding") or ()
+      out = jax.lax.with_sharding_constraint(out, P(None, *spec))
+    stacked.append(out)
+  return jax.tree.unflatten(jax.tree.structure(states[0]), stacked)
 
-  def run(state, x, positions, attend):
-    return nnx.merge(graphdef, state)(x, positions, attend)[0]
 
-  return jax.checkpoint(run)(state, x, positions, attend)
+def _scan_layers(layers, x, positions, attend):
+  """All decoder layers as one `lax.scan` over stacked parameters, each rematerialised.
+
+  Why a scan rather than `jax.checkpoint` on each layer of a Python loop: XLA:CPU drops
+  the optimisation barriers that keep rematerialisation in place and schedules every
+  layer's recomputation next to its forward pass, and its collective combiners merge all
+  layers' weight all-gathers and gradient reductions into single ops, so per-layer working
+  sets (attention scores, gathered weights, unreduced gradients) stayed live for all
+  layers at once (3.5 GiB per layer per row for Qwen3-8B on 8 devices). A loop body is
+  one layer: its recomputation, gathers and reductions cannot move across iterations on
+  any backend. (Pure functions rather than `nnx.scan`/`nnx.remat`: the model is often
+  merged from parameters inside other transforms, where NNX refuses to touch a module
+  from a different trace level.)
+  """
+  graphdef = nnx.graphdef(layers[0])
+  stacked = _stacked_layer_params(layers, x.dtype)
+
+  def body(x, state):
+    x = nnx.merge(graphdef, state)(x, positions, attend)[0]
+    return constrain_batch(x), None
+
+  x, _ = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), x, stacked)
+  return x
 
 
 def positions_from_mask(attention_mask: jax.Array, offset: jax.Array | int = 0) -> jax.Array:
@@ -479,16 +515,16 @@ class Qwen3(nnx.Module):
 
     x = constrain_batch(jnp.take(self.embed[...], input_ids, axis=0).astype(c.compute_dtype))
     new_k, new_v = [], []
-    for i, layer in enumerate(self.layers):
-      kv = None if cache is None else (cache.k[i], cache.v[i])
-      if c.remat and cache is None:
-        x, kv = _remat_layer(layer, x, positions, attend), None
-      else:
+    if c.remat and cache is None:
+      x = _scan_layers(self.layers, x, positions, attend)
+    else:
+      for i, layer in enumerate(self.layers):
+        kv = None if cache is None else (cache.k[i], cache.v[i])
         x, kv = layer(x, positions, attend, kv, None if cache is None else cache.index)
-      x = constrain_batch(x)
-      if kv is not None:
-        new_k.append(kv[0])
-        new_v.append(kv[1])
+        x = constrain_batch(x)
+        if kv is not None:
+          new_k.append(kv[0])
+          new_v.append(kv[1])
     x = self.final_norm(x)
     if cache is not None:
       cache = KVCache(k=tuple(new_k), v=tuple(new_v), mask=slot_mask, index=cache.index + t)
