@@ -25,9 +25,11 @@ from flax import nnx
 
 from oel_jax.models.qwen3 import KVCache, Qwen3
 
-# top_k up to this is served by a partial sort (lax.top_k); larger k, or top-p without
-# top-k, falls back to a full sort of the vocabulary (exact, slower).
+# top_k up to TOP_K_CAP, and a nucleus (top-p without top-k) that lies within the top
+# TOP_K_CAP tokens, are served by a partial sort (lax.top_k; SMALL_TOP_K_CAP for small k);
+# anything wider falls back to a full sort of the vocabulary (exact, slower).
 TOP_K_CAP = 256
+SMALL_TOP_K_CAP = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,80 +63,143 @@ def _nucleus_keep(sorted_logprobs: jax.Array, top_p: jax.Array) -> jax.Array:
 _BLOCK = 1024
 
 
-def draw(key: jax.Array, logprobs: jax.Array) -> jax.Array:
-  """One index per row from normalised log-probabilities `[B, V]`, by inverse CDF.
+def draw(u: jax.Array, logits: jax.Array, scale: jax.Array | float = 1.0
+         ) -> tuple[jax.Array, jax.Array]:
+  """One index per row with probability proportional to `exp(scale * logits)` `[B, V]`.
 
-  Needs one uniform number per row, where Gumbel-max (`jax.random.categorical`) draws V
-  of them: at Qwen3's V = 151,936 that is most of a CPU decode step. The CDF is summed in
-  two levels (blocks of 1024, then within the chosen block) so float32 rounding stays
-  near 1e-7 however large V is. Zero-probability entries are never chosen.
+  Inverse CDF with one uniform `u` `[B]` in [0, 1) per row, where Gumbel-max
+  (`jax.random.categorical`) needs V of them: at Qwen3's V = 151,936 that is most of a CPU
+  decode step. The logits need not be normalised (`-inf` entries are never chosen). The
+  CDF is summed in two levels (blocks of 1024, then within the chosen block) so float32
+  rounding stays near 1e-7 however large V is; only the chosen block is exponentiated a
+  second time.
+
+  Returns `(index [B], logprob [B])`, the log-probability of the chosen index under the
+  normalised distribution. `scale` (> 0; 1 / temperature) is applied inside the passes
+  over the logits rather than to a scaled copy of them.
   """
-  b, v = logprobs.shape
-  blocks = -(-v // _BLOCK)
-  probs = jnp.exp(jnp.pad(logprobs, ((0, 0), (0, blocks * _BLOCK - v)),
-                          constant_values=-jnp.inf)).reshape(b, blocks, _BLOCK)
-  block_mass = probs.sum(-1)  # [B, blocks]
-  u = 1.0 - jax.random.uniform(key, (b, 1))  # in (0, 1]: the first entry is never forced
+  b, v = logits.shape
+  size = min(_BLOCK, v)
+  blocks = -(-v // size)
+  top = jnp.max(logits, axis=-1, keepdims=True)  # the same argmax for any scale > 0
+  shifted = (logits - top) * scale
+  padded = jnp.pad(shifted, ((0, 0), (0, blocks * size - v)), constant_values=-jnp.inf)
+  block_mass = jnp.sum(jnp.exp(padded).reshape(b, blocks, size), -1)  # [B, blocks]
   block_cdf = jnp.cumsum(block_mass, -1)
-  target = u * block_cdf[:, -1:]
-  block = jnp.minimum(jnp.sum(block_cdf < target, -1), blocks - 1)
-  before = jnp.take_along_axis(block_cdf, block[:, None], -1) - jnp.take_along_axis(
-      block_mass, block[:, None], -1)
-  inner = jnp.take_along_axis(probs, block[:, None, None], 1)[:, 0]  # [B, BLOCK]
+  total = block_cdf[:, -1]
+  target = (1.0 - u) * total  # in (0, total]: a zero-mass first entry is never forced
+  block = jnp.minimum(jnp.sum(block_cdf < target[:, None], -1), blocks - 1)
+  before = jnp.take_along_axis(block_cdf - block_mass, block[:, None], -1)[:, 0]
+  # The chosen block's window, shifted left when it is the last, partial block; entries
+  # of the window that belong to the block before are masked out.
+  start = jnp.minimum(block * size, v - size)
+  window = jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, size))(
+      logits, start)
+  window = (window - top) * scale
+  offsets = start[:, None] + jnp.arange(size)
+  inner = jnp.where(offsets >= block[:, None] * size, jnp.exp(window), 0.0)
   inner_cdf = jnp.cumsum(inner, -1)
   # Entries past the last nonzero one are never chosen (rounding guard).
-  last = _BLOCK - 1 - jnp.argmax((inner > 0)[:, ::-1], -1)
-  index = jnp.minimum(jnp.sum(inner_cdf < (target - before), -1), last)
-  return block * _BLOCK + index
+  last = size - 1 - jnp.argmax((inner > 0)[:, ::-1], -1)
+  pos = jnp.minimum(jnp.sum(inner_cdf < (target - before)[:, None], -1), last)
+  chosen = jnp.take_along_axis(window, pos[:, None], -1)[:, 0]
+  return start + pos, chosen - jnp.log(total)
 
 
-def _sample_candidates(key, cand_logits, cand_ids, top_k, top_p):
-  """Top-k then top-p over candidates sorted descending; returns (token, logprob)."""
+def _first_argmax(logits: jax.Array, top: jax.Array, block: int = 128) -> jax.Array:
+  """`argmax(logits, -1)` given the row maxima `top` `[B]`: the first index holding it.
+
+  In two levels (the first block whose maximum is `top`, then within it): XLA:CPU's
+  argmax reduces (value, index) pairs several times slower than a plain max, which at
+  V = 151,936 costs milliseconds per decode step.
+  """
+  b, v = logits.shape
+  block = min(block, v)
+  blocks = -(-v // block)
+  padded = jnp.pad(logits, ((0, 0), (0, blocks * block - v)), constant_values=-jnp.inf)
+  block_max = jnp.max(padded.reshape(b, blocks, block), -1)
+  first = jnp.min(jnp.where(block_max == top[:, None], jnp.arange(blocks), blocks - 1), -1)
+  # The last block's window is shifted left to stay inside the row; the entries it
+  # shares with the block before are below `top` or the earlier block would have won.
+  start = jnp.minimum(first * block, v - block)
+  window = jax.vmap(lambda row, s: jax.lax.dynamic_slice_in_dim(row, s, block))(logits, start)
+  return start + jnp.argmax(window, -1)
+
+
+def _sample_candidates(u, cand_logits, cand_ids, top_k, top_p, base_logprobs=None):
+  """Top-k then top-p over candidates sorted descending; returns (token, logprob).
+
+  `base_logprobs`: the candidates' log-probabilities under the whole (temperature-scaled)
+  distribution, for top-p without top-k; None renormalises over the top-k first.
+  """
   rank = jnp.arange(cand_logits.shape[-1])
   keep_k = jnp.where(top_k > 0, rank[None, :] < top_k, True)
-  logprobs = _masked_log_softmax(cand_logits, keep_k)
-  keep = keep_k & _nucleus_keep(logprobs, top_p)
-  logprobs = _masked_log_softmax(cand_logits, keep)
-  choice = draw(key, logprobs)
-  token = jnp.take_along_axis(cand_ids, choice[:, None], axis=-1)[:, 0]
-  return token, jnp.take_along_axis(logprobs, choice[:, None], axis=-1)[:, 0]
+  if base_logprobs is None:
+    base_logprobs = _masked_log_softmax(cand_logits, keep_k)
+  keep = keep_k & _nucleus_keep(base_logprobs, top_p)
+  choice, logprob = draw(u, jnp.where(keep, cand_logits, -jnp.inf))
+  return jnp.take_along_axis(cand_ids, choice[:, None], axis=-1)[:, 0], logprob
 
 
-def sample_next(key: jax.Array, logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
+def sample_next(u: jax.Array, logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
                 top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Draws one token per row from `logits` `[B, V]` (float32).
+  """Draws one token per row from `logits` `[B, V]` (float32), given uniforms `u` `[B]`.
 
   Returns `(tokens [B], logprobs [B])`. All settings are traced scalars; which branch runs
-  is decided at run time, so no setting recompiles.
+  is decided at run time, so no setting recompiles. Each branch reads the `[B, V]` logits
+  as few times as it can: a decode step at Qwen3's vocabulary is short enough that extra
+  passes over 151,936 floats per row show in its time.
   """
   vocab = logits.shape[-1]
-  scaled = logits / jnp.where(temperature > 0, temperature, 1.0)
-  cap = min(TOP_K_CAP, vocab)
+  scale = 1.0 / jnp.where(temperature > 0, temperature, 1.0)
+  # Scaling by 1 / temperature > 0 keeps the order, so maxima and top-k run on the raw
+  # logits and the scale is applied to what they return.
 
   def greedy(_):
-    token = jnp.argmax(logits, axis=-1)
-    lp = jax.nn.log_softmax(logits, axis=-1)
-    return token, jnp.take_along_axis(lp, token[:, None], -1)[:, 0]
+    top = jnp.max(logits, axis=-1)
+    return _first_argmax(logits, top), -jnp.log(jnp.sum(jnp.exp(logits - top[:, None]), -1))
 
-  def full_vocab(key):  # temperature only: no sort needed
-    lp = jax.nn.log_softmax(scaled, axis=-1)
-    token = draw(key, lp)
-    return token, jnp.take_along_axis(lp, token[:, None], -1)[:, 0]
+  def full_vocab(_):  # temperature only: no sort needed
+    return draw(u, logits, scale)
 
-  def partial_sort(key):  # 0 < top_k <= cap
-    values, ids = jax.lax.top_k(scaled, cap)
-    return _sample_candidates(key, values, ids, top_k, top_p)
+  def full_sort(_):  # top-p over more than `TOP_K_CAP` tokens, or top-k above it
+    order = jnp.argsort(-logits, axis=-1)
+    values = jnp.take_along_axis(logits, order, axis=-1) * scale
+    return _sample_candidates(u, values, order, top_k, top_p)
 
-  def full_sort(key):  # top-p with no (or a large) top-k
-    order = jnp.argsort(-scaled, axis=-1)
-    values = jnp.take_along_axis(scaled, order, axis=-1)
-    return _sample_candidates(key, values, order, top_k, top_p)
+  def partial_sort(cap):  # 0 < top_k <= cap, or (cap = TOP_K_CAP) a narrow nucleus
+    def run(_):
+      values, ids = jax.lax.top_k(logits, cap)
+      values = values * scale
 
-  restricted = (top_k > 0) | (top_p < 1.0)
-  branch = jnp.where(temperature <= 0, 0,
-                     jnp.where(~restricted, 1,
-                               jnp.where((top_k > 0) & (top_k <= cap), 2, 3)))
-  token, logprob = jax.lax.switch(branch, (greedy, full_vocab, partial_sort, full_sort), key)
+      def nucleus_only(_):
+        # The nucleus is over the whole vocabulary. It lies within the top `cap` tokens
+        # exactly when their mass reaches top_p (every later token has at least that much
+        # before it); otherwise sort everything.
+        top = values[:, :1]
+        lse = top[:, 0] + jnp.log(jnp.sum(jnp.exp(logits * scale - top), axis=-1))
+        base = values - lse[:, None]
+        fits = jnp.all(jnp.sum(jnp.exp(base), axis=-1) >= top_p)
+        return jax.lax.cond(
+            fits, lambda _: _sample_candidates(u, values, ids, top_k, top_p, base),
+            full_sort, None)
+
+      return jax.lax.cond(
+          top_k > 0, lambda _: _sample_candidates(u, values, ids, top_k, top_p),
+          nucleus_only, None)
+    return run
+
+  # A small cap serves the common small top-k (the paper evaluates with 20): lax.top_k
+  # at k = 32 costs about half of k = 256 over Qwen3's vocabulary on CPU.
+  small, cap = min(SMALL_TOP_K_CAP, vocab), min(TOP_K_CAP, vocab)
+  no_top_k = (top_k <= 0) | (top_k >= vocab)
+  top_k = jnp.where(no_top_k, 0, top_k)
+  branch = jnp.select(
+      [temperature <= 0, no_top_k & (top_p >= 1.0), ~no_top_k & (top_k <= small),
+       top_k <= cap],
+      [0, 1, 2, 3], 4)
+  token, logprob = jax.lax.switch(
+      branch, (greedy, full_vocab, partial_sort(small), partial_sort(cap), full_sort), None)
   return token.astype(jnp.int32), logprob
 
 
@@ -149,6 +214,23 @@ def _last_logits(model: Qwen3, hidden: jax.Array) -> jax.Array:
   dt = model.config.compute_dtype
   return jnp.einsum("vh,bh->vb", model.unembedding().astype(dt), hidden.astype(dt),
                     preferred_element_type=jnp.float32).T
+
+
+def _row_seeds(seed: int | Sequence[int], rows: int) -> np.ndarray:
+  """One uint64 seed per row: given per prompt, or derived from one seed and the row."""
+  if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+    if not 0 <= seed < 2 ** 64:
+      raise ValueError(f"seed must be in [0, 2^64), got {seed}")
+    # Unrelated 64-bit seeds, one per row, mixed from the one seed.
+    return np.random.SeedSequence(int(seed)).generate_state(rows, np.uint64)
+  seeds = list(seed)
+  if len(seeds) != rows:
+    raise ValueError(f"got {len(seeds)} seeds for {rows} prompts; pass one per prompt or "
+                     "a single integer")
+  for i, s in enumerate(seeds):
+    if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s < 2 ** 64:
+      raise ValueError(f"seed {i} must be an integer in [0, 2^64), got {s!r}")
+  return np.asarray([int(s) for s in seeds], np.uint64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +313,7 @@ class Sampler:
   # ---- the jitted program ----
 
   def _generate(self, params, prompt_ids, prompt_mask, active, budget, temperature, top_k,
-                top_p, key, *, gen_slots: int):
+                top_p, row_seeds, *, gen_slots: int):
     self.num_compilations += 1  # runs only while tracing
     model = nnx.merge(self._graphdef, params)
     batch, prompt_len = prompt_ids.shape
@@ -240,8 +322,11 @@ class Sampler:
     logits = _last_logits(model, hidden[:, -1])
     eos = jnp.asarray(self.eos_ids, jnp.int32)
 
+    keys = jax.random.wrap_key_data(row_seeds)  # [B] keys, one stream per row
+
     def sample(step, logits, done, tokens, logprobs):
-      tok, lp = sample_next(jax.random.fold_in(key, step), logits, temperature, top_k, top_p)
+      u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step)))(keys)
+      tok, lp = sample_next(u, logits, temperature, top_k, top_p)
       tok = jnp.where(done, self.pad_id, tok)
       lp = jnp.where(done, 0.0, lp)
       tokens = jax.lax.dynamic_update_slice_in_dim(tokens, tok[:, None], step, 1)
@@ -272,11 +357,17 @@ class Sampler:
   # ---- public API ----
 
   def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0
-               ) -> GenerationOutput:
-    """Generates up to `max_new_tokens` for each prompt (a list of token ids, any length)."""
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               seed: int | Sequence[int] = 0) -> GenerationOutput:
+    """Generates up to `max_new_tokens` for each prompt (a list of token ids, any length).
+
+    `seed`: one integer for the call (row i then draws from the stream of `(seed, i)`), or
+    one per prompt, in [0, 2^64): a row's tokens then depend only on its own prompt and
+    seed, not on which other prompts share the batch or where it sits in it.
+    """
     if not prompts:
       return GenerationOutput([], [], [])
+    row_seeds = _row_seeds(seed, len(prompts))
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
@@ -308,14 +399,18 @@ class Sampler:
     mask[len(prompts):, -1] = 1  # filler rows: one real token, inactive from the start
     active = np.arange(batch) < len(prompts)
 
-    args = [jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(active)]
+    seeds = np.zeros((batch, 2), np.uint32)  # threefry key data: (high, low) words
+    seeds[:len(prompts), 0] = row_seeds >> np.uint64(32)
+    seeds[:len(prompts), 1] = row_seeds & np.uint64(0xFFFFFFFF)
+    args = [jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(active), jnp.asarray(seeds)]
     if self.mesh is not None:
       sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(
           ("data", "fsdp")))
       args = [jax.device_put(a, sharding) for a in args]
+    ids, mask, active, seeds = args
     tokens, logprobs, _ = self._jitted(
-        self._params, *args, jnp.int32(max_new_tokens), jnp.float32(temperature),
-        jnp.int32(top_k), jnp.float32(top_p), jax.random.key(seed), gen_slots=gen_slots)
+        self._params, ids, mask, active, jnp.int32(max_new_tokens), jnp.float32(temperature),
+        jnp.int32(top_k), jnp.float32(top_p), seeds, gen_slots=gen_slots)
     tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
 
     out_tokens, out_logprobs, reasons = [], [], []

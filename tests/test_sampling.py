@@ -212,7 +212,7 @@ def test_chat_generation_splits_reasoning():
 
 
 def test_inverse_cdf_draw_across_blocks():
-  """`draw` over a vocabulary of several 1024-blocks: right support and frequencies."""
+  """`draw` over a vocabulary of several 1024-blocks: right support, frequencies, logprobs."""
   from oel_jax.sampling import draw
   rng = np.random.default_rng(0)
   v = 5000
@@ -222,12 +222,71 @@ def test_inverse_cdf_draw_across_blocks():
   logprobs = logits - np.logaddexp.reduce(logits[np.isfinite(logits)])
   expected = np.exp(logprobs)
   n = 16_000
-  batch = np.broadcast_to(logprobs, (n, v)).astype(np.float32)
-  picks = np.asarray(jax.jit(draw)(jax.random.key(1), jnp.asarray(batch)))
+  # Unnormalised (shifted) logits: draw normalises itself.
+  batch = np.broadcast_to(logits + 7.0, (n, v)).astype(np.float32)
+  u = jax.random.uniform(jax.random.key(1), (n,))
+  picks, lp = jax.jit(draw)(u, jnp.asarray(batch))
+  picks, lp = np.asarray(picks), np.asarray(lp)
   assert expected[picks].min() > 0
+  np.testing.assert_allclose(lp, logprobs[picks], atol=2e-5)
   empirical = np.bincount(picks, minlength=v) / n
   support = int((expected > 0).sum())
   tv = 0.5 * np.abs(empirical - expected).sum()
   assert tv < 0.75 * np.sqrt(support / n), tv
   per_block = lambda p: np.add.reduceat(p, np.arange(0, v, 1024))
   np.testing.assert_allclose(per_block(empirical), per_block(expected), atol=0.01)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (1.0, 0, 0.95),   # nucleus wider than the top 256: the full-sort fallback
+    (1.0, 0, 0.3),    # nucleus inside the top 256: the partial-sort path
+    (0.8, 300, 0.9),  # top-k above the partial-sort cap: full sort
+    (1.2, 100, 1.0),  # top-k above the small cap
+    (0.7, 20, 0.8),   # the small cap
+])
+def test_sample_next_on_a_large_vocabulary(temperature, top_k, top_p):
+  """`sample_next` at V = 3000 (above the 256-candidate cap) against the NumPy formula."""
+  from oel_jax.sampling import sample_next
+  v, n = 3000, 8192
+  logits = np.random.default_rng(1).normal(size=v).astype(np.float32)
+  expected = _expected_distribution(logits, temperature, top_k, top_p)
+  u = jax.random.uniform(jax.random.key(2), (n,))
+  tokens, lp = jax.jit(sample_next)(u, jnp.broadcast_to(jnp.asarray(logits), (n, v)),
+                                    jnp.float32(temperature), jnp.int32(top_k),
+                                    jnp.float32(top_p))
+  tokens, lp = np.asarray(tokens), np.asarray(lp)
+  assert expected[tokens].min() > 0
+  np.testing.assert_allclose(lp, np.log(expected[tokens]), atol=2e-5)
+  support = int((expected > 0).sum())
+  tv = 0.5 * np.abs(np.bincount(tokens, minlength=v) / n - expected).sum()
+  assert tv < 0.75 * np.sqrt(support / n), (tv, support)
+
+
+def test_greedy_breaks_ties_like_argmax():
+  from oel_jax.sampling import sample_next
+  logits = jnp.asarray([[0.0, 2.0, 1.0, 2.0], [5.0, 5.0, 5.0, 5.0], [-1.0, -3.0, -1.0, 0.5]])
+  tokens, lp = sample_next(jnp.zeros(3), logits, jnp.float32(0), jnp.int32(0),
+                           jnp.float32(1))
+  np.testing.assert_array_equal(tokens, np.argmax(np.asarray(logits), -1))
+  np.testing.assert_allclose(lp, np.take_along_axis(
+      np.asarray(jax.nn.log_softmax(logits)), np.asarray(tokens)[:, None], -1)[:, 0],
+      atol=1e-6)
+
+
+def test_per_prompt_seeds_do_not_depend_on_the_batch(ref):
+  """With one seed per prompt, a prompt's sample is the same alone, batched, or moved."""
+  _, _, model = ref
+  sampler = Sampler(model, eos_ids=[VOCAB - 1], pad_id=0, max_seq_len=128)
+  kw = dict(max_new_tokens=8, temperature=1.0)
+  seeds = [11, 2 ** 40 + 5, 7, 2 ** 64 - 1, 0]
+  batched = sampler.generate(PROMPTS, seed=seeds, **kw)
+  moved = sampler.generate(PROMPTS[::-1], seed=seeds[::-1], **kw)
+  for i, prompt in enumerate(PROMPTS):
+    alone = sampler.generate([prompt], seed=[seeds[i]], **kw)
+    assert alone.tokens[0] == batched.tokens[i] == moved.tokens[len(PROMPTS) - 1 - i]
+  other = sampler.generate(PROMPTS, seed=[s + 1 for s in seeds[:3]] + seeds[3:], **kw)
+  assert other.tokens[3:] == batched.tokens[3:] and other.tokens[:3] != batched.tokens[:3]
+  with pytest.raises(ValueError, match="2 seeds for 5 prompts"):
+    sampler.generate(PROMPTS, seed=[1, 2], **kw)
+  with pytest.raises(ValueError, match="seed 1 must be an integer"):
+    sampler.generate(PROMPTS[:2], seed=[1, -2], **kw)
