@@ -181,3 +181,17 @@ def test_config_validation_names_the_field():
   with pytest.raises(ValueError, match="hidden_size"):
     Qwen3Config(vocab_size=8, hidden_size=0, intermediate_size=8, num_layers=1,
                 num_heads=2, num_kv_heads=2, head_dim=4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_write_slots_matches_numpy(dtype):
+  """The cache write (16-bit floats go through their uint16 bits) against NumPy indexing."""
+  from oel_jax.models.qwen3 import write_slots
+  rng = np.random.default_rng(0)
+  cache = rng.normal(size=(2, 3, 9, 4)).astype(np.float32)
+  new = rng.normal(size=(2, 3, 2, 4)).astype(np.float32)
+  got = jax.jit(write_slots)(jnp.asarray(cache, dtype), jnp.asarray(new), jnp.int32(5))
+  expected = np.asarray(jnp.asarray(cache, dtype)).copy()
+  expected[:, :, 5:7] = np.asarray(jnp.asarray(new, dtype))
+  assert got.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(got), expected)

@@ -301,6 +301,22 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return out.astype(x.dtype)
 
 
+def write_slots(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+  """`cache` `[B, K, S, D]` with `new` `[B, K, T, D]` written at slots `index:index + T`.
+
+  16-bit floats are written as their uint16 bits: XLA:CPU widens a bf16
+  dynamic-update-slice to float32 over the whole cache (reading and writing every slot of
+  every layer at each decode step), while an integer one updates in place.
+  """
+  new = new.astype(cache.dtype)
+  if jnp.issubdtype(cache.dtype, jnp.floating) and cache.dtype.itemsize == 2:
+    bits = jax.lax.dynamic_update_slice_in_dim(
+        jax.lax.bitcast_convert_type(cache, jnp.uint16),
+        jax.lax.bitcast_convert_type(new, jnp.uint16), index, 2)
+    return jax.lax.bitcast_convert_type(bits, cache.dtype)
+  return jax.lax.dynamic_update_slice_in_dim(cache, new, index, 2)
+
+
 def _einsum(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
   """Matmul in `dtype` with float32 accumulation (fast bf16 path on CPU and TPU)."""
   return jnp.einsum(spec, a.astype(dtype), b.astype(dtype),
@@ -341,8 +357,7 @@ class Attention(nnx.Module):
     k = rope(self.k_norm(k), positions, c.rope_theta).astype(dt).transpose(0, 2, 1, 3)
     if kv is not None:
       cache_k, cache_v = kv
-      k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), index, 2)
-      v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, 2)
+      k, v = write_slots(cache_k, k, index), write_slots(cache_v, v, index)
       kv = (k, v)
     b, t = q.shape[:2]
     groups = c.num_heads // c.num_kv_heads
