@@ -48,12 +48,14 @@ class ScriptedSampler:
 
   def generate(self, prompts, *, max_new_tokens, temperature, top_k, top_p, seed):
     users, tokens, reasons = [], [], []
-    for ids in prompts:
+    # One seed per prompt (as `rollout` passes them) or one for the call.
+    row_seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
+    for ids, row_seed in zip(prompts, row_seeds):
       text = self.tokenizer.decode(list(ids))
       start = text.rindex(USER_START) + len(USER_START)
       user = text[start:text.index("<|im_end|>", start)]
       users.append(user)
-      reply = self.policy(user, seed)
+      reply = self.policy(user, row_seed)
       length = None
       if isinstance(reply, tuple):
         reply, length = reply

@@ -34,10 +34,13 @@ MAX_NEW = 32  # Cuts the 40-token "jump" replies: finish "length", 32 tokens.
 
 
 def _policy():
-  by_turn_seed = {lockstep.turn_seed(s, t): s for s in SCRIPT for t in range(6)}
+  # Each reply's seed is derived from (sampling seed, board, turn): map it back.
+  boards = game_seeds("eval", 0, 0, 9)
+  sampling_seed = {lockstep.game_turn_seed(s, b, t): s
+                   for s in SCRIPT for b in boards for t in range(6)}
 
   def policy(user, seed):
-    behaviour, length = SCRIPT[by_turn_seed[seed]]
+    behaviour, length = SCRIPT[sampling_seed[seed]]
     path = bfs_solver.solve_sokoban(user)
     if behaviour == "jump" or not path or (behaviour == "solve_short" and len(path) > 2):
       return "[jump]", length  # No action: two of these end the game.

@@ -112,7 +112,8 @@ def test_tiny_rollout_records_what_the_env_and_the_sampler_saw(tok, tiny_run):
     running = [t for t in trajectories if len(t.turns) > turn_index]
     assert len(prompts) == len(running)
     assert kwargs == dict(max_new_tokens=16, temperature=1.0, top_k=0, top_p=1.0,
-                          seed=rollout_module.turn_seed(3, turn_index))
+                          seed=[rollout_module.game_turn_seed(3, t.seed, turn_index)
+                                for t in running])
     for t, ids, toks, reason in zip(running, prompts, out.tokens, out.finish_reasons):
       turn = t.turns[turn_index]
       assert ids == chat.encode_chat(tok, [{"role": "user", "content": turn.prompt}],
@@ -130,6 +131,14 @@ def test_tiny_rollout_same_config_same_trajectories(tok, tiny_sampler, tiny_run)
   config, seeds = tiny_run["config"], tiny_run["seeds"]
   again = rollout(tiny_sampler, tok, seeds, config, model=MODEL, metadata={"split": "train"})
   assert again == tiny_run["trajectories"]
+  # A game's replies depend on its board, turn and sampling seed only: not on the other
+  # games in the call, its row, or how the calls are split.
+  split = rollout(tiny_sampler, tok, seeds[::-1], dataclasses.replace(config, max_batch_size=3),
+                  model=MODEL, metadata={"split": "train"})
+  assert split[::-1] == again
+  alone = rollout(tiny_sampler, tok, seeds[2:3], config, model=MODEL,
+                  metadata={"split": "train"})
+  assert alone == again[2:3]
   other = rollout(tiny_sampler, tok, seeds, dataclasses.replace(config, seed=4), model=MODEL)
   # Same boards, other samples.
   assert [t.turns[0].prompt for t in other] == [t.turns[0].prompt for t in again]
@@ -168,7 +177,7 @@ def test_lockstep_loop_batches_only_running_games(tok):
   for k, call in enumerate(sampler.calls):
     running = [t for t in trajectories if len(t.turns) > k]
     assert call.user_messages == [t.turns[k].prompt for t in running]
-    assert call.kwargs["seed"] == rollout_module.turn_seed(0, k)
+    assert call.kwargs["seed"] == [rollout_module.game_turn_seed(0, t.seed, k) for t in running]
     assert call.kwargs["max_new_tokens"] == 1024
     for t, toks in zip(running, call.tokens):
       assert t.turns[k].response == tok.decode(toks, skip_special_tokens=True)
@@ -195,8 +204,9 @@ def test_chunked_calls_give_the_same_games(tok):
   assert max(chunked.batch_sizes) == 3
   per_turn = [-(-n // 3) for n in whole.batch_sizes]
   assert len(chunked.calls) == sum(per_turn)
-  assert [c.kwargs["seed"] for c in chunked.calls] == [
-      rollout_module.turn_seed(0, k, c) for k, n in enumerate(per_turn) for c in range(n)]
+  # Each game keeps its own seeds however the calls are split.
+  flat = lambda calls: [s for c in calls for s in c.kwargs["seed"]]
+  assert flat(chunked.calls) == flat(whole.calls)
 
 
 def test_responses_without_actions_never_crash_a_batch(tok):

@@ -26,10 +26,11 @@ Per turn, ``Turn.metadata`` holds ``prompt_tokens`` (the templated prompt's leng
 ``response_tokens`` counts every generated token, reasoning included, in both modes.
 
 Seeds. Board seeds come from `game_seeds` (training and held-out evaluation sets that never
-overlap). Sampling randomness comes from `RolloutConfig.seed`: the call for turn ``t`` (chunk
-``c``) uses a key derived from ``(seed, t, c)``, so the same seeds and config give the same
-trajectories. (Which random numbers a game gets depends on its row in the batch, so a game's
-replies do change when the set of games changes.)
+overlap). Sampling randomness comes from `RolloutConfig.seed`: game ``g``'s reply at turn
+``t`` is sampled with its own seed derived from ``(seed, board seed of g, t)``
+(`game_turn_seed`), passed to the sampler one per prompt. A game's replies therefore depend
+only on its board, the turn and the sampling seed: not on which other games share the call,
+on its row in the batch, or on how ``max_batch_size`` splits the calls.
 
 (This module is ``lockstep``, not ``rollout``, so that ``oel_jax.envs.rollout`` is the function.)
 """
@@ -125,7 +126,7 @@ class Generator(Protocol):
   """
 
   def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-               temperature: float, top_k: int, top_p: float, seed: int) -> Any:
+               temperature: float, top_k: int, top_p: float, seed: Sequence[int]) -> Any:
     ...
 
 
@@ -202,10 +203,10 @@ def _bad_int(value: Any, minimum: int) -> bool:
   return isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum
 
 
-def turn_seed(seed: int, turn: int, chunk: int = 0) -> int:
-  """The sampler seed of turn ``turn`` (chunk ``chunk``) of a rollout with sampling ``seed``."""
-  return int(np.random.SeedSequence([int(seed), int(turn), int(chunk)])
-             .generate_state(1, np.uint32)[0])
+def game_turn_seed(seed: int, board_seed: int, turn: int) -> int:
+  """The sampler seed, in [0, 2^64), of one game's reply at ``turn`` under sampling ``seed``."""
+  return int(np.random.SeedSequence([int(seed), int(board_seed), int(turn)])
+             .generate_state(1, np.uint64)[0])
 
 
 def rollout(sampler: Generator, tokenizer: Any, seeds: Sequence[int],
@@ -275,12 +276,14 @@ def rollout(sampler: Generator, tokenizer: Any, seeds: Sequence[int],
         prompts.append(ids)
       size = config.max_batch_size or len(prompts)
       tokens, reasons = [], []
-      for chunk, lo in enumerate(range(0, len(prompts), size)):
+      for lo in range(0, len(prompts), size):
         batch = prompts[lo:lo + size]
+        batch_seeds = [game_turn_seed(config.seed, seeds[i], turn)
+                       for i in active[lo:lo + size]]
         t0 = time.perf_counter()
         out = sampler.generate(batch, max_new_tokens=config.max_new_tokens,
                                temperature=config.temperature, top_k=config.top_k,
-                               top_p=config.top_p, seed=turn_seed(config.seed, turn, chunk))
+                               top_p=config.top_p, seed=batch_seeds)
         generate_s += time.perf_counter() - t0
         calls += 1
         if len(out.tokens) != len(batch) or len(out.finish_reasons) != len(batch):
