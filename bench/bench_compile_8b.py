@@ -4,11 +4,11 @@ Simulated CPU devices stand in for 8 accelerators; XLA's memory analysis of the
 SPMD-partitioned program gives the per-device footprint. Shapes are the paper's: 64 games
 per step with up to 5 prefixes each (320 rows), a teacher input of 8,192 knowledge tokens
 plus a 5-turn prefix plus a 1,024-token response, split into micro-batches of one row per
-device. Float32 master weights and AdamW state for the student, bf16 teacher, bf16
-compute, rematerialised layers.
+device by default. Float32 master weights and AdamW state for the student, bf16 teacher,
+bf16 compute, rematerialised layers (a scan over layers), blockwise attention.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python bench/bench_compile_8b.py \
-      [--fsdp 8 --tp 1] [--prefix 1024]
+      [--fsdp 8 --tp 1] [--micro_rows 8] [--prefix 1024] [--attention_block 512]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from oel_jax.models import PRESETS, abstract_model
 from oel_jax.train import DistillBatch, TrainConfig, TrainState, Trainer
 
 GiB = 2 ** 30
+GB = 10 ** 9
 
 
 def main():
@@ -42,11 +43,16 @@ def main():
   parser.add_argument("--knowledge", type=int, default=8192)
   parser.add_argument("--prefix", type=int, default=1024)
   parser.add_argument("--response", type=int, default=1024)
+  parser.add_argument("--attention_block", type=int, default=512,
+                      help="blockwise attention block size; 0: full score matrix")
+  parser.add_argument("--layers", type=int, default=36,
+                      help="fewer layers for quick scaling studies")
   args = parser.parse_args()
 
   mesh = parallel.make_mesh(parallel.MeshConfig(data=args.data, fsdp=args.fsdp, tp=args.tp))
   config = PRESETS["Qwen3-8B"].replace(param_dtype=jnp.float32, compute_dtype=jnp.bfloat16,
-                                        remat=True)
+                                        remat=True, num_layers=args.layers,
+                                        attention_block_size=args.attention_block)
   student = abstract_model(config)
   micro = args.rows // args.micro_rows
   trainer = Trainer(student, TrainConfig(learning_rate=1e-6, micro_batches=micro), mesh=mesh)
@@ -63,7 +69,8 @@ def main():
                        response_mask=jax.ShapeDtypeStruct((args.rows, r), jnp.float32))
   print(f"Qwen3-8B consolidation step on mesh {dict(mesh.shape)} (simulated CPU devices); "
         f"{args.rows} rows in {micro} micro-batches of {args.micro_rows}; student "
-        f"{ts} tokens, teacher {tt} tokens, response {r}; jax {jax.__version__}", flush=True)
+        f"{ts} tokens, teacher {tt} tokens, response {r}; {args.layers} layers, attention "
+        f"block {args.attention_block}; jax {jax.__version__}", flush=True)
   start = time.perf_counter()
   lowered = trainer.lower(state, teacher, batch)
   compiled = lowered.compile()
@@ -77,6 +84,9 @@ def main():
                "temp_size_in_bytes"):
     print(f"| {name.replace('_size_in_bytes', '')} | {getattr(mem, name) / GiB:.2f} |")
   print(f"| total (arguments + outputs + temporaries - aliased) | {total / GiB:.2f} |")
+  for name, capacity in (("95 GiB (TPU v5p)", 95 * GiB), ("80 GB", 80 * GB)):
+    print(f"fits {name}: {'yes' if total <= capacity else 'no'}, "
+          f"{(capacity - total) / GiB:+.2f} GiB to spare")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from oel_jax.models import attention
+
 # Mesh axis names used by every partition spec in the project (see oel_jax.parallel).
 DATA, FSDP, TP = "data", "fsdp", "tp"
 
@@ -65,6 +67,10 @@ class Qwen3Config:
   """Dtype parameters are stored in (the optimizer's master copy when training)."""
   compute_dtype: Any = jnp.float32
   """Dtype of matmul inputs and activations; norms, softmax and logits stay float32."""
+  attention_block_size: int = 512
+  """Without a cache, sequences longer than this run blockwise attention
+  (`oel_jax.models.attention`) with blocks of this many queries and keys, never holding the
+  `[T, T]` score matrix; 0 always uses the plain attention."""
   remat: bool = False
   """Rematerialise each decoder layer in the backward pass (saves activation memory).
 
@@ -81,6 +87,9 @@ class Qwen3Config:
       raise ValueError(
           f"Qwen3Config.num_heads ({self.num_heads}) must be a multiple of "
           f"num_kv_heads ({self.num_kv_heads})")
+    if not isinstance(self.attention_block_size, int) or self.attention_block_size < 0:
+      raise ValueError("Qwen3Config.attention_block_size must be a non-negative integer, "
+                       f"got {self.attention_block_size!r}")
     if self.head_dim % 2:
       raise ValueError(f"Qwen3Config.head_dim must be even for RoPE, got {self.head_dim}")
     if not self.rope_theta > 0:
@@ -344,7 +353,8 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, positions: jax.Array, attend: jax.Array,
                kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None
                ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """x `[B, T, H]`; attend `[B, T, S]` bool (S = T without a cache).
+    """x `[B, T, H]`; attend `[B, T, S]` bool (S = T without a cache), or, without a
+    cache, the `[B, T]` key mask alone for causal blockwise attention.
 
     With a cache, `kv` holds this layer's `[B, K, S, D]` keys and values; the new ones
     are written at slot `index` and the updated pair is returned.
@@ -362,12 +372,16 @@ class Attention(nnx.Module):
     b, t = q.shape[:2]
     groups = c.num_heads // c.num_kv_heads
     q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
-    scores = _einsum("btkgd,bksd->bkgts", q, k, dt) * (c.head_dim ** -0.5)
-    scores = jnp.where(attend[:, None, None, :, :], scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1)
-    # Batch-major output, then transpose: XLA:CPU's DotThunk rejects bf16 x bf16 -> f32
-    # when the dot itself must emit [B, T, K, G, D].
-    out = _einsum("bkgts,bksd->bkgtd", probs, v, dt).astype(dt)
+    if attend.ndim == 2:
+      block = c.attention_block_size
+      out = attention.blockwise_causal_attention(q, k, v, attend, block_q=block, block_k=block)
+    else:
+      scores = _einsum("btkgd,bksd->bkgts", q, k, dt) * (c.head_dim ** -0.5)
+      scores = jnp.where(attend[:, None, None, :, :], scores, _MASK_VALUE)
+      probs = jax.nn.softmax(scores, axis=-1)
+      # Batch-major output, then transpose: XLA:CPU's DotThunk rejects bf16 x bf16 -> f32
+      # when the dot itself must emit [B, T, K, G, D].
+      out = _einsum("bkgts,bksd->bkgtd", probs, v, dt).astype(dt)
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, c.num_heads, c.head_dim)
     return _einsum("btnd,ndh->bth", out, self.o_proj[...], dt).astype(dt), kv
 
@@ -517,8 +531,11 @@ class Qwen3(nnx.Module):
     if cache is None:
       if positions is None:
         positions = positions_from_mask(attention_mask)
-      causal = jnp.tril(jnp.ones((t, t), bool))
-      attend = causal[None] & (attention_mask[:, None, :] > 0)
+      if 0 < c.attention_block_size < t:  # blockwise: causal from indices, keys masked
+        attend = attention_mask
+      else:
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        attend = causal[None] & (attention_mask[:, None, :] > 0)
     else:
       if positions is None:
         positions = positions_from_mask(attention_mask, cache.mask.sum(-1, keepdims=True))
