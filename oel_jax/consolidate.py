@@ -78,7 +78,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -89,6 +88,7 @@ import numpy as np
 from flax import nnx
 
 from oel_jax import losses
+from oel_jax.atomic_write import atomic_write_text
 from oel_jax.envs import Trajectory, insert_knowledge
 from oel_jax.models.qwen3 import Qwen3
 from oel_jax.train import DistillBatch, TrainConfig, Trainer, TrainState, make_batch
@@ -499,21 +499,6 @@ def _prefix_digest(prefixes: Sequence[Prefix], ids: Mapping[int, Sequence[int]])
   return h.hexdigest()
 
 
-def _atomic_write(path: str, text: str) -> None:
-  folder = os.path.dirname(path) or "."
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def _metrics_line(m: Mapping[str, Any]) -> str:
   return json.dumps(m, allow_nan=False) + "\n"
 
@@ -762,7 +747,7 @@ def run_consolidation(student: Qwen3, teacher: Qwen3, tokenizer: Any,
         history = [dict(m) for m in meta["metrics"]]
         start = latest
         _log.info("consolidation: resuming from step %d (%s)", latest, checkpoints.folder)
-      _atomic_write(metrics_path, "".join(_metrics_line(m) for m in history))
+      atomic_write_text(metrics_path, "".join(_metrics_line(m) for m in history))
     if state is None:
       state = trainer.init_state(student)
     if trainer.mesh is None:

@@ -81,13 +81,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from oel_jax import prompts
+from oel_jax.atomic_write import atomic_write_text
 from oel_jax.envs.trajectory import Trajectory, load_trajectories
 
 _log = logging.getLogger(__name__)
@@ -641,28 +641,9 @@ def sampler_generate(sampler: Any, tokenizer: Any, config: ExtractionConfig) -> 
 # Files.
 
 
-def _atomic_write(path: str, text: str) -> None:
-  """Writes ``text`` (UTF-8) to ``path`` through a temporary file and a rename."""
-  folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(text.encode("utf-8"))
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except FileNotFoundError:
-      pass
-    raise
-
-
 def save_state(path: str | os.PathLike[str], state: ExtractionState) -> None:
   """Writes the state as JSON, atomically."""
-  _atomic_write(os.fspath(path), state.to_json())
+  atomic_write_text(path, state.to_json())
 
 
 def load_state(path: str | os.PathLike[str]) -> ExtractionState:
@@ -691,7 +672,7 @@ def write_knowledge_set(folder: str | os.PathLike[str], state: ExtractionState) 
     os.unlink(manifest_path)
   names = [KNOWLEDGE_FILE.format(k) for k in range(len(state.knowledge))]
   for name, text in zip(names, state.knowledge):
-    _atomic_write(os.path.join(folder, name), text)
+    atomic_write_text(os.path.join(folder, name), text)
   last = state.history[-1]["runs"] if state.history else []
   manifest = {
       "kind": MANIFEST_KIND, "version": MANIFEST_VERSION, "files": names,
@@ -703,7 +684,7 @@ def write_knowledge_set(folder: str | os.PathLike[str], state: ExtractionState) 
       "pool_size": state.pool_size, "pool_digest": state.pool_digest,
       "history": [dict(h) for h in state.history],
   }
-  _atomic_write(manifest_path, json.dumps(manifest, ensure_ascii=False, indent=1) + "\n")
+  atomic_write_text(manifest_path, json.dumps(manifest, ensure_ascii=False, indent=1) + "\n")
   return [os.path.join(folder, name) for name in names]
 
 

@@ -61,6 +61,7 @@ import numpy as np
 from absl import logging
 
 from oel_jax import metrics as metrics_lib
+from oel_jax.atomic_write import atomic_write_text
 
 STAGES = ("collect", "extract", "consolidate", "evaluate", "export")
 """The stages of a round, in order."""
@@ -455,13 +456,7 @@ def plan(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -
 
 def _atomic_json(path: str, data: Any) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(data, f, indent=1, ensure_ascii=False, allow_nan=True)
-    f.write("\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  atomic_write_text(path, json.dumps(data, indent=1, ensure_ascii=False, allow_nan=True) + "\n")
 
 
 def _read_json(path: str) -> Any:

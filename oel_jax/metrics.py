@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from absl import logging
+
+from oel_jax.atomic_write import atomic_open
 
 TIMING_KEYS = frozenset({
     "seconds", "completed", "tokens_per_s", "tokens_per_second", "step_time", "generate_s",
@@ -194,11 +195,9 @@ def deterministic(record: Mapping[str, Any]) -> dict[str, Any]:
 
 def write_jsonl(path: str, markers: Sequence[Mapping[str, Any]]) -> None:
   """Writes `records` of the markers to ``path`` (atomically)."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
+  with atomic_open(path, "w") as f:
     for rec in records(markers):
       f.write(json.dumps(rec, ensure_ascii=False, allow_nan=True) + "\n")
-  os.replace(tmp, path)
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:

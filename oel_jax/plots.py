@@ -22,6 +22,7 @@ from typing import Any
 
 from absl import logging
 
+from oel_jax.atomic_write import atomic_open
 from oel_jax.metrics import x_of
 
 
@@ -90,8 +91,10 @@ def plot_rounds(markers: Sequence[Mapping[str, Any]], path: str, *, title: str =
     fig.suptitle(title)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}.png"
-  fig.savefig(tmp, dpi=110)
-  plt.close(fig)
-  os.replace(tmp, path)
+  try:
+    # A file object has no extension to take the format from: PNG whatever ``path`` is named.
+    with atomic_open(path, "wb") as f:
+      fig.savefig(f, format="png", dpi=110)
+  finally:
+    plt.close(fig)
   return True

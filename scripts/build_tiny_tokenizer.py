@@ -42,7 +42,6 @@ import json
 import os
 import random
 import sys
-import tempfile
 
 import tokenizers
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
@@ -53,6 +52,7 @@ if _REPO not in sys.path:
   sys.path.insert(0, _REPO)
 
 from oel_jax import tiny  # pylint: disable=wrong-import-position
+from oel_jax.atomic_write import atomic_write_bytes  # pylint: disable=wrong-import-position
 
 DEFAULT_OUT = os.path.join(_REPO, "oel_jax", "assets", "tiny_tokenizer")
 
@@ -448,17 +448,8 @@ def build(out_dir: str) -> None:
   }
   os.makedirs(out_dir, exist_ok=True)
   for name, text in files.items():
-    # Write-then-rename: a reader never sees a half-written file.
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.")
-    try:
-      with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-      os.chmod(tmp, 0o644)
-      os.replace(tmp, os.path.join(out_dir, name))
-    except BaseException:
-      if os.path.exists(tmp):
-        os.unlink(tmp)
-      raise
+    # Bytes, not text: "\n" line ends on every platform, so a rebuild matches byte for byte.
+    atomic_write_bytes(os.path.join(out_dir, name), text.encode("utf-8"))
 
 
 def main(argv=None) -> None:

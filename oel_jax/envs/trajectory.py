@@ -32,9 +32,10 @@ import importlib.resources
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
+
+from oel_jax.atomic_write import AtomicFile
 
 FORMAT_VERSION = 1
 """The record format version this module reads and writes."""
@@ -442,10 +443,11 @@ def load_trajectories(path: str | os.PathLike[str]) -> list[Trajectory]:
 class TrajectoryWriter:
   """Writes a JSONL trajectory file atomically, one record at a time.
 
-  Use as a context manager. Records go to a temporary file next to ``path``; leaving the
-  ``with`` block normally renames it to ``path`` (replacing any old file, whose permission
-  bits it takes; a new file gets rw-r--r--) after an fsync;
-  leaving it by an exception, or calling `abort`, deletes it and leaves ``path`` untouched.
+  Use as a context manager. Records go to a temporary file next to ``path``
+  (`oel_jax.atomic_write.AtomicFile`); leaving the ``with`` block normally renames it to
+  ``path`` (replacing any old file, whose permission bits it takes; a new file gets those of
+  a plain ``open``) after an fsync; leaving it by an exception, or calling `abort`, deletes
+  it and leaves ``path`` untouched; so does dropping a writer that was never committed.
   A record that is not valid raises TrajectoryFormatError from `write` (and, inside ``with``,
   aborts the file).
 
@@ -455,52 +457,31 @@ class TrajectoryWriter:
   """
 
   def __init__(self, path: str | os.PathLike[str]):
-    self._file = None
     self.path = os.fspath(path)
     self.count = 0
     """Number of records written so far."""
-    folder = os.path.dirname(os.path.abspath(self.path))
-    fd, self._tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".tmp",
-                                     dir=folder)
-    self._file = os.fdopen(fd, "wb")
+    # An AtomicFile dropped unfinished deletes its temporary file, so this class needs no
+    # __del__ of its own.
+    self._out = AtomicFile(self.path, "wb")
 
   def write(self, trajectory: Trajectory) -> None:
     """Validates and appends one record."""
-    if self._file is None:
+    if self._out.file is None:
       raise ValueError(f"writer for {self.path} is closed")
     if not isinstance(trajectory, Trajectory):
       raise TypeError(f"expected a Trajectory, got {type(trajectory).__name__}")
-    self._file.write(trajectory.to_json().encode("utf-8") + b"\n")
+    self._out.file.write(trajectory.to_json().encode("utf-8") + b"\n")
     self.count += 1
 
   def commit(self) -> None:
     """Flushes, syncs and renames the temporary file to the destination."""
-    if self._file is None:
+    if self._out.file is None:
       raise ValueError(f"writer for {self.path} is closed")
-    f, self._file = self._file, None
-    try:
-      f.flush()
-      os.fsync(f.fileno())
-      f.close()
-      # mkstemp makes the file private (0600); give it the old file's mode, else rw-r--r--.
-      try:
-        mode = os.stat(self.path).st_mode & 0o7777
-      except FileNotFoundError:
-        mode = 0o644
-      os.chmod(self._tmp, mode)
-      os.replace(self._tmp, self.path)
-    except BaseException:
-      f.close()
-      _remove(self._tmp)
-      raise
-    _fsync_folder(os.path.dirname(os.path.abspath(self.path)))
+    self._out.commit()
 
   def abort(self) -> None:
     """Discards everything written; the destination is left as it was."""
-    if self._file is not None:
-      self._file.close()
-      self._file = None
-      _remove(self._tmp)
+    self._out.abort()
 
   def __enter__(self) -> TrajectoryWriter:
     return self
@@ -510,29 +491,6 @@ class TrajectoryWriter:
       self.commit()
     else:
       self.abort()
-
-  def __del__(self):
-    self.abort()
-
-
-def _remove(path: str) -> None:
-  try:
-    os.unlink(path)
-  except FileNotFoundError:
-    pass
-
-
-def _fsync_folder(folder: str) -> None:
-  try:
-    fd = os.open(folder, os.O_RDONLY)
-  except OSError:
-    return
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
 
 
 def write_trajectories(path: str | os.PathLike[str], trajectories: Iterable[Trajectory]) -> int:

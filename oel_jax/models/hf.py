@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from typing import Any, Iterator
 
 import jax
@@ -24,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from oel_jax import parallel
+from oel_jax.atomic_write import atomic_write_text
 from oel_jax.models import safetensors_io
 from oel_jax.models.qwen3 import Qwen3, Qwen3Config, abstract_model
 from oel_jax.models.safetensors_io import CheckpointError
@@ -276,7 +276,4 @@ def save_hf(model: Qwen3, path: str | os.PathLike, *, dtype: Any = None,
 
 
 def _write_json(file: str, obj: Any):
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(file), prefix=".tmp-", suffix=".json")
-  with os.fdopen(fd, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, file)
+  atomic_write_text(file, json.dumps(obj, indent=2))

@@ -14,11 +14,12 @@ import json
 import math
 import os
 import struct
-import tempfile
 from typing import Callable, Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
+
+from oel_jax.atomic_write import atomic_open
 
 _DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -131,22 +132,15 @@ def write(path: str | os.PathLike, specs: Mapping[str, tuple[tuple[int, ...], np
     offset += nbytes
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-",
-                             suffix=".safetensors")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(struct.pack("<Q", len(blob)))
-      f.write(blob)
-      for name, (shape, dtype) in specs.items():
-        array = np.ascontiguousarray(fetch(name))
-        if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
-          raise ValueError(f"tensor '{name}': got {array.shape} {array.dtype}, "
-                           f"expected {tuple(shape)} {np.dtype(dtype)}")
-        f.write(array.tobytes())
-    os.replace(tmp, path)
-  except BaseException:
-    os.unlink(tmp)
-    raise
+  with atomic_open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for name, (shape, dtype) in specs.items():  # One at a time: a model need not fit in RAM.
+      array = np.ascontiguousarray(fetch(name))
+      if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
+        raise ValueError(f"tensor '{name}': got {array.shape} {array.dtype}, "
+                         f"expected {tuple(shape)} {np.dtype(dtype)}")
+      f.write(array.tobytes())
 
 
 def plan_shards(sizes: Iterable[tuple[str, int]], max_bytes: int | None) -> list[list[str]]:
