@@ -63,13 +63,16 @@ Knowledge set files (`write_knowledge_set`, `load_knowledge_set`): ``knowledge_{
 (UTF-8, exactly the knowledge text) and ``manifest.json`` (config, orders, per-step statistics),
 all written atomically, the manifest last (its presence means the set is complete).
 
-An extraction that yields nothing (no items, only reasoning, an unterminated think block) is
-recorded in the statistics (``empty``) and the run's knowledge stays as it was; it is not an
-error.
+An extraction that yields nothing (no items, only reasoning) is recorded in the statistics
+(``empty``) and the run's knowledge stays as it was; it is not an error.
 
-Differences from the official code, on purpose: a reply whose ``<think>`` block never closed
-(the token budget ran out) yields nothing here, where the official code would keep the raw
-reasoning as knowledge; an empty final feedback adds no text (officially ``"\\n\\n\\n\\n"``); the
+A reply whose ``<think>`` block never closed (the token budget ran out mid-reasoning) is kept
+as raw text, as the official code keeps it: unstructured, the whole reply (stripped) is the
+new knowledge; structured, its ``- EXPERIENCE ITEM:`` lines are parsed out of it. Such replies
+are counted (``unterminated_reasoning`` per run and step).
+
+Differences from the official code, on purpose: an empty final feedback adds no text
+(officially ``"\\n\\n\\n\\n"``); the
 extractor prompt is never cut (officially it is right-truncated at ``max_prompt_length``), so the
 sampler's ``max_seq_len`` must hold it plus the new tokens (it raises otherwise).
 """
@@ -290,13 +293,11 @@ def drop_reasoning(text: str) -> tuple[str, bool]:
   Returns:
     ``(answer, unterminated)``: the text after the last ``</think>`` (the whole text when there
     is no think block); when the text opens ``<think>`` and never closes it (the token budget ran
-    out mid-reasoning), ``("", True)``.
+    out mid-reasoning), the raw text, as the official code keeps it, and True.
   """
   if THINK_END in text:
     return text.rsplit(THINK_END, 1)[1], False
-  if text.lstrip().startswith(THINK_START):
-    return "", True
-  return text, False
+  return text, text.lstrip().startswith(THINK_START)
 
 
 def parse_items(answer: str) -> list[str]:
@@ -680,6 +681,8 @@ def write_knowledge_set(folder: str | os.PathLike[str], state: ExtractionState) 
       "knowledge_tokens": [r["knowledge_tokens"] for r in last],
       "knowledge_items": [r["knowledge_items"] for r in last],
       "empty_extractions": sum(r["empty"] for h in state.history for r in h["runs"]),
+      "unterminated_replies": sum(bool(r.get("unterminated_reasoning"))
+                                  for h in state.history for r in h["runs"]),
       "config": state.config.to_dict(), "orders": [list(o) for o in state.orders],
       "pool_size": state.pool_size, "pool_digest": state.pool_digest,
       "history": [dict(h) for h in state.history],

@@ -50,6 +50,7 @@ import dataclasses
 import datetime
 import importlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -58,10 +59,12 @@ from typing import Any
 
 import ml_collections
 import numpy as np
-from absl import logging
 
 from oel_jax import metrics as metrics_lib
 from oel_jax.atomic_write import atomic_write_text
+from oel_jax.errors import InputError, one_line
+
+_log = logging.getLogger(__name__)
 
 STAGES = ("collect", "extract", "consolidate", "evaluate", "export")
 """The stages of a round, in order."""
@@ -78,7 +81,7 @@ MUTABLE_KEYS = ("rounds", "progress", "logging.tensorboard", "logging.plot", "na
 
 # Keys of a ConfigDict section that the loop consumes itself (not passed to a dataclass).
 _EVAL_LOOP_KEYS = ("initial", "in_context", "in_context_run")
-_STAGE_SALT = {"collect": 1, "extract": 2, "consolidate": 3, "evaluate": 4, "ifeval": 5}
+_STAGE_SALT = {"collect": 1, "extract": 2, "consolidate": 3, "evaluate": 4}
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -93,7 +96,7 @@ def default_ifeval_path() -> str:
   return path if os.path.isfile(path) else ""
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
   """An invalid config value, found before any work; the message names the field."""
 
 
@@ -127,17 +130,23 @@ def default_config() -> ml_collections.ConfigDict:
   c.env = "frozenlake"            # "frozenlake" or "sokoban" (paper settings).
   c.env_settings = ml_collections.ConfigDict()  # make_env overrides; empty = the paper's.
 
-  # Deployment rollouts (collection): the official rollout settings.
+  # Deployment rollouts (collection), shared by both pools: the official rollout settings.
   c.rollout = ml_collections.ConfigDict(dict(
-      enable_thinking=True, keep_reasoning=True, max_new_tokens=1024, temperature=0.7,
-      top_k=0, top_p=1.0, max_batch_size=0))
+      enable_thinking=True, keep_reasoning=True, max_new_tokens=1024, max_batch_size=0))
 
-  # How many games the deployed model plays per round.
+  # How many games the deployed model plays per round, and how each pool samples.
   c.collect = ml_collections.ConfigDict(dict(
       extraction_boards=0,     # Boards for extraction; 0 = extraction.num_trajectories (n).
       extraction_plays=0,      # Plays of each board; 0 = extraction.num_runs (K): with
-                               # pool_order "chunks", run k reads play k (the official way).
+                               # pool_order "chunks", run k reads play k (the official way),
+                               # and each play is its own game (its own sampling seeds).
       consolidation_games=0,   # 0 = consolidation.steps * consolidation.games_per_step.
+      # The official extraction rollouts run in validate mode: the evaluation settings.
+      extraction_sampling=ml_collections.ConfigDict(dict(temperature=0.7, top_k=20,
+                                                         top_p=0.8)),
+      # The official deployment (training) rollouts: temperature 0.7, top-p 1.
+      consolidation_sampling=ml_collections.ConfigDict(dict(temperature=0.7, top_k=0,
+                                                            top_p=1.0)),
   ))
 
   c.extraction = ml_collections.ConfigDict(dict(
@@ -171,12 +180,15 @@ def default_config() -> ml_collections.ConfigDict:
       in_context_run=0,        # Which of the K knowledge texts goes in context.
   ))
 
+  # The official README's protocol (lm-eval's ifeval task through vLLM): thinking off for every
+  # model, temperature 0.7, top-p 0.8, top-k 20, seed 42, one sample per prompt, 1280 new
+  # tokens. temperature=0 is greedy.
   c.ifeval = ml_collections.ConfigDict(dict(
       enabled=False,           # IF-Eval at the end of every round (and for the initial model).
       path="",                 # IF-Eval input_data.jsonl.
       limit=0,                 # First this many prompts; 0 = all 541.
-      max_new_tokens=1280, enable_thinking=True, batch_size=16, temperature=0.0, top_k=0,
-      top_p=1.0))
+      max_new_tokens=1280, enable_thinking=False, batch_size=16, temperature=0.7, top_k=20,
+      top_p=0.8, seed=42))
 
   c.export = ml_collections.ConfigDict(dict(
       dtype="",                # "" = model/ is the export; else e.g. "bfloat16" -> export/.
@@ -225,7 +237,9 @@ class Plan:
   config: ml_collections.ConfigDict
   """The ConfigDict it was made from."""
   rollout: Any
-  """`RolloutConfig` of collection (its seed is replaced per round)."""
+  """`RolloutConfig` of the consolidation pool's games (its seed is replaced per round)."""
+  extraction_rollout: Any
+  """`RolloutConfig` of the extraction pool's games (its seed is replaced per round)."""
   extraction: Any
   """`ExtractionConfig` (its seed is replaced per round)."""
   consolidation: Any
@@ -253,15 +267,15 @@ class Plan:
     return dataclasses.replace(self.consolidation,
                                seed=stage_seed(self.config.seed, round_, "consolidate"))
 
-  def rollout_for(self, round_: int):
-    """The round's collection `RolloutConfig`."""
-    return dataclasses.replace(self.rollout,
-                               seed=stage_seed(self.config.seed, round_, "collect"))
+  def rollout_for(self, round_: int, pool: str = "consolidation"):
+    """The round's `RolloutConfig` for the ``"extraction"`` or ``"consolidation"`` pool."""
+    base = {"extraction": self.extraction_rollout, "consolidation": self.rollout}[pool]
+    return dataclasses.replace(base, seed=stage_seed(self.config.seed, round_, "collect"))
 
 
 def _model_vocab(model: str, errors: list[str]) -> int | None:
   from oel_jax import tiny  # pylint: disable=import-outside-toplevel
-  from oel_jax.models import Qwen3Config  # pylint: disable=import-outside-toplevel
+  from oel_jax.models import check_hf  # pylint: disable=import-outside-toplevel
   if model == "tiny":
     return tiny.tiny_config().vocab_size
   if not os.path.isdir(model):
@@ -270,9 +284,11 @@ def _model_vocab(model: str, errors: list[str]) -> int | None:
                   "--local-dir /ckpt/Qwen3-4B`, and pass that directory)")
     return None
   try:
-    return Qwen3Config.from_hf(model).vocab_size
+    # Every header is read now, so that a truncated or mismatched checkpoint stops the run
+    # before any work rather than at its first load.
+    return check_hf(model).vocab_size
   except Exception as e:  # pylint: disable=broad-except
-    errors.append(f"config.model: {model}: cannot read its config.json: {e}")
+    errors.append(f"config.model: {one_line(e)}")
     return None
 
 
@@ -319,13 +335,22 @@ def plan(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -
   if not isinstance(config.model, str):
     errors.append(f"config.model must be a string, got {config.model!r}")
 
-  rollout = None
+  rollout = extraction_rollout = None
   if config.env in GAMES:
     values = _section(config, "rollout")
     values["max_batch_size"] = values.get("max_batch_size") or None
-    rollout = _build(RolloutConfig, "rollout", dict(
-        env=config.env, env_settings=env_settings, progress=bool(config.progress), **values),
-        errors)
+    for key in ("temperature", "top_k", "top_p"):
+      if key in values:
+        errors.append(f"config.rollout.{key}: set per pool, in "
+                      f"config.collect.extraction_sampling.{key} and "
+                      f"config.collect.consolidation_sampling.{key}")
+        values.pop(key)
+    common = dict(env=config.env, env_settings=env_settings, progress=bool(config.progress),
+                  **values)
+    rollout = _build(RolloutConfig, "collect.consolidation_sampling", dict(
+        common, **_section(config.collect, "consolidation_sampling")), errors)
+    extraction_rollout = _build(RolloutConfig, "collect.extraction_sampling", dict(
+        common, **_section(config.collect, "extraction_sampling")), errors)
 
   values = _section(config, "extraction", drop=("model",))
   if "seed" in values:
@@ -429,6 +454,7 @@ def plan(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -
     check_int("ifeval.limit", ifeval.limit, 0)
     check_int("ifeval.max_new_tokens", ifeval.max_new_tokens, 1)
     check_int("ifeval.batch_size", ifeval.batch_size, 1)
+    check_int("ifeval.seed", ifeval.seed, 0)
   if config.evaluation.in_context and extraction is not None:
     check_int("evaluation.in_context_run", config.evaluation.in_context_run, 0)
     if config.evaluation.in_context_run >= extraction.num_runs:
@@ -444,7 +470,8 @@ def plan(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -
                     f"config.max_seq_len ({config.max_seq_len})")
   if errors:
     raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
-  return Plan(config=config, rollout=rollout, extraction=extraction,
+  return Plan(config=config, rollout=rollout, extraction_rollout=extraction_rollout,
+              extraction=extraction,
               consolidation=consolidation, evaluation=evaluation, extraction_boards=boards,
               extraction_plays=plays, consolidation_games=games, model_vocab_size=vocab,
               mesh_shape=mesh_shape)
@@ -556,7 +583,7 @@ class OnlineLoop:
               "metrics": metrics,
               "artifacts": {k: os.path.relpath(v, self.workdir) for k, v in artifacts.items()}}
     _atomic_json(self.marker_path(round_, stage), record)
-    logging.info("round %s: %s done in %.1fs: %s", round_, stage, record["seconds"],
+    _log.info("round %s: %s done in %.1fs: %s", round_, stage, record["seconds"],
                  metrics_lib.brief(stage, metrics))
     self._publish(record)
     return record
@@ -673,18 +700,28 @@ class OnlineLoop:
     boards = game_seeds("train", self.config.seed, round_, p.extraction_boards)
     consol = game_seeds("train", self.config.seed, round_, p.consolidation_games,
                         start=p.extraction_boards)
-    seeds = boards * p.extraction_plays + consol
+    sampler, tokenizer, info = (self.sampler(self.deployed_path(round_)), self.tokenizer(),
+                                self._model_info(round_))
+    # Play k of every board is the k-th chunk of the pool (run k reads it with pool_order
+    # "chunks"); each play is its own game, as the official K extraction jobs are.
+    plays = [k for k in range(p.extraction_plays) for _ in boards]
     timings: dict[str, float] = {}
-    games = rollout(self.sampler(self.deployed_path(round_)), self.tokenizer(), seeds,
-                    p.rollout_for(round_), model=self._model_info(round_), timings=timings,
-                    metadata={"split": "train"})
-    n_extract = len(boards) * p.extraction_plays
+    pools = {}
+    for pool, seeds, play in (("extraction", boards * p.extraction_plays, plays),
+                              ("consolidation", consol, None)):
+      pool_timings: dict[str, float] = {}
+      pools[pool] = rollout(sampler, tokenizer, seeds, p.rollout_for(round_, pool), model=info,
+                            timings=pool_timings, metadata={"split": "train", "pool": pool},
+                            plays=play)
+      for key, value in pool_timings.items():
+        timings[key] = timings.get(key, 0.0) + value
     extract_path = os.path.join(folder, "extraction.jsonl")
     consol_path = os.path.join(folder, "consolidation.jsonl")
-    write_trajectories(extract_path, games[:n_extract])
-    write_trajectories(consol_path, games[n_extract:])
-    metrics = {"extraction": metrics_lib.game_stats(games[:n_extract]),
-               "consolidation": metrics_lib.game_stats(games[n_extract:]),
+    write_trajectories(extract_path, pools["extraction"])
+    write_trajectories(consol_path, pools["consolidation"])
+    games = pools["extraction"] + pools["consolidation"]
+    metrics = {"extraction": metrics_lib.game_stats(pools["extraction"]),
+               "consolidation": metrics_lib.game_stats(pools["consolidation"]),
                "all": metrics_lib.game_stats(games), "timings": timings}
     tokens = metrics["all"]["response_tokens"]
     metrics["tokens_per_s"] = tokens / timings["generate_s"] if timings.get("generate_s") else 0.0
@@ -706,7 +743,7 @@ class OnlineLoop:
     state_path = os.path.join(out_dir, STATE_FILE)
     if os.path.exists(state_path):
       done = load_state(state_path).step
-      logging.info("round %d: extraction resumes at step %d of %d", round_, done,
+      _log.info("round %d: extraction resumes at step %d of %d", round_, done,
                    config.num_trajectories)
     extractor = self.config.extraction.model or self.deployed_path(round_)
     # Knowledge from another model (a baseline): its own tokenizer and sampler.
@@ -830,7 +867,7 @@ class OnlineLoop:
         self.sampler(path), self.tokenizer(), path=c.path, enable_thinking=c.enable_thinking,
         max_new_tokens=int(c.max_new_tokens), limit=int(c.limit) or None,
         batch_size=int(c.batch_size), temperature=float(c.temperature), top_k=int(c.top_k),
-        top_p=float(c.top_p), seed=stage_seed(self.config.seed, 0, "ifeval"))
+        top_p=float(c.top_p), seed=int(c.seed))
     data = result.to_dict() if hasattr(result, "to_dict") else dataclasses.asdict(result)
     _atomic_json(os.path.join(out, "ifeval.json"), data)
     s = result.scores
@@ -885,7 +922,7 @@ class OnlineLoop:
       self._require(int(round_) - 1, "consolidate")
     existing = self.marker(round_, stage)
     if existing is not None:
-      logging.info("round %s: %s already done (%s)", round_, stage,
+      _log.info("round %s: %s already done (%s)", round_, stage,
                    self.marker_path(round_, stage))
       return existing
     return getattr(self, stage)(round_)

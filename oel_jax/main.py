@@ -18,25 +18,41 @@ round where it has not run; ``--round=initial`` evaluates the initial model); ``
 only checks the config; ``plot`` redraws ``plots/rounds.png`` and ``metrics.jsonl``;
 ``probe`` loads ``config.model``, renders ``--prompt`` with the chat template and prints the
 most likely next tokens (a smoke test of a checkpoint).
+
+Bad input (an unknown ``--config.<field>``, an invalid value, a truncated checkpoint, a
+malformed trajectory or knowledge file) ends with one line, ``error: <what, where>``, and exit
+code 2; ``--debug`` shows the Python traceback instead.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
+import logging as py_logging
 import os
+import re
 import sys
 import time
+from collections.abc import Mapping
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from oel_jax.errors import InputError, one_line
 
 _REPO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                             "configs", "tiny.py")
 
 FLAGS = flags.FLAGS
+# No default here: ml_collections would parse the command line's overrides while this module is
+# imported, before any error could be reported cleanly; `parse_flags` supplies the default.
 config_flags.DEFINE_config_file(
-    "config", _REPO_CONFIG if os.path.isfile(_REPO_CONFIG) else None,
-    "ml_collections config file (configs/<name>.py); override fields with --config.x=y.",
-    lock_config=True)
+    "config", None,
+    "ml_collections config file (configs/<name>.py; default configs/tiny.py); override "
+    "fields with --config.x=y.", lock_config=True)
+flags.DEFINE_bool("debug", False, "On bad input, show the Python traceback instead of one "
+                  "'error:' line.")
 flags.DEFINE_string("workdir", "", "Run folder (default: runs/<config.name>). Re-running the "
                     "same command in the same workdir resumes.")
 flags.DEFINE_enum("stage", "loop", ["loop", "collect", "extract", "consolidate", "evaluate",
@@ -84,6 +100,97 @@ def probe(run) -> None:
   print(f"done in {time.perf_counter() - start:.1f}s")
 
 
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _config_paths(config: Mapping, prefix: str = "") -> list[str]:
+  """Every field of a (nested) config as a dotted path, sections included."""
+  paths = []
+  for key, value in config.items():
+    paths.append(prefix + key)
+    if isinstance(value, (Mapping, ml_collections.ConfigDict)):
+      paths.extend(_config_paths(value, f"{prefix}{key}."))
+  return paths
+
+
+def _load_config_file(spec: str):
+  """``get_config()`` of a config file given as ``path`` or ``path:argument``."""
+  path, _, argument = spec.partition(":") if not os.path.isfile(spec) else (spec, "", "")
+  if not os.path.isfile(path):
+    raise InputError(f"--config: no such config file: {path}")
+  module_spec = importlib.util.spec_from_file_location("_oel_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise InputError(f"--config: {path} defines no get_config()")
+  return module.get_config(argument) if argument else module.get_config()
+
+
+def nearest_fields(field: str, paths: list[str], n: int = 4) -> list[str]:
+  """The config fields most like ``field``: by leaf name first (the same section's first),
+  else by the whole dotted path."""
+  parent, _, leaf = field.rpartition(".")
+  leaves = difflib.get_close_matches(leaf, {p.rpartition(".")[2] for p in paths}, n=n,
+                                     cutoff=0.7)
+  same_leaf = [p for p in paths if p.rpartition(".")[2] in leaves]
+  if same_leaf:
+    score = lambda p: (p.rpartition(".")[0] != parent,
+                       -difflib.SequenceMatcher(None, field, p).ratio())
+    return sorted(same_leaf, key=score)[:n]
+  return difflib.get_close_matches(field, paths, n=n, cutoff=0.0)
+
+
+# Fields that moved: their new places are named first.
+MOVED_FIELDS = {f"rollout.{k}": [f"collect.extraction_sampling.{k}",
+                                 f"collect.consolidation_sampling.{k}"]
+                for k in ("temperature", "top_k", "top_p")}
+
+
+def check_overrides(argv: list[str], config_file: str) -> None:
+  """Loads the config file; raises InputError naming the first ``--config.<field>`` it does
+  not have, with the nearest fields it does have."""
+  config = _load_config_file(config_file)
+  paths = _config_paths(config)
+  known = set(paths)
+  for arg in argv:
+    match = re.match(r"^--?(?:no)?config\.([^=]+)", arg)
+    if match and match.group(1) not in known:
+      field = match.group(1)
+      nearest = MOVED_FIELDS.get(field, []) + nearest_fields(field, paths)
+      nearest = [p for i, p in enumerate(nearest) if p in known and p not in nearest[:i]][:4]
+      raise InputError(f"--config.{field}: {config_file} has no field {field!r}; nearest: "
+                       + ", ".join(f"--config.{p}" for p in nearest))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with the default config file and clean errors for bad overrides."""
+  debug = "--debug" in argv or "-debug" in argv
+  try:
+    if not any(re.match(r"^--?config(=|$)", a) for a in argv[1:]):
+      if not os.path.isfile(_REPO_CONFIG):
+        raise InputError("--config is required (no configs/tiny.py beside the package)")
+      argv = [argv[0], f"--config={_REPO_CONFIG}", *argv[1:]]
+    spec = next(a.split("=", 1)[1] if "=" in a else argv[i + 2]
+                for i, a in enumerate(argv[1:]) if re.match(r"^--?config(=|$)", a))
+    check_overrides(argv[1:], spec)  # also reports a missing config file
+    return FLAGS(argv)
+  except (InputError, flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    if debug:
+      raise
+    _fail(one_line(e))
+  return []  # not reached
+
+
+def quiet_startup() -> None:
+  """Drops start-up notes that read like failures on a plain CPU machine: JAX's INFO line
+  about the TPU backend it did not find, and transformers' advisory that PyTorch is absent
+  (we use only its tokenizers)."""
+  py_logging.getLogger("jax._src.xla_bridge").setLevel(py_logging.WARNING)
+  os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
 def _pick_round(run, stage: str):
   from oel_jax import loop  # pylint: disable=import-outside-toplevel
   if FLAGS.round:
@@ -97,17 +204,25 @@ def _pick_round(run, stage: str):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not FLAGS["verbosity"].present:
+    # oel_jax's own progress lines at INFO; other libraries' (orbax logs every checkpoint
+    # step) only from WARNING up. --verbosity=0 shows everything.
+    logging.set_verbosity(logging.WARNING)
+    py_logging.getLogger("oel_jax").setLevel(py_logging.INFO)
+  try:
+    _main()
+  except InputError as e:
+    if FLAGS.debug:
+      raise
+    _fail(one_line(e))
+
+
+def _main():
   from oel_jax import loop  # pylint: disable=import-outside-toplevel
 
   config = FLAGS.config
-  if config is None:
-    raise app.UsageError("--config is required (no configs/tiny.py beside the package)")
   workdir = FLAGS.workdir or os.path.join("runs", str(config.get("name", "oel")))
-  try:
-    run = loop.OnlineLoop(config, workdir)
-  except loop.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  run = loop.OnlineLoop(config, workdir)
   stage = FLAGS.stage
   if stage == "validate":
     print(f"config OK: {config.name}, model {config.model}, {config.rounds} rounds, "
@@ -116,11 +231,7 @@ def main(argv):
   if stage == "probe":
     probe(run)
     return
-  try:
-    run.check_workdir()
-  except loop.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  run.check_workdir()
   if stage == "plot":
     run._publish()  # pylint: disable=protected-access
     print(f"wrote {os.path.join(run.workdir, 'metrics.jsonl')} and "
@@ -149,4 +260,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  quiet_startup()
+  app.run(main, flags_parser=parse_flags)

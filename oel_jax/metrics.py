@@ -62,7 +62,8 @@ def game_stats(trajectories: Sequence[Any]) -> dict[str, Any]:
 
 
 def extraction_stats(state: Any) -> dict[str, Any]:
-  """Per accumulation step: knowledge tokens and items (mean over runs), empty extractions."""
+  """Per accumulation step: knowledge tokens and items (mean over runs), empty extractions,
+  replies whose reasoning never closed."""
   steps = []
   for record in state.history:
     runs = record["runs"]
@@ -72,6 +73,8 @@ def extraction_stats(state: Any) -> dict[str, Any]:
         "mean_knowledge_items": _mean([r["knowledge_items"] for r in runs]),
         "new_items": int(sum(r["items"] for r in runs)),
         "empty": int(sum(bool(r["empty"]) for r in runs)),
+        "unterminated_reasoning": int(sum(bool(r.get("unterminated_reasoning"))
+                                          for r in runs)),
         "dropped_items": int(sum(r["dropped_items"] for r in runs)),
     })
   final = steps[-1] if steps else {}
@@ -79,7 +82,9 @@ def extraction_stats(state: Any) -> dict[str, Any]:
           "knowledge_tokens": [int(_knowledge_tokens(state, k))
                                for k in range(len(state.knowledge))],
           "mean_knowledge_tokens": final.get("mean_knowledge_tokens", 0.0),
-          "empty_extractions": int(sum(s["empty"] for s in steps))}
+          "empty_extractions": int(sum(s["empty"] for s in steps)),
+          # Replies cut inside their reasoning (kept as raw text, as officially).
+          "unterminated_replies": int(sum(s["unterminated_reasoning"] for s in steps))}
 
 
 def _knowledge_tokens(state: Any, run: int) -> int:
@@ -120,7 +125,8 @@ def brief(stage: str, metrics: Mapping[str, Any]) -> str:
               f"{metrics.get('tokens_per_s', 0):.0f} tokens/s")
     if stage == "extract":
       return (f"{metrics['runs']} knowledge texts, {metrics['mean_knowledge_tokens']:.0f} "
-              f"tokens each on average, {metrics['empty_extractions']} empty extractions")
+              f"tokens each on average, {metrics['empty_extractions']} empty extractions, "
+              f"{metrics.get('unterminated_replies', 0)} replies cut inside their reasoning")
     if stage == "consolidate":
       return (f"{len(metrics['steps'])} steps, loss {metrics['first_loss']} -> "
               f"{metrics['final_loss']}")
@@ -160,7 +166,9 @@ def records(markers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         out.append({**base, **s})
       out.append({**base, "summary": True, "runs": metrics["runs"],
                   "mean_knowledge_tokens": metrics["mean_knowledge_tokens"],
-                  "empty_extractions": metrics["empty_extractions"], "seconds": m["seconds"]})
+                  "empty_extractions": metrics["empty_extractions"],
+                  "unterminated_replies": metrics.get("unterminated_replies", 0),
+                  "seconds": m["seconds"]})
     elif stage == "consolidate":
       for s in metrics["steps"]:
         rec = {**base, **s}

@@ -200,11 +200,14 @@ def test_unstructured_parsing_keeps_the_answer():
   assert ex.parse_extraction("<think>a</think>b</think> c ", "unstructured") == "c"
 
 
-@pytest.mark.parametrize("fmt", ["structured", "unstructured"])
-def test_unterminated_reasoning_yields_nothing(fmt):
-  reply = f"<think>\nI ran out of tokens\n{M} half-formed"
-  assert ex.drop_reasoning(reply) == ("", True)
-  assert ex.parse_extraction(reply, fmt) == ""
+def test_unterminated_reasoning_is_kept_as_raw_text_as_officially():
+  reply = f"<think>\nI ran out of tokens\n{M} half-formed\n{M} another  \nand"
+  assert ex.drop_reasoning(reply) == (reply, True)
+  assert ex.drop_reasoning("  plain answer") == ("  plain answer", False)
+  assert ex.drop_reasoning("<think>a</think> b") == (" b", False)
+  # Unstructured: the raw reply is the knowledge; structured: its item lines.
+  assert ex.parse_extraction(reply, "unstructured") == reply.strip()
+  assert ex.parse_extraction(reply, "structured") == f"{M} half-formed\n{M} another"
 
 
 def test_accumulate():
@@ -366,6 +369,25 @@ def test_empty_extraction_is_recorded_not_fatal(tok, tmp_path):
       assert run["empty"] == (j % 2 == 1 or j == 4) and run["items"] == (0 if run["empty"] else 1)
       assert run["unterminated_reasoning"] == (j == 4)
   assert ex.load_knowledge_set(tmp_path).manifest["empty_extractions"] == 2 * 4
+
+
+def test_replies_cut_inside_their_reasoning_are_kept_and_counted(tok, tmp_path):
+  from oel_jax import metrics  # pylint: disable=import-outside-toplevel
+
+  def reply(tag, seed, prompt):
+    if tag == 1:  # cut by the token budget, items already written inside the reasoning
+      return f"<think>\nSo far:\n{M} from MAP-{tag}\nand then"
+    return f"<think>ok</think>{M} from MAP-{tag}"
+
+  config = ex.ExtractionConfig(num_trajectories=3, num_runs=1, pool_order="chunks")
+  state = ex.run_extraction(_pool(3), config, generate=FakeExtractor(reply), tokenizer=tok,
+                            out_dir=tmp_path)
+  assert state.knowledge == ("\n".join(f"{M} from MAP-{j}" for j in range(3)),)
+  assert [h["runs"][0]["unterminated_reasoning"] for h in state.history] == [False, True, False]
+  stats = metrics.extraction_stats(state)
+  assert stats["unterminated_replies"] == 1 and stats["empty_extractions"] == 0
+  assert [s["unterminated_reasoning"] for s in stats["steps"]] == [0, 1, 0]
+  assert ex.load_knowledge_set(tmp_path).manifest["unterminated_replies"] == 1
 
 
 def test_nothing_extracted_at_all_gives_empty_files(tok, tmp_path):

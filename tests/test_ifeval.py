@@ -274,9 +274,11 @@ def test_evaluate_scores_answers_in_data_order():
   assert [r.key for r in result.responses] == [10, 11, 12]
   assert result.prompt_level_strict == pytest.approx(2 / 3)
   assert (result.num_truncated, result.num_empty_answers) == (1, 1)
-  # Two chunks (sorted by length: the short and medium prompts first), seeds base + chunk.
+  # Two chunks (sorted by length: the short and medium prompts first), one seed per prompt
+  # derived from the base seed and the prompt's key.
   assert [c[0] for c in sampler.calls] == [2, 1]
-  assert [c[2]["seed"] for c in sampler.calls] == [5, 6]
+  assert [c[2]["seed"] for c in sampler.calls] == [
+      [ifeval.prompt_seed(5, 11), ifeval.prompt_seed(5, 12)], [ifeval.prompt_seed(5, 10)]]
   assert all(c[1] is True and c[2]["temperature"] == 0.7 for c in sampler.calls)
   # The stop token is not counted.
   assert result.responses[0].num_tokens == len(tokenizer.encode(
@@ -296,7 +298,7 @@ def test_evaluate_with_the_tiny_model():
   sampler = Sampler(tiny.tiny_model(), eos_ids=chat.stop_token_ids(tokenizer),
                     pad_id=tokenizer.pad_token_id, max_seq_len=1024)
   result = ifeval.evaluate_ifeval(sampler, tokenizer, path=DATA, enable_thinking=False,
-                                  limit=3, max_new_tokens=8, batch_size=4)
+                                  limit=3, max_new_tokens=8, batch_size=4, temperature=0)
   examples = ifeval.load_examples(DATA, limit=3)
   assert [r.key for r in result.responses] == [e.key for e in examples]
   assert result.scores.num_prompts == 3
@@ -311,6 +313,32 @@ def test_evaluate_with_the_tiny_model():
       enable_thinking=False, max_new_tokens=8, temperature=0)
   assert [d.answer for d in direct] == [r.answer for r in result.responses]
   assert sampler.num_compilations == 1
+
+
+def test_defaults_are_the_official_protocol():
+  import inspect  # pylint: disable=import-outside-toplevel
+  defaults = {k: v.default for k, v in
+              inspect.signature(ifeval.evaluate_ifeval).parameters.items()}
+  # microsoft/LMOps oel/README.md: temperature 0.7, top-p 0.8, top-k 20, seed 42, 1280 tokens.
+  assert (defaults["temperature"], defaults["top_p"], defaults["top_k"], defaults["seed"],
+          defaults["max_new_tokens"]) == (0.7, 0.8, 20, 42, 1280)
+
+
+@needs_data
+def test_sampled_answers_do_not_depend_on_the_batch_size():
+  from oel_jax import chat, tiny  # pylint: disable=import-outside-toplevel
+  from oel_jax.sampling import Sampler  # pylint: disable=import-outside-toplevel
+  tokenizer = tiny.load_tiny_tokenizer()
+  sampler = Sampler(tiny.tiny_model(), eos_ids=chat.stop_token_ids(tokenizer),
+                    pad_id=tokenizer.pad_token_id, max_seq_len=1024)
+  run = lambda batch_size, seed=42: ifeval.evaluate_ifeval(
+      sampler, tokenizer, path=DATA, enable_thinking=False, limit=4, max_new_tokens=8,
+      batch_size=batch_size, seed=seed)
+  together, one_by_one = run(4), run(1)
+  answers = [r.answer for r in together.responses]
+  assert answers == [r.answer for r in one_by_one.responses]
+  # Sampled, not greedy: another seed gives other answers.
+  assert answers != [r.answer for r in run(4, seed=7).responses]
 
 
 def test_hub_dataset_rows(monkeypatch):

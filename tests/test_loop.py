@@ -103,6 +103,29 @@ def test_rounds_deploy_the_previous_rounds_model(tiny_run):
   assert not {t.seed for t in e0} & ({t.seed for t in r0} | {t.seed for t in r1})
 
 
+def test_extraction_plays_are_different_games_and_run_k_reads_play_k(tiny_run):
+  """configs/tiny.py: 2 boards x K=2 plays; each play is its own game, sampled with the
+  evaluation settings, and extraction run k reads play k of every board."""
+  from oel_jax.envs import load_trajectories
+  from oel_jax.experience import load_knowledge_set
+  folder = os.path.join(tiny_run.workdir, "round_000")
+  pool = load_trajectories(os.path.join(folder, "trajectories", "extraction.jsonl"))
+  assert [t.metadata["play"] for t in pool] == [0, 0, 1, 1]
+  assert [t.seed for t in pool[:2]] == [t.seed for t in pool[2:]]
+  for first, second in zip(pool[:2], pool[2:]):
+    assert first.turns[0].prompt == second.turns[0].prompt
+    assert first.turns[0].response != second.turns[0].response
+  orders = load_knowledge_set(os.path.join(folder, "knowledge")).manifest["orders"]
+  for k, order in enumerate(orders):
+    assert {pool[i].metadata["play"] for i in order} == {k}
+  # The pools' sampling settings: the official extraction (validate-mode) and deployment ones.
+  sampling = {key: pool[0].metadata["sampling"][key] for key in ("temperature", "top_p", "top_k")}
+  assert sampling == {"temperature": 0.7, "top_p": 0.8, "top_k": 20}
+  consolidation = load_trajectories(os.path.join(folder, "trajectories", "consolidation.jsonl"))
+  assert {(t.metadata["pool"], t.metadata["sampling"]["top_p"], t.metadata["sampling"]["top_k"])
+          for t in consolidation} == {("consolidation", 1.0, 0)}
+
+
 def test_export_loads_in_transformers_with_the_same_logits(tiny_run):
   import jax.numpy as jnp
   import torch

@@ -19,11 +19,45 @@ def fixture_tiny_run(tmp_path_factory):
   return tiny_loop_run.uninterrupted(tmp_path_factory)
 
 
-def test_ci_runs_exactly_the_readme_test_command():
-  test_command = _readme_commands()[1]
-  assert "pytest" in test_command
+def test_ci_runs_exactly_the_readme_commands():
+  main_command, test_command = _readme_commands()[:2]
+  assert "pytest" in test_command and "pip install -e ." in main_command
   ci = open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
   assert test_command in ci
+  # The main job, verbatim, in its own base-install environment, its output kept for checks.
+  assert any(line.startswith(main_command + " 2>&1 | tee ") for line in ci)
+  assert ci.index(test_command) > [i for i, l in enumerate(ci) if l.startswith(main_command)][0]
+
+
+def test_the_base_install_declares_what_oel_jax_imports():
+  """Every third-party module that oel_jax imports, and jinja2 (transformers needs it for chat
+  templates but does not depend on it), is a base dependency: not one the test extra brings."""
+  import ast  # pylint: disable=import-outside-toplevel
+  import importlib.metadata  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  import tomllib  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    project = tomllib.load(f)["project"]
+  declared = {re.split(r"[<>=!~\[ ;]", d, maxsplit=1)[0].lower().replace("_", "-")
+              for d in project["dependencies"]}
+  optional = {"datasets"}  # google/IFEval from the hub: optional, with a clear ImportError
+  modules = set()
+  for folder, _, files in os.walk(os.path.join(ROOT, "oel_jax")):
+    for name in files:
+      if name.endswith(".py"):
+        tree = ast.parse(open(os.path.join(folder, name)).read())
+        for node in ast.walk(tree):
+          if isinstance(node, ast.Import):
+            modules.update(a.name.split(".")[0] for a in node.names)
+          elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            modules.add(node.module.split(".")[0])
+  third_party = {m for m in modules - set(sys.stdlib_module_names) - {"oel_jax"} - optional}
+  distributions = importlib.metadata.packages_distributions()
+  needed = {"jinja2"}
+  for module in third_party:
+    assert module in distributions, f"oel_jax imports {module!r}, which is not installed"
+    needed.update(d.lower().replace("_", "-") for d in distributions[module])
+  assert needed <= declared, f"imported but not declared: {sorted(needed - declared)}"
 
 
 def test_main_job_runs_two_tiny_rounds_in_a_few_minutes(tiny_run):
@@ -31,6 +65,11 @@ def test_main_job_runs_two_tiny_rounds_in_a_few_minutes(tiny_run):
   assert main_command.endswith("python -m oel_jax.main")
   out = tiny_run.process
   assert out.returncode == 0, out.stderr[-3000:]
+  # A newcomer's screen: our stage lines, no start-up notes that read like failures and no
+  # INFO chatter of the libraries (orbax logs every checkpoint step).
+  assert "round 0: collect done in" in out.stderr
+  for noise in ("Unable to initialize backend", "checkpoint_manager.py", "font_manager.py"):
+    assert noise not in out.stderr, noise
   assert re.search(r"^  round 1: pass rate \d\.\d{3}", out.stdout, re.M), out.stdout
   assert "final model: " + os.path.join(tiny_run.workdir, "round_001", "model") in out.stdout
   assert tiny_run.seconds < 480, f"main job took {tiny_run.seconds:.0f}s"
@@ -108,3 +147,68 @@ def test_paper_configs_hold_table_4_and_validate(name, tmp_path_factory):
   assert p.extraction.num_trajectories == n and p.consolidation.train.learning_rate == lr
   assert p.consolidation_games == steps * 64
   assert p.extraction_boards * p.extraction_plays == n * 10
+
+
+def _one_error_line(out) -> str:
+  """The error line of a CLI run that failed on bad input (exit 2, no traceback)."""
+  assert out.returncode == 2, (out.returncode, out.stderr[-3000:])
+  assert "Traceback" not in out.stderr, out.stderr[-3000:]
+  lines = out.stderr.strip().splitlines()
+  assert lines[-1].startswith("error: "), lines[-5:]
+  return lines[-1]
+
+
+def test_an_unknown_config_field_names_it_and_the_nearest_fields(tmp_path):
+  line = _one_error_line(run_main(f"--workdir={tmp_path / 'w'}",
+                                  "--config.train.learning_rat=1e-5", timeout=120))
+  assert "--config.train.learning_rat: " in line and "has no field 'train.learning_rat'" in line
+  assert "nearest: --config.train.learning_rate" in line
+  line = _one_error_line(run_main("--config.colect.extraction_boards=3", timeout=120))
+  assert "nearest: --config.collect.extraction_boards" in line
+  # A moved field names its new places.
+  line = _one_error_line(run_main("--config.rollout.top_p=0.9", timeout=120))
+  assert ("nearest: --config.collect.extraction_sampling.top_p, "
+          "--config.collect.consolidation_sampling.top_p") in line
+  line = _one_error_line(run_main("--config.rounds=three", timeout=120))
+  assert "--config.rounds=three" in line
+  line = _one_error_line(run_main("--config=configs/no_such_config.py", timeout=120))
+  assert "no such config file: configs/no_such_config.py" in line
+  assert not (tmp_path / "w").exists()
+
+
+def test_a_truncated_checkpoint_is_one_error_line_and_debug_shows_the_traceback(tmp_path):
+  from oel_jax import tiny  # pylint: disable=import-outside-toplevel
+  ckpt = tmp_path / "ckpt"
+  tiny.write_tiny_checkpoint(str(ckpt))
+  weights = ckpt / "model.safetensors"
+  with open(weights, "r+b") as f:
+    f.truncate(weights.stat().st_size - 1000)
+  args = (f"--workdir={tmp_path / 'w'}", f"--config.model={ckpt}")
+  line = _one_error_line(run_main(*args, timeout=300))
+  assert f"config.model: {weights}: truncated: tensor " in line
+  assert "but the file holds only" in line
+  assert not (tmp_path / "w").exists()  # found before any work
+  debug = run_main(*args, "--debug", timeout=300)
+  assert debug.returncode != 0 and "Traceback" in debug.stderr
+  assert "ConfigError" in debug.stderr
+
+
+def test_a_malformed_trajectory_line_is_one_error_line(tiny_run, tmp_path):
+  """A workdir whose collected trajectories were damaged: the extract stage names the file,
+  the line and the field."""
+  import shutil  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / "run"
+  os.makedirs(workdir / "round_000")
+  shutil.copy(os.path.join(tiny_run.workdir, "config.json"), workdir / "config.json")
+  for name in ("collect.done.json", "trajectories"):
+    source = os.path.join(tiny_run.workdir, "round_000", name)
+    (shutil.copytree if os.path.isdir(source) else shutil.copy)(source,
+                                                                 workdir / "round_000" / name)
+  path = workdir / "round_000" / "trajectories" / "extraction.jsonl"
+  lines = path.read_text().splitlines()
+  lines[2] = lines[2].replace('"turns"', '"turnz"', 1)
+  path.write_text("\n".join(lines) + "\n")
+  line = _one_error_line(run_main(f"--workdir={workdir}", "--stage=extract", "--round=0",
+                                  timeout=300))
+  assert f"{path}:3" in line and "turns" in line, line
+  assert not (workdir / "round_000" / "extract.done.json").exists()

@@ -90,7 +90,8 @@ def test_tiny_rollout_file_is_schema_valid_and_reads_back_identical(tiny_run):
     assert t.outcome is not None and t.final_feedback
     assert t.model == MODEL and t.env.id == "frozenlake"
     assert t.metadata == {"sampling": tiny_run["config"].sampling(), "enable_thinking": True,
-                          "keep_reasoning": True, "with_knowledge": False, "split": "train"}
+                          "keep_reasoning": True, "with_knowledge": False, "split": "train",
+                          "play": 0}
     assert 1 <= len(t.turns) <= 5
 
 
@@ -143,6 +144,26 @@ def test_tiny_rollout_same_config_same_trajectories(tok, tiny_sampler, tiny_run)
   # Same boards, other samples.
   assert [t.turns[0].prompt for t in other] == [t.turns[0].prompt for t in again]
   assert [t.turns[0].response for t in other] != [t.turns[0].response for t in again]
+
+
+def test_plays_of_one_board_are_different_games(tok, tiny_sampler, tiny_run):
+  """K plays of a board in one call are K games (the official code runs K extraction jobs with
+  K rollout seeds), each the same whatever else shares the call."""
+  config, seeds = tiny_run["config"], tiny_run["seeds"]
+  board = seeds[0]
+  plays = rollout(tiny_sampler, tok, [board] * 3, config, model=MODEL, plays=[0, 1, 2])
+  assert [t.metadata["play"] for t in plays] == [0, 1, 2]
+  assert len({t.turns[0].prompt for t in plays}) == 1  # the same board
+  responses = [t.turns[0].response for t in plays]
+  assert len(set(responses)) == 3, responses
+  # Play 0 is the game a plain rollout of that board plays; play 2 alone is play 2.
+  assert plays[0].turns == tiny_run["trajectories"][0].turns
+  alone = rollout(tiny_sampler, tok, [board], config, model=MODEL, plays=[2])
+  assert alone[0].turns == plays[2].turns
+  with pytest.raises(ValueError, match="plays must hold one integer >= 0 per seed"):
+    rollout(tiny_sampler, tok, [board] * 2, config, model=MODEL, plays=[0])
+  with pytest.raises(ValueError, match="plays must hold one integer >= 0 per seed"):
+    rollout(tiny_sampler, tok, [board], config, model=MODEL, plays=[-1])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,10 +27,13 @@ Per turn, ``Turn.metadata`` holds ``prompt_tokens`` (the templated prompt's leng
 
 Seeds. Board seeds come from `game_seeds` (training and held-out evaluation sets that never
 overlap). Sampling randomness comes from `RolloutConfig.seed`: game ``g``'s reply at turn
-``t`` is sampled with its own seed derived from ``(seed, board seed of g, t)``
+``t`` is sampled with its own seed derived from ``(seed, board seed of g, play of g, t)``
 (`game_turn_seed`), passed to the sampler one per prompt. A game's replies therefore depend
-only on its board, the turn and the sampling seed: not on which other games share the call,
-on its row in the batch, or on how ``max_batch_size`` splits the calls.
+only on its board, its play index, the turn and the sampling seed: not on which other games
+share the call, on its row in the batch, or on how ``max_batch_size`` splits the calls. The
+play index tells apart several plays of one board in one call (the K extraction plays of a
+board, which the official code runs as K jobs with K rollout seeds): without it they would be
+one game K times.
 
 (This module is ``lockstep``, not ``rollout``, so that ``oel_jax.envs.rollout`` is the function.)
 """
@@ -203,9 +206,12 @@ def _bad_int(value: Any, minimum: int) -> bool:
   return isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum
 
 
-def game_turn_seed(seed: int, board_seed: int, turn: int) -> int:
-  """The sampler seed, in [0, 2^64), of one game's reply at ``turn`` under sampling ``seed``."""
-  return int(np.random.SeedSequence([int(seed), int(board_seed), int(turn)])
+def game_turn_seed(seed: int, board_seed: int, turn: int, play: int = 0) -> int:
+  """The sampler seed, in [0, 2^64), of one game's reply at ``turn`` under sampling ``seed``.
+
+  ``play`` numbers the plays of one board (0, 1, ...): each play is its own game.
+  """
+  return int(np.random.SeedSequence([int(seed), int(board_seed), int(play), int(turn)])
              .generate_state(1, np.uint64)[0])
 
 
@@ -213,7 +219,8 @@ def rollout(sampler: Generator, tokenizer: Any, seeds: Sequence[int],
             config: RolloutConfig = RolloutConfig(), *, model: ModelInfo,
             knowledge: str | None = None, path: str | None = None,
             metadata: Mapping[str, Any] | None = None,
-            timings: dict[str, float] | None = None) -> list[Trajectory]:
+            timings: dict[str, float] | None = None,
+            plays: Sequence[int] | None = None) -> list[Trajectory]:
   """Plays one game per board seed, all in lockstep, and returns their trajectories.
 
   Args:
@@ -231,15 +238,19 @@ def rollout(sampler: Generator, tokenizer: Any, seeds: Sequence[int],
     timings: if given, filled with ``generate_s`` (time in sampler calls), ``other_s`` (the
       rest: environments, templating, decoding), ``wall_s`` (both; not the file write),
       ``turns`` and ``calls``.
+    plays: the play index of each game (>= 0, one per seed; None: all 0). Plays of one board
+      with different indices are different games (their sampling seeds differ); the index is
+      recorded in each trajectory's metadata as ``play``.
 
   Returns:
     The trajectories, in the order of ``seeds``. Each one's metadata holds ``sampling``
     (`RolloutConfig.sampling`), ``enable_thinking``, ``keep_reasoning`` and
-    ``with_knowledge``, plus ``metadata``.
+    ``with_knowledge``, plus ``metadata`` and ``play``.
 
   Raises:
     ValueError: a prompt plus ``max_new_tokens`` does not fit the sampler's ``max_seq_len``
-      (named by game, seed and turn), or the sampler returned the wrong number of replies.
+      (named by game, seed and turn), the sampler returned the wrong number of replies, or
+      ``plays`` does not hold one non-negative integer per seed.
   """
   from oel_jax import chat  # pylint: disable=import-outside-toplevel  (transformers: slow)
   from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
@@ -247,6 +258,11 @@ def rollout(sampler: Generator, tokenizer: Any, seeds: Sequence[int],
   if not isinstance(model, ModelInfo):
     raise TypeError(f"model must be a ModelInfo, got {type(model).__name__}")
   seeds = [int(s) for s in seeds]
+  plays = [0] * len(seeds) if plays is None else list(plays)
+  if len(plays) != len(seeds) or any(_bad_int(p, 0) for p in plays):
+    raise ValueError(f"plays must hold one integer >= 0 per seed ({len(seeds)} seeds), got "
+                     f"{plays!r}")
+  plays = [int(p) for p in plays]
   wall_start = time.perf_counter()
   generate_s = 0.0
   calls = 0
@@ -278,7 +294,7 @@ def rollout(sampler: Generator, tokenizer: Any, seeds: Sequence[int],
       tokens, reasons = [], []
       for lo in range(0, len(prompts), size):
         batch = prompts[lo:lo + size]
-        batch_seeds = [game_turn_seed(config.seed, seeds[i], turn)
+        batch_seeds = [game_turn_seed(config.seed, seeds[i], turn, plays[i])
                        for i in active[lo:lo + size]]
         t0 = time.perf_counter()
         out = sampler.generate(batch, max_new_tokens=config.max_new_tokens,
@@ -310,8 +326,8 @@ def rollout(sampler: Generator, tokenizer: Any, seeds: Sequence[int],
            "keep_reasoning": config.keep_reasoning, "with_knowledge": bool(knowledge),
            **dict(metadata or {})}
   trajectories = []
-  for env, metas in zip(envs, turn_meta):
-    t = env.trajectory(model, metadata=extra)
+  for env, metas, play in zip(envs, turn_meta, plays):
+    t = env.trajectory(model, metadata={**extra, "play": play})
     turns = tuple(dataclasses.replace(turn_, metadata=m) for turn_, m in zip(t.turns, metas))
     trajectories.append(dataclasses.replace(t, turns=turns))
   if timings is not None:

@@ -36,6 +36,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from oel_jax.atomic_write import AtomicFile
+from oel_jax.errors import InputError
 
 FORMAT_VERSION = 1
 """The record format version this module reads and writes."""
@@ -44,7 +45,7 @@ SCHEMA_FILE = "trajectory.schema.json"
 """Name of the JSON Schema file shipped in this package."""
 
 
-class TrajectoryFormatError(ValueError):
+class TrajectoryFormatError(InputError):
   """A trajectory record or file is malformed.
 
   Attributes:

@@ -25,13 +25,19 @@ pickle), and langdetect with its seed fixed at 0.
 """
 
 from oel_jax.ifeval.checkers import INSTRUCTION_TYPES, check_instruction
-from oel_jax.ifeval.run import IFEvalResponse, IFEvalResult, evaluate_ifeval
+from oel_jax.ifeval.run import (
+    OFFICIAL_SEED,
+    IFEvalResponse,
+    IFEvalResult,
+    evaluate_ifeval,
+    prompt_seed,
+)
 from oel_jax.ifeval.score import (IFEvalExample, IFEvalScores, PromptScore, TypeAccuracy,
                                   aggregate, load_examples, loose_variants, score_example,
                                   score_responses)
 
 __all__ = [
     "INSTRUCTION_TYPES", "IFEvalExample", "IFEvalResponse", "IFEvalResult", "IFEvalScores",
-    "PromptScore", "TypeAccuracy", "aggregate", "check_instruction", "evaluate_ifeval",
+    "PromptScore", "TypeAccuracy", "aggregate", "check_instruction", "evaluate_ifeval", "prompt_seed", "OFFICIAL_SEED",
     "load_examples", "loose_variants", "score_example", "score_responses",
 ]

@@ -9,25 +9,40 @@ off) and answered by ``Sampler.generate_chat``. The part scored is the answer af
 ``</think>`` (``oel_jax.chat.split_reasoning``: whitespace around it stripped; a reply whose
 reasoning never closed, because the token budget ran out, has an empty answer and so
 follows no instruction). Prompts are sorted by token length and answered in chunks of
-`batch_size` (so each chunk pads little); chunk i samples with seed ``seed + i``, and the
-results are put back in the data's order. Greedy decoding (temperature 0) is the default,
-as in the usual IF-Eval setups; the paper (arXiv:2603.16856 section 4.1) reports
+`batch_size` (so each chunk pads little), and the results are put back in the data's order.
+Each prompt samples with its own seed, derived from ``seed`` and the prompt's key
+(`prompt_seed`), so an answer does not depend on `batch_size` or on the other prompts.
+
+The defaults are the official OEL protocol (microsoft/LMOps ``oel/README.md``: lm-eval's
+``ifeval`` task through vLLM): temperature 0.7, top-p 0.8, top-k 20, seed 42, one sample per
+prompt, 1280 new tokens, and thinking off for every model (pass ``enable_thinking=False``).
+``temperature=0`` decodes greedily instead. The paper (arXiv:2603.16856 section 4.1) reports
 prompt-level strict accuracy.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
 
-from absl import logging
+import numpy as np
 
 from oel_jax.ifeval.score import IFEvalExample, IFEvalScores, load_examples, score_example
 from oel_jax.ifeval.score import aggregate
 
+_log = logging.getLogger(__name__)
+
 DEFAULT_MAX_NEW_TOKENS = 1280  # lm-evaluation-harness's IF-Eval generation budget
+OFFICIAL_SEED = 42
+"""The sampling seed of the official IF-Eval runs."""
+
+
+def prompt_seed(seed: int, key: int) -> int:
+  """The sampler seed, in [0, 2^64), of the prompt with IF-Eval key ``key`` under ``seed``."""
+  return int(np.random.SeedSequence([int(seed), int(key)]).generate_state(1, np.uint64)[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +112,8 @@ def evaluate_ifeval(sampler: Any, tokenizer: Any, *, path: str | os.PathLike | N
                     examples: Sequence[IFEvalExample] | None = None,
                     enable_thinking: bool, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                     limit: int | None = None, batch_size: int = 16,
-                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                    seed: int = 0) -> IFEvalResult:
+                    temperature: float = 0.7, top_k: int = 20, top_p: float = 0.8,
+                    seed: int = OFFICIAL_SEED) -> IFEvalResult:
   """Answers IF-Eval's prompts with `sampler` and scores the answers.
 
   Args:
@@ -107,11 +122,14 @@ def evaluate_ifeval(sampler: Any, tokenizer: Any, *, path: str | os.PathLike | N
     path: IF-Eval's ``input_data.jsonl``; None with `examples` None reads the
       ``google/IFEval`` dataset (needs ``datasets`` and the network or a cache).
     examples: already-loaded prompts, instead of `path`.
-    enable_thinking: passed to the chat template.
+    enable_thinking: passed to the chat template (the official protocol: False for every
+      model).
     max_new_tokens: the budget per reply (reasoning included).
     limit: answer only the first `limit` prompts.
     batch_size: prompts per ``generate_chat`` call.
-    temperature, top_k, top_p, seed: sampling settings (temperature 0 is greedy).
+    temperature, top_k, top_p: sampling settings (temperature 0 is greedy); the defaults
+      are the official protocol's.
+    seed: base seed; each prompt samples with `prompt_seed(seed, key)`.
 
   Returns:
     An `IFEvalResult`.
@@ -134,17 +152,17 @@ def evaluate_ifeval(sampler: Any, tokenizer: Any, *, path: str | os.PathLike | N
              for c in conversations]
   order = sorted(range(len(examples)), key=lambda i: (lengths[i], i))
   replies: list[Any] = [None] * len(examples)
-  for chunk_index, start in enumerate(range(0, len(order), batch_size)):
+  for start in range(0, len(order), batch_size):
     rows = order[start:start + batch_size]
     out = sampler.generate_chat(
         tokenizer, [conversations[i] for i in rows], enable_thinking=enable_thinking,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        seed=seed + chunk_index)
+        seed=[prompt_seed(seed, examples[i].key) for i in rows])
     if len(out) != len(rows):
       raise RuntimeError(f"generate_chat returned {len(out)} replies for {len(rows)} prompts")
     for i, reply in zip(rows, out):
       replies[i] = reply
-    logging.info("IF-Eval: answered %d/%d prompts", min(start + batch_size, len(order)),
+    _log.info("IF-Eval: answered %d/%d prompts", min(start + batch_size, len(order)),
                  len(order))
 
   responses = []

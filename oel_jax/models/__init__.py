@@ -1,6 +1,6 @@
 """Qwen3 in Flax NNX and its Hugging Face checkpoint mapping."""
 
-from oel_jax.models.hf import CheckpointError, load_hf, save_hf
+from oel_jax.models.hf import CheckpointError, check_hf, load_hf, save_hf
 from oel_jax.models.qwen3 import (
     PRESETS,
     KVCache,
@@ -12,6 +12,6 @@ from oel_jax.models.qwen3 import (
 )
 
 __all__ = [
-    "PRESETS", "CheckpointError", "KVCache", "Qwen3", "Qwen3Config", "abstract_model",
+    "PRESETS", "CheckpointError", "KVCache", "check_hf", "Qwen3", "Qwen3Config", "abstract_model",
     "init_model", "load_hf", "positions_from_mask", "save_hf",
 ]

@@ -154,6 +154,58 @@ def _checkpoint_files(path: str) -> dict[str, str]:
                         "(only safetensors checkpoints are supported)")
 
 
+def check_hf(path: str | os.PathLike) -> Qwen3Config:
+  """Checks a Hugging Face Qwen3 checkpoint directory without reading any tensor.
+
+  Reads `config.json` and every safetensors header: each tensor the architecture needs is
+  present, in the file the index names, with the right shape, and lies within its (untruncated)
+  file. What `load_hf` checks before it reads a byte of data.
+
+  Returns:
+    The checkpoint's `Qwen3Config`.
+
+  Raises:
+    CheckpointError: as `load_hf`.
+  """
+  path = os.fspath(path)
+  config = Qwen3Config.from_hf(path)
+  _validated_files(path, config)
+  return config
+
+
+def _validated_files(path: str, config: Qwen3Config
+                     ) -> tuple[list[TensorMapping], dict[str, safetensors_io.SafetensorsFile]]:
+  """The tensor mappings of `config` and, per HF key, its opened (header-checked) file."""
+  key_files = _checkpoint_files(path)
+  opened: dict[str, safetensors_io.SafetensorsFile] = {}
+  mappings = tensor_mappings(config)
+  expected = {m.hf_key for m in mappings}
+  # Tied checkpoints sometimes store the (identical) head anyway; it is not read.
+  ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
+  extra = sorted(set(key_files) - expected - ignorable)
+  if extra:
+    raise CheckpointError(f"{key_files[extra[0]]}: unexpected tensor '{extra[0]}' "
+                          f"({len(extra)} unexpected in all) for the architecture in "
+                          f"{path}/config.json")
+  missing = [m.hf_key for m in mappings if m.hf_key not in key_files]
+  if missing:
+    raise CheckpointError(f"{path}: missing tensor '{missing[0]}' ({len(missing)} missing "
+                          f"in all) for the architecture in {path}/config.json")
+  files = {}
+  for m in mappings:
+    name = key_files[m.hf_key]
+    if name not in opened:
+      opened[name] = safetensors_io.SafetensorsFile(name)
+    file = files[m.hf_key] = opened[name]
+    if m.hf_key not in file.keys():
+      raise CheckpointError(f"{file.path}: the index maps tensor '{m.hf_key}' here but the "
+                            "file does not hold it")
+    if file.shape(m.hf_key) != m.hf_shape:
+      raise CheckpointError(f"{file.path}: tensor '{m.hf_key}' has shape "
+                            f"{file.shape(m.hf_key)}, expected {m.hf_shape} from config.json")
+  return mappings, files
+
+
 def load_hf(path: str | os.PathLike, *, dtype: Any = jnp.float32, compute_dtype: Any = None,
             mesh: Mesh | None = None, remat: bool = False) -> Qwen3:
   """Loads a Hugging Face Qwen3 checkpoint directory into a `Qwen3`.
@@ -173,35 +225,7 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = jnp.float32, compute_dtype:
   path = os.fspath(path)
   config = Qwen3Config.from_hf(path, param_dtype=dtype,
                                compute_dtype=compute_dtype or dtype, remat=remat)
-  key_files = _checkpoint_files(path)
-  opened: dict[str, safetensors_io.SafetensorsFile] = {}
-
-  def open_file(file: str) -> safetensors_io.SafetensorsFile:
-    if file not in opened:
-      opened[file] = safetensors_io.SafetensorsFile(file)
-    return opened[file]
-
-  mappings = tensor_mappings(config)
-  expected = {m.hf_key for m in mappings}
-  # Tied checkpoints sometimes store the (identical) head anyway; it is not read.
-  ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
-  extra = sorted(set(key_files) - expected - ignorable)
-  if extra:
-    raise CheckpointError(f"{key_files[extra[0]]}: unexpected tensor '{extra[0]}' "
-                          f"({len(extra)} unexpected in all) for the architecture in "
-                          f"{path}/config.json")
-  missing = [m.hf_key for m in mappings if m.hf_key not in key_files]
-  if missing:
-    raise CheckpointError(f"{path}: missing tensor '{missing[0]}' ({len(missing)} missing "
-                          f"in all) for the architecture in {path}/config.json")
-  for m in mappings:
-    file = open_file(key_files[m.hf_key])
-    if m.hf_key not in file.keys():
-      raise CheckpointError(f"{file.path}: the index maps tensor '{m.hf_key}' here but the "
-                            "file does not hold it")
-    if file.shape(m.hf_key) != m.hf_shape:
-      raise CheckpointError(f"{file.path}: tensor '{m.hf_key}' has shape "
-                            f"{file.shape(m.hf_key)}, expected {m.hf_shape} from config.json")
+  mappings, files = _validated_files(path, config)
 
   model = abstract_model(config)
   graphdef, state = nnx.split(model)
@@ -209,7 +233,7 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = jnp.float32, compute_dtype:
   np_dtype = np.dtype(dtype)
   for m in mappings:
     variable = variables[m.nnx_path]
-    host = m.to_nnx(open_file(key_files[m.hf_key]).read(m.hf_key))
+    host = m.to_nnx(files[m.hf_key].read(m.hf_key))
     if mesh is None:
       array = jnp.asarray(host.astype(np_dtype))
     else:

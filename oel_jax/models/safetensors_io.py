@@ -20,6 +20,7 @@ import ml_dtypes
 import numpy as np
 
 from oel_jax.atomic_write import atomic_open
+from oel_jax.errors import InputError
 
 _DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -38,7 +39,7 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100_000_000
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
   """A checkpoint that does not hold what it should; the message names the file."""
 
 
