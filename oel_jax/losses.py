@@ -20,6 +20,20 @@ models' logits and log-softmax taken over the full vocabulary:
   renormalisation over S unless `renormalize=True`, which replaces `ls` and `lt` on S by
   their log-softmax over S (both distributions renormalised to sum to one on S).
   `k=0`, or `k >= V`, is the exact full-vocabulary reverse KL.
+
+  The truncated sum is no divergence: it can be negative, and its minimum is not at
+  student == teacher (it also pushes mass into S). `tail=True` (opt-in; not the official
+  loss) adds one bucket for the mass outside S, i.e. the exact KL between the two
+  distributions coarse-grained to S plus a tail,
+
+      D = sum_{i in S} p_i (ls_i - lt_i) + p_tail (log p_tail - log q_tail),
+
+  with p = exp(ls), q = exp(lt), p_tail = 1 - sum_S p, q_tail = 1 - sum_S q: >= 0, and 0
+  exactly when the coarse-grained distributions agree. The tail log-masses are log-sum-exps
+  over the complement of S (never `log(1 - sum)`, which float32 rounds to log 0 when S holds
+  nearly all the mass); a tail of mass 0 contributes 0. It cannot be combined with
+  `renormalize` (renormalised over S there is no tail). The union form takes it too; the
+  forward KL does not.
 - `union_topk_reverse_kl` (the official `kl_merge_indice=True` ablation): the same sum over
   S = (student top-k) union (teacher top-k), each index counted once.
 - `forward_kl` (off-policy context distillation, the paper's baseline; the official code's
@@ -110,6 +124,22 @@ def _check_temperature(temperature):
     raise ValueError(f"temperature must be a positive scalar, got {temperature!r}") from e
   if not (math.isfinite(value) and value > 0):
     raise ValueError(f"temperature must be a finite number > 0, got {value}")
+
+
+def _check_tail(tail, renormalize, divergence):
+  if not isinstance(tail, (bool, np.bool_)):
+    raise ValueError(f"tail must be a bool, got {tail!r}")
+  if tail and divergence == FORWARD_KL:
+    # Its gradient on S, q_tail p_i / p_tail, is huge when the student's tail is tiny and
+    # cancels against the log-softmax's dense term; no stable form is implemented.
+    raise ValueError("tail=True is implemented for the reverse-KL divergences "
+                     f"({TOPK_REVERSE_KL!r}, {UNION_TOPK_REVERSE_KL!r}), not for "
+                     f"{FORWARD_KL!r}")
+  if tail and renormalize:
+    raise ValueError("tail=True cannot be combined with renormalize=True: renormalised over "
+                     "the support S, both distributions put no mass outside S, so there is "
+                     "no tail bucket; use one or the other")
+  return bool(tail)
 
 
 def _check_float(name, x):
@@ -236,14 +266,80 @@ def _kl_terms(log_p, log_q, valid):
   return jnp.sum(jnp.where(live, jnp.exp(lp) * (lp - lq), 0.0), axis=-1)
 
 
-def _divergence_on_support(divergence, renormalize, ls_s, lt_s, valid):
-  """Per-token divergence from student/teacher log-probs gathered on the support."""
+def _outside_support(idx, shape):
+  """`[..., V]` bool: True off the support `idx` `[..., K]`."""
+  inside = jnp.put_along_axis(jnp.zeros(shape, bool), idx, True, axis=-1, inplace=False)
+  return ~inside
+
+
+def _tail_log_masses(ls, lt, idx):
+  """(log p_tail, log q_tail) `[...]`: log-masses off the support of full log-probs `[..., V]`.
+
+  A log-sum-exp over the complement, so a tiny tail keeps its precision (1 - sum_S p would
+  round to 0 in float32); an empty or zero-probability complement gives -inf. No gradient:
+  `_tail_term` carries the tails' dependence on the student's log-probs on S.
+  """
+  outside = _outside_support(idx, ls.shape)
+  ls, lt = jax.lax.stop_gradient(ls), jax.lax.stop_gradient(lt)
+  return tuple(jax.nn.logsumexp(jnp.where(outside, x, -jnp.inf), axis=-1) for x in (ls, lt))
+
+
+@jax.custom_jvp
+def _tail_term(ls_s, live, log_p_tail, log_q_tail):
+  """The tail bucket p_tail (log p_tail - log q_tail) `[...]` of the coarse-grained reverse KL.
+
+  A function of the student's log-probs on S, `ls_s` `[..., K]` (`live` marks the entries
+  that count): `log_p_tail`, `log_q_tail` `[...]` are the precise values
+  (`_tail_log_masses`), and the derivative treats the student's as what it is, a function of
+  its mass on S: p_tail = 1 - sum_{i in S, live} exp(ls_s_i). A tail of mass 0 gives 0.
+  """
+  del ls_s, live
+  return jnp.where(log_p_tail == -jnp.inf, 0.0,
+                   jnp.exp(log_p_tail) * (log_p_tail - log_q_tail))
+
+
+@_tail_term.defjvp
+def _tail_term_jvp(primals, tangents):
+  ls_s, live, log_p_tail, log_q_tail = primals
+  d_ls = tangents[0]  # the tails' own tangents are zero (stop-gradient)
+  out = _tail_term(*primals)
+  a, b = log_p_tail[..., None], log_q_tail[..., None]
+  on = live & (ls_s != -jnp.inf)
+  # d/dls_i of p_tail (a - b), with dp_tail/dls_i = -p_i: -p_i (a - b + 1). It is 0 for an
+  # empty tail (a = -inf): p_tail then stays 0 whatever the logits on S do. |a - b| is at
+  # most the logits' range / T, so this stays of the size of the sum's own gradient.
+  coef = jnp.where(on & (a != -jnp.inf),
+                   -jnp.exp(jnp.where(on, ls_s, 0.0)) * (a - b + 1.0), 0.0)
+  return out, jnp.sum(coef * d_ls, axis=-1)
+
+
+def _divergence_on_support(divergence, renormalize, ls_s, lt_s, valid, tails=None):
+  """Per-token divergence from student/teacher log-probs gathered on the support.
+
+  `tails`: None, or (log p_tail, log q_tail) `[...]` from `_tail_log_masses` to add the tail
+  bucket (reverse KL only, never with `renormalize`).
+  """
   if renormalize:
     ls_s = _masked_log_softmax(ls_s, valid)
     lt_s = _masked_log_softmax(lt_s, valid)
   if divergence == FORWARD_KL:
-    return _kl_terms(lt_s, ls_s, valid)
-  return _kl_terms(ls_s, lt_s, valid)
+    d = _kl_terms(lt_s, ls_s, valid)
+  else:
+    d = _kl_terms(ls_s, lt_s, valid)
+  if tails is not None:
+    live = jnp.ones(ls_s.shape, bool) if valid is None else valid
+    d = d + _tail_term(ls_s, live, *tails)
+  return d
+
+
+def _support_masses(ls_s, lt_s, valid):
+  """Student's and teacher's probability mass `[...]` on the support (log-probs `[..., K]`).
+
+  Exactly 1 for the full vocabulary (`valid` None).
+  """
+  if valid is None:
+    return jnp.ones(ls_s.shape[:-1], jnp.float32), jnp.ones(ls_s.shape[:-1], jnp.float32)
+  return tuple(jnp.sum(jnp.where(valid, jnp.exp(x), 0.0), axis=-1) for x in (ls_s, lt_s))
 
 
 def _entropy(log_probs):
@@ -252,13 +348,15 @@ def _entropy(log_probs):
   return -jnp.sum(jnp.where(live, jnp.exp(lp) * lp, 0.0), axis=-1)
 
 
-def _per_token_from_logits(divergence, k, renormalize, student_logits, teacher_logits,
+def _per_token_from_logits(divergence, k, renormalize, tail, student_logits, teacher_logits,
                            temperature):
   ls = _log_probs(student_logits, temperature)
   lt = _log_probs(jax.lax.stop_gradient(teacher_logits), temperature)
   idx, valid = _support(divergence, k, ls, lt)
+  # Over the full vocabulary the tail is empty: the sum is already the exact KL.
+  tails = _tail_log_masses(ls, lt, idx) if tail and idx is not None else None
   return _divergence_on_support(divergence, renormalize, _gather(ls, idx), _gather(lt, idx),
-                                valid)
+                                valid, tails)
 
 
 # ----------------------------------------------------------------------------------------
@@ -286,7 +384,7 @@ def masked_mean(values, mask):
 
 
 def per_token_divergence(student_logits, teacher_logits, *, divergence=TOPK_REVERSE_KL,
-                         k=256, temperature=1.0, renormalize=False):
+                         k=256, temperature=1.0, renormalize=False, tail=False):
   """Per-token divergence `[B, T]` of one of `DIVERGENCES` (module docstring).
 
   Args:
@@ -296,6 +394,9 @@ def per_token_divergence(student_logits, teacher_logits, *, divergence=TOPK_REVE
     k: top-k size (Python int); 0 or >= V means the full vocabulary.
     temperature: divides both models' logits before the log-softmax; > 0.
     renormalize: renormalise both distributions over the support S.
+    tail: add the tail bucket (the KL of the distributions coarse-grained to S plus one
+      bucket for the rest; module docstring). Reverse-KL divergences only; not with
+      `renormalize`.
 
   Returns:
     float32 `[B, T]`.
@@ -303,21 +404,24 @@ def per_token_divergence(student_logits, teacher_logits, *, divergence=TOPK_REVE
   _check_divergence(divergence)
   k = _check_k(k)
   _check_temperature(temperature)
+  tail = _check_tail(tail, renormalize, divergence)
   _check_logits(student_logits, teacher_logits)
-  return _per_token_from_logits(divergence, k, bool(renormalize), student_logits,
+  return _per_token_from_logits(divergence, k, bool(renormalize), tail, student_logits,
                                 teacher_logits, temperature)
 
 
 def topk_reverse_kl_per_token(student_logits, teacher_logits, *, k=256, temperature=1.0,
-                              renormalize=False):
+                              renormalize=False, tail=False):
   """Per-token top-k reverse KL `[B, T]`: sum over the student's top-k S of
-  `exp(ls_i) (ls_i - lt_i)` (module docstring). Logits `[B, T, V]`."""
+  `exp(ls_i) (ls_i - lt_i)`, plus the tail bucket with `tail` (module docstring). Logits
+  `[B, T, V]`."""
   return per_token_divergence(student_logits, teacher_logits, divergence=TOPK_REVERSE_KL,
-                              k=k, temperature=temperature, renormalize=renormalize)
+                              k=k, temperature=temperature, renormalize=renormalize,
+                              tail=tail)
 
 
 def topk_reverse_kl(student_logits, teacher_logits, mask, *, k=256, temperature=1.0,
-                    renormalize=False):
+                    renormalize=False, tail=False):
   """OEL's consolidation loss: token-mean over `mask` of the top-k reverse KL.
 
   Per position, with `ls = log_softmax(student_logits / temperature)` and
@@ -332,32 +436,38 @@ def topk_reverse_kl(student_logits, teacher_logits, mask, *, k=256, temperature=
     k: top-k size; 0 or >= V gives the exact full-vocabulary reverse KL.
     temperature: sampling temperature applied to both models' logits; > 0.
     renormalize: renormalise both distributions over S before the sum.
+    tail: add `p_tail (log p_tail - log q_tail)` for the mass outside S, making D the KL
+      of the distributions coarse-grained to S plus a tail bucket (>= 0; opt-in, not the
+      official loss). Not with `renormalize`.
 
   Returns:
     float32 scalar; 0 for an all-zero mask.
   """
   _check_logits(student_logits, teacher_logits, mask)
   per_token = topk_reverse_kl_per_token(student_logits, teacher_logits, k=k,
-                                        temperature=temperature, renormalize=renormalize)
+                                        temperature=temperature, renormalize=renormalize,
+                                        tail=tail)
   return masked_mean(per_token, mask)
 
 
 def union_topk_reverse_kl_per_token(student_logits, teacher_logits, *, k=256,
-                                    temperature=1.0, renormalize=False):
+                                    temperature=1.0, renormalize=False, tail=False):
   """Per-token reverse KL `[B, T]` over S = student top-k union teacher top-k (each index
-  once): `sum_{i in S} exp(ls_i) (ls_i - lt_i)`. Logits `[B, T, V]`."""
+  once): `sum_{i in S} exp(ls_i) (ls_i - lt_i)`, plus the tail bucket with `tail`. Logits
+  `[B, T, V]`."""
   return per_token_divergence(student_logits, teacher_logits,
                               divergence=UNION_TOPK_REVERSE_KL, k=k, temperature=temperature,
-                              renormalize=renormalize)
+                              renormalize=renormalize, tail=tail)
 
 
 def union_topk_reverse_kl(student_logits, teacher_logits, mask, *, k=256, temperature=1.0,
-                          renormalize=False):
+                          renormalize=False, tail=False):
   """Token-mean over `mask` `[B, T]` of `union_topk_reverse_kl_per_token`; float32 scalar."""
   _check_logits(student_logits, teacher_logits, mask)
   return masked_mean(
       union_topk_reverse_kl_per_token(student_logits, teacher_logits, k=k,
-                                      temperature=temperature, renormalize=renormalize),
+                                      temperature=temperature, renormalize=renormalize,
+                                      tail=tail),
       mask)
 
 
@@ -414,12 +524,19 @@ def entropy_from_logits(logits, *, temperature=1.0):
 class TokenStats(NamedTuple):
   """Per-token outputs of `per_token_divergence_from_hidden`, each float32 `[B, T]`.
 
-  `student_entropy` and `teacher_entropy` are the entropies of the temperature-scaled
-  full-vocabulary distributions, carry no gradient, and are zeros unless requested.
+  Only `divergence` carries a gradient. `student_entropy` and `teacher_entropy` are the
+  entropies of the temperature-scaled full-vocabulary distributions, zeros unless requested.
+  `student_support_mass` and `teacher_support_mass` are the two distributions'
+  (temperature-scaled, full-vocabulary) probability mass on the loss's support S (the
+  student's top-k for the reverse KL, the union for the union form, the teacher's top-k for
+  the forward KL), always computed (a sum of K exps per token); exactly 1 for the full
+  vocabulary. A student mass near 1 means the truncated sum is close to the full KL.
   """
   divergence: jax.Array
   student_entropy: jax.Array
   teacher_entropy: jax.Array
+  student_support_mass: jax.Array
+  teacher_support_mass: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -427,6 +544,7 @@ class _ChunkConfig:
   divergence: str
   k: int
   renormalize: bool
+  tail: bool
   with_entropy: bool
   vocab_chunk_size: int
 
@@ -451,6 +569,15 @@ def _chunk_logits(hidden, unembed):
 # over all tokens and written once. For the full vocabulary (k = 0 or k >= V) G is dense,
 # G_j = dD/dls_j of the element-wise terms, so the teacher's logits tile is recomputed too
 # (renormalising over the full vocabulary changes nothing, so it is ignored there).
+#
+# The tail bucket (`tail=True`) fits the same scheme: p_tail = 1 - sum_{i in S} exp(ls_i)
+# depends on the student's log-probs only through S, so its term p_tail (log p_tail -
+# log q_tail) is a function of ls|S (and constants of the teacher) and simply adds
+# -p_i (log p_tail - log q_tail + 1) to G on S (`_tail_term`). Only the tail log-masses'
+# values need the full vocabulary; the forward pass takes them as log-sum-exps over the
+# complement of S from the logits it already holds. (For the forward KL the tail's G on S
+# would be q_tail p_i / p_tail, huge when the student's tail is tiny, and cancelling against
+# the dense term in float32; tail=True is refused there.)
 
 
 def _scaled_logsumexp(z, temperature):
@@ -464,8 +591,9 @@ def _scaled_logsumexp(z, temperature):
 def _chunked_forward(cfg, hs, ws, ht, wt, temperature):
   """Forward over token chunks: hs `[n, C, H]`, ht `[n, C, H']`.
 
-  Returns ((divergence, student_entropy, teacher_entropy), saved): outputs `[n, C]`; saved is
-  a dict of per-token residuals for the backward pass.
+  Returns ((divergence, student_entropy, teacher_entropy, student_support_mass,
+  teacher_support_mass), saved): outputs `[n, C]`; saved is a dict of per-token residuals
+  for the backward pass.
   """
   sparse = _support_size(cfg.divergence, cfg.k, ws.shape[0]) is not None
 
@@ -482,7 +610,12 @@ def _chunked_forward(cfg, hs, ws, ht, wt, temperature):
     ls_s = _gather(zs, idx) / temperature - lse_s[:, None]
     lt_s = _gather(zt, idx) / temperature - lse_t[:, None]
     renorm = cfg.renormalize and sparse  # a no-op over the full vocabulary
-    div_of = lambda a: _divergence_on_support(cfg.divergence, renorm, a, lt_s, valid)
+    tails = None
+    if cfg.tail and sparse:  # the full vocabulary has an empty tail
+      outside = _outside_support(idx, zs.shape)
+      tails = tuple(_scaled_logsumexp(jnp.where(outside, z, -jnp.inf), temperature) - lse
+                    for z, lse in ((zs, lse_s), (zt, lse_t)))
+    div_of = lambda a: _divergence_on_support(cfg.divergence, renorm, a, lt_s, valid, tails)
     div, vjp = jax.vjp(div_of, ls_s)
     (g,) = vjp(jnp.ones_like(div))
     saved = {"lse_s": lse_s, "sum_g": jnp.sum(g, axis=-1)}
@@ -495,7 +628,8 @@ def _chunked_forward(cfg, hs, ws, ht, wt, temperature):
       ent_t = _entropy(zt / temperature - lse_t[:, None])
     else:
       ent_s = ent_t = jnp.zeros_like(div)
-    return (div, ent_s, ent_t), saved
+    mass_s, mass_t = _support_masses(ls_s, lt_s, valid)
+    return (div, ent_s, ent_t, mass_s, mass_t), saved
 
   return jax.lax.map(body, (hs, ht))
 
@@ -511,7 +645,7 @@ def _chunked_per_token_fwd(cfg, hs, ws, ht, wt, temperature):
 
 
 def _chunked_per_token_bwd(cfg, res, cotangents):
-  # Only the divergence is differentiated; the public wrapper stop-gradients the entropies.
+  # Only the divergence is differentiated; the public wrapper stop-gradients the statistics.
   hs, ws, ht, wt, temperature, saved = res
   g_tok = cotangents[0].astype(jnp.float32)  # [n, C]
   sparse = "idx" in saved
@@ -603,8 +737,9 @@ def _check_chunk(name, value):
 
 def per_token_divergence_from_hidden(student_hidden, student_unembed, teacher_hidden,
                                      teacher_unembed, *, divergence=TOPK_REVERSE_KL, k=256,
-                                     temperature=1.0, renormalize=False, chunk_size=256,
-                                     vocab_chunk_size=8192, with_entropy=False):
+                                     temperature=1.0, renormalize=False, tail=False,
+                                     chunk_size=256, vocab_chunk_size=8192,
+                                     with_entropy=False):
   """Per-token divergence from final hidden states, without materialising `[B, T, V]`.
 
   Equal in value and gradient to `per_token_divergence(student_hidden @ student_unembed.T,
@@ -629,6 +764,9 @@ def per_token_divergence_from_hidden(student_hidden, student_unembed, teacher_hi
     k: top-k size; 0 or >= V means the full vocabulary.
     temperature: > 0, applied to both models' logits.
     renormalize: renormalise both distributions over the support.
+    tail: add the tail bucket (module docstring); reverse-KL divergences only, not with
+      `renormalize`. The tail log-masses cost one masked log-sum-exp more over each chunk's
+      logits per model.
     chunk_size: tokens per chunk (any positive int; need not divide B*T).
     vocab_chunk_size: vocabulary rows per tile in the backward pass (need not divide V).
     with_entropy: also compute both models' full-vocabulary entropies (no gradient).
@@ -639,6 +777,7 @@ def per_token_divergence_from_hidden(student_hidden, student_unembed, teacher_hi
   _check_divergence(divergence)
   k = _check_k(k)
   _check_temperature(temperature)
+  tail = _check_tail(tail, renormalize, divergence)
   _check_hidden(student_hidden, student_unembed, teacher_hidden, teacher_unembed)
   chunk_size = _check_chunk("chunk_size", chunk_size)
   vocab_chunk_size = _check_chunk("vocab_chunk_size", vocab_chunk_size)
@@ -653,7 +792,8 @@ def per_token_divergence_from_hidden(student_hidden, student_unembed, teacher_hi
     x = jnp.pad(x, ((0, pad), (0, 0)))
     return x.reshape(n_chunks, chunk, x.shape[-1])
 
-  cfg = _ChunkConfig(divergence, k, bool(renormalize), bool(with_entropy), vocab_chunk_size)
+  cfg = _ChunkConfig(divergence, k, bool(renormalize), tail, bool(with_entropy),
+                     vocab_chunk_size)
   temperature = jnp.asarray(temperature, jnp.float32)
   outs = _chunked_per_token(cfg, to_chunks(student_hidden), student_unembed,
                             to_chunks(teacher_hidden), teacher_unembed, temperature)
@@ -661,13 +801,14 @@ def per_token_divergence_from_hidden(student_hidden, student_unembed, teacher_hi
   def from_chunks(x):
     return x.reshape(n_chunks * chunk)[:n_tokens].reshape(lead)
 
-  div, ent_s, ent_t = (from_chunks(x) for x in outs)
-  return TokenStats(div, jax.lax.stop_gradient(ent_s), jax.lax.stop_gradient(ent_t))
+  div, *stats = (from_chunks(x) for x in outs)
+  return TokenStats(div, *(jax.lax.stop_gradient(x) for x in stats))
 
 
 def topk_reverse_kl_from_hidden(student_hidden, student_unembed, teacher_hidden,
                                 teacher_unembed, mask, *, k=256, temperature=1.0,
-                                renormalize=False, chunk_size=256, vocab_chunk_size=8192):
+                                renormalize=False, tail=False, chunk_size=256,
+                                vocab_chunk_size=8192):
   """`topk_reverse_kl` computed from hidden states in token chunks (memory-bounded).
 
   Equal in value and gradient to `topk_reverse_kl(student_hidden @ student_unembed.T,
@@ -680,7 +821,7 @@ def topk_reverse_kl_from_hidden(student_hidden, student_unembed, teacher_hidden,
     teacher_hidden: `[B, T, H']`; no gradient.
     teacher_unembed: `[V, H']`; no gradient.
     mask: `[B, T]` response-token mask.
-    k, temperature, renormalize: as in `topk_reverse_kl`.
+    k, temperature, renormalize, tail: as in `topk_reverse_kl`.
     chunk_size: tokens per chunk.
     vocab_chunk_size: vocabulary rows per tile in the backward pass.
 
@@ -691,5 +832,5 @@ def topk_reverse_kl_from_hidden(student_hidden, student_unembed, teacher_hidden,
   stats = per_token_divergence_from_hidden(
       student_hidden, student_unembed, teacher_hidden, teacher_unembed,
       divergence=TOPK_REVERSE_KL, k=k, temperature=temperature, renormalize=renormalize,
-      chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
+      tail=tail, chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
   return masked_mean(stats.divergence, mask)

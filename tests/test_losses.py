@@ -7,6 +7,9 @@ with respect to the student logits derived by hand (no autodiff):
   Reverse KL, D = sum_S exp(a) (a - b) with a = ls|S, b = lt|S:  dD/da = exp(a) (a - b + 1).
   Forward KL, D = sum_S exp(b) (b - a):                          dD/da = -exp(b).
   No renormalisation: a = ls|S, so dD/ds_j = g_j [j in S] - q_j sum_S g.
+  Tail bucket of the reverse KLs (P = 1 - sum_S exp(a), Q = 1 - sum_S exp(b), summed here
+  over the complement of S; P depends on a only through sum_S exp(a)):
+    D += P (log P - log Q), so dD/da += -exp(a) (log P - log Q + 1); 0 when P = 0.
   Renormalised over S: a = s|S - logsumexp(s|S), so dD/ds_j = g_j - exp(a_j) sum_S g on S.
   dD/dz = dD/ds / T.
 """
@@ -45,7 +48,7 @@ def _np_support(ls, lt, divergence, k):
   return sup
 
 
-def np_per_token(zs, zt, divergence, k, temperature, renormalize):
+def np_per_token(zs, zt, divergence, k, temperature, renormalize, tail=False):
   """Per-token D [N] and dD/dz_student [N, V] for float64 logits [N, V]."""
   ls = _np_log_softmax(zs / temperature)
   lt = _np_log_softmax(zt / temperature)
@@ -64,6 +67,11 @@ def np_per_token(zs, zt, divergence, k, temperature, renormalize):
     else:
       d[n] = np.sum(np.exp(a) * (a - b))
       g = np.exp(a) * (a - b + 1.0)
+    if tail:
+      p_tail, q_tail = np.sum(np.exp(ls[n, ~sup])), np.sum(np.exp(lt[n, ~sup]))
+      if p_tail > 0:
+        d[n] += p_tail * (np.log(p_tail) - np.log(q_tail))
+        g = g - np.exp(a) * (np.log(p_tail) - np.log(q_tail) + 1.0)
     ds = np.zeros(zs.shape[1])
     if renormalize:
       ds[sup] = g - np.exp(a) * np.sum(g)
@@ -74,12 +82,12 @@ def np_per_token(zs, zt, divergence, k, temperature, renormalize):
   return d, dz
 
 
-def np_loss_and_grad(zs, zt, mask, divergence, k, temperature, renormalize):
+def np_loss_and_grad(zs, zt, mask, divergence, k, temperature, renormalize, tail=False):
   """Token-mean loss and its gradient w.r.t. the student logits [B, T, V]."""
   b, t, v = zs.shape
   d, dz = np_per_token(zs.reshape(-1, v).astype(np.float64),
                        zt.reshape(-1, v).astype(np.float64), divergence, k, temperature,
-                       renormalize)
+                       renormalize, tail)
   w = np.asarray(mask, np.float64).reshape(-1)
   if w.sum() == 0:
     return 0.0, np.zeros_like(zs, np.float64)
@@ -110,18 +118,21 @@ def _random_logits(seed, shape=SHAPE, scale=3.0):
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(divergence, k, renormalize):
+def _compiled(divergence, k, renormalize, tail=False):
   """Jitted (student, teacher, mask, temperature) -> (loss, d_student, d_teacher).
 
   Temperature and mask are traced, so one compile serves every temperature and mask.
   """
   fn = _LOSS_FNS[divergence]
+  if tail:  # forward_kl has no tail argument
+    fn = functools.partial(fn, tail=True)
   f = lambda s, t, m, temp: fn(s, t, m, k=k, temperature=temp, renormalize=renormalize)
   return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
 
 
-def _jax_loss_and_grad(divergence, zs, zt, mask, *, k, temperature=1.0, renormalize=False):
-  loss, (g_s, g_t) = _compiled(divergence, k, renormalize)(zs, zt, mask, temperature)
+def _jax_loss_and_grad(divergence, zs, zt, mask, *, k, temperature=1.0, renormalize=False,
+                       tail=False):
+  loss, (g_s, g_t) = _compiled(divergence, k, renormalize, tail)(zs, zt, mask, temperature)
   return float(loss), np.asarray(g_s), np.asarray(g_t)
 
 
@@ -292,6 +303,144 @@ def test_entropy_helpers_match_numpy():
 
 
 # ------------------------------------------------------------------------------------------
+# The tail bucket (tail=True): the KL of the distributions coarse-grained to S plus a tail.
+
+REVERSE_KLS = (losses.TOPK_REVERSE_KL, losses.UNION_TOPK_REVERSE_KL)
+
+
+@pytest.mark.parametrize("divergence", REVERSE_KLS)
+@pytest.mark.parametrize("k", [3, 10])
+def test_reference_tail_gradient_matches_finite_differences(divergence, k):
+  # The hand-derived reference gradient itself, against central differences in float64
+  # (the supports stay fixed: no ties within 1e-6 in these logits).
+  rng = np.random.default_rng(k)
+  zs, zt = rng.normal(size=(2, 4, 30)) * 2.0  # two [N, V] float64 logits
+  d, dz = np_per_token(zs, zt, divergence, k, 0.8, False, tail=True)
+  eps = 1e-6
+  fd = np.zeros_like(zs)
+  for j in range(zs.shape[1]):
+    e = np.zeros_like(zs)
+    e[:, j] = eps
+    fd[:, j] = (np_per_token(zs + e, zt, divergence, k, 0.8, False, tail=True)[0]
+                - np_per_token(zs - e, zt, divergence, k, 0.8, False, tail=True)[0]) / (2 * eps)
+  np.testing.assert_allclose(dz, fd, rtol=1e-6, atol=1e-8)
+  plain, _ = np_per_token(zs, zt, divergence, k, 0.8, False)
+  assert np.all(np.abs(d - plain) > 1e-3)  # the tail term is really there
+
+
+@pytest.mark.parametrize("divergence", REVERSE_KLS)
+@pytest.mark.parametrize("k", [1, 7, 40])
+def test_tail_matches_numpy(divergence, k):
+  for temperature in (0.7, 1.3):
+    zs, zt, mask = _random_logits(100 + k + int(10 * temperature))
+    loss, grad, grad_t = _jax_loss_and_grad(divergence, zs, zt, mask, k=k,
+                                            temperature=temperature, tail=True)
+    ref_loss, ref_grad = np_loss_and_grad(zs, zt, mask, divergence, k, temperature, False,
+                                          tail=True)
+    np.testing.assert_allclose(loss, ref_loss, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=2e-6)
+    assert np.all(grad_t == 0.0)
+    # The tail term is there, so the checks above can tell (in the gradient: the union of
+    # two top-40 sets holds all but ~1e-5 of the mass).
+    _, plain_grad, _ = _jax_loss_and_grad(divergence, zs, zt, mask, k=k,
+                                          temperature=temperature)
+    assert np.max(np.abs(grad - plain_grad)) > 2e-4
+    per_token = losses.per_token_divergence(zs, zt, divergence=divergence, k=k,
+                                            temperature=temperature, tail=True)
+    assert np.all(np.asarray(per_token) > 0)
+
+
+@pytest.mark.parametrize("divergence", REVERSE_KLS)
+@pytest.mark.parametrize("k", [1, 30])
+def test_tail_form_is_zero_with_zero_gradient_only_at_equality(divergence, k):
+  zs, zt, mask = _random_logits(12)
+  loss, grad, _ = _jax_loss_and_grad(divergence, zs, zs, mask, k=k, temperature=0.7,
+                                     tail=True)
+  assert abs(loss) < 1e-6
+  # A true divergence is minimal at equality, so its gradient vanishes there (the truncated
+  # sum's does not: test_zero_when_student_equals_teacher).
+  assert np.max(np.abs(grad)) < 1e-6
+  per_token = np.asarray(losses.per_token_divergence(zs, zt, divergence=divergence, k=k,
+                                                     temperature=0.7, tail=True))
+  ref, _ = np_per_token(zs.reshape(-1, SHAPE[-1]).astype(np.float64),
+                        zt.reshape(-1, SHAPE[-1]).astype(np.float64), divergence, k, 0.7,
+                        False, tail=True)
+  assert np.all(ref > 1e-4) and np.all(per_token > 0)
+  np.testing.assert_allclose(per_token.reshape(-1), ref, rtol=2e-5, atol=1e-6)
+
+
+def test_tail_form_is_positive_where_the_truncated_sum_is_negative():
+  # A teacher with the student's ranking but sharper puts more mass than the student on the
+  # student's top-k: every term of the truncated sum is negative there.
+  zs, _, mask = _random_logits(13, scale=1.0)
+  zt = 2.0 * zs
+  truncated = np.asarray(losses.topk_reverse_kl_per_token(zs, zt, k=5))
+  with_tail = np.asarray(losses.topk_reverse_kl_per_token(zs, zt, k=5, tail=True))
+  assert np.all(truncated < -1e-3)
+  assert np.all(with_tail > 1e-3)
+  ref, _ = np_per_token(zs.reshape(-1, SHAPE[-1]).astype(np.float64),
+                        zt.reshape(-1, SHAPE[-1]).astype(np.float64), losses.TOPK_REVERSE_KL,
+                        5, 1.0, False, tail=True)
+  np.testing.assert_allclose(with_tail.reshape(-1), ref, rtol=2e-5)
+  loss, grad, _ = _jax_loss_and_grad(losses.TOPK_REVERSE_KL, zs, zt, mask, k=5, tail=True)
+  ref_loss, ref_grad = np_loss_and_grad(zs, zt, mask, losses.TOPK_REVERSE_KL, 5, 1.0, False,
+                                        tail=True)
+  np.testing.assert_allclose(loss, ref_loss, rtol=2e-5)
+  np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("divergence", REVERSE_KLS)
+def test_tail_over_the_full_vocabulary_is_the_full_kl(divergence):
+  zs, zt, mask = _random_logits(14)
+  v = SHAPE[-1]
+  ref_loss, ref_grad = np_loss_and_grad(zs, zt, mask, divergence, 0, 0.7, False)
+  for k in (0, v, v + 3):
+    loss, grad, _ = _jax_loss_and_grad(divergence, zs, zt, mask, k=k, temperature=0.7,
+                                       tail=True)
+    np.testing.assert_allclose(loss, ref_loss, rtol=2e-5)
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=2e-6)
+  # A support holding every token of nonzero probability leaves a tail of mass 0 (-inf
+  # log-mass): it adds 0, with no NaN in value or gradient.
+  zs[..., -5:] = -np.inf
+  zt[..., -5:] = -np.inf
+  ref_loss, ref_grad = np_loss_and_grad(zs[..., :-5], zt[..., :-5], mask, divergence, 0, 0.7,
+                                        False)
+  loss, grad, _ = _jax_loss_and_grad(divergence, zs, zt, mask, k=v - 5, temperature=0.7,
+                                     tail=True)
+  np.testing.assert_allclose(loss, ref_loss, rtol=2e-5)
+  np.testing.assert_allclose(grad[..., :-5], ref_grad, rtol=1e-4, atol=2e-6)
+  assert np.all(grad[..., -5:] == 0.0)
+
+
+@pytest.mark.parametrize("tiny", ["student", "teacher"])
+def test_tail_stays_precise_when_the_support_holds_almost_all_mass(tiny):
+  # One model puts ~1e-18 of its mass outside the student's top-k: 1 - sum_S p is then 0 or
+  # less in float32, and a form built on it would give log 0 (inf or NaN). The log-sum-exp
+  # over the complement keeps it. With the teacher's tail tiny, the tail term is the larger
+  # part of the loss; with the student's, it is ~0 but its gradient on S is not.
+  rng = np.random.default_rng(15)
+  k = 8
+  base = rng.normal(size=SHAPE).astype(np.float32)
+  top = np.argsort(-base, axis=-1)[..., :k]
+  peaked = base - 45.0
+  np.put_along_axis(peaked, top, np.take_along_axis(base, top, -1), axis=-1)
+  p32 = np.exp(peaked - np.log(np.sum(np.exp(peaked), -1, keepdims=True)))
+  assert np.min(1.0 - np.sum(np.take_along_axis(p32, top, -1), -1, dtype=np.float32)) <= 0
+  zs, zt = ((peaked, (rng.normal(size=SHAPE) * 2.0).astype(np.float32)) if tiny == "student"
+            else (base, peaked))
+  mask = np.ones(SHAPE[:-1], np.float32)
+  loss, grad, _ = _jax_loss_and_grad(losses.TOPK_REVERSE_KL, zs, zt, mask, k=k, tail=True)
+  ref_loss, ref_grad = np_loss_and_grad(zs, zt, mask, losses.TOPK_REVERSE_KL, k, 1.0, False,
+                                        tail=True)
+  assert np.isfinite(loss) and np.all(np.isfinite(grad))
+  np.testing.assert_allclose(loss, ref_loss, rtol=2e-5)
+  np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-5)
+  if tiny == "teacher":
+    truncated, _ = np_loss_and_grad(zs, zt, mask, losses.TOPK_REVERSE_KL, k, 1.0, False)
+    assert ref_loss - truncated > 10.0
+
+
+# ------------------------------------------------------------------------------------------
 # Hidden-state (chunked) form against the logits form.
 
 
@@ -419,6 +568,79 @@ def test_chunked_entropies_match_logits_form():
                                                   temperature=0.7)), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("divergence,k,chunk_size", [(losses.TOPK_REVERSE_KL, 7, 4),
+                                                     (losses.TOPK_REVERSE_KL, 0, 5),
+                                                     (losses.UNION_TOPK_REVERSE_KL, 6, 7)])
+def test_chunked_tail_equals_plain(divergence, k, chunk_size):
+  hs, ws, ht, wt, mask = _hidden_inputs(50 + k + chunk_size)
+  chunks = ((chunk_size, 16), (64, 100))
+  (lp, gp), outs = _plain_and_chunked(divergence, chunks, hs, ws, ht, wt, mask, k=k,
+                                      temperature=0.7, tail=True)
+  for chunk, (lc, gc) in zip(chunks, outs):
+    np.testing.assert_allclose(float(lc), float(lp), rtol=1e-5, err_msg=str(chunk))
+    for a, b in zip(gc[:2], gp[:2]):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5,
+                                 err_msg=str(chunk))
+    for g in gc[2:]:
+      assert np.all(np.asarray(g) == 0.0)
+  (lp0, gp0), _ = _plain_and_chunked(divergence, (), hs, ws, ht, wt, mask, k=k,
+                                     temperature=0.7)
+  if k:  # the tail term is there (so the checks above can tell)
+    assert abs(float(lp) - float(lp0)) > 1e-3
+    assert np.max(np.abs(np.asarray(gp[1]) - np.asarray(gp0[1]))) > 1e-3
+  else:  # the full vocabulary has no tail
+    np.testing.assert_allclose(float(lp), float(lp0), rtol=1e-6)
+
+
+def test_chunked_tail_matches_numpy_reference_through_the_unembedding():
+  hs, ws, ht, wt, mask = _hidden_inputs(43)
+  zs = np.einsum("bth,vh->btv", np.float64(hs), np.float64(ws))
+  zt = np.einsum("bth,vh->btv", np.float64(ht), np.float64(wt))
+  ref_loss, dz = np_loss_and_grad(zs, zt, np.asarray(mask), losses.TOPK_REVERSE_KL, 7, 0.7,
+                                  False, tail=True)
+  ref_dh = np.einsum("btv,vh->bth", dz, np.float64(ws))
+  ref_dw = np.einsum("btv,bth->vh", dz, np.float64(hs))
+  f = lambda hs, ws: losses.topk_reverse_kl_from_hidden(hs, ws, ht, wt, mask, k=7,
+                                                        temperature=0.7, tail=True,
+                                                        chunk_size=4, vocab_chunk_size=16)
+  loss, (dh, dw) = jax.value_and_grad(f, argnums=(0, 1))(hs, ws)
+  np.testing.assert_allclose(float(loss), ref_loss, rtol=2e-5)
+  np.testing.assert_allclose(np.asarray(dh), ref_dh, rtol=2e-4, atol=2e-6)
+  np.testing.assert_allclose(np.asarray(dw), ref_dw, rtol=2e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("divergence,k", [(losses.TOPK_REVERSE_KL, 7),
+                                          (losses.UNION_TOPK_REVERSE_KL, 6),
+                                          (losses.FORWARD_KL, 6),
+                                          (losses.TOPK_REVERSE_KL, 0)])
+def test_chunked_support_masses_match_numpy(divergence, k):
+  hs, ws, ht, wt, _ = _hidden_inputs(44)
+  temperature = 0.7
+  stats_of = lambda hs: losses.per_token_divergence_from_hidden(
+      hs, ws, ht, wt, divergence=divergence, k=k, temperature=temperature, chunk_size=4,
+      vocab_chunk_size=16)
+  stats = stats_of(hs)
+  v = ws.shape[0]
+  ls = _np_log_softmax(np.einsum("bth,vh->btv", np.float64(hs), np.float64(ws)).reshape(-1, v)
+                       / temperature)
+  lt = _np_log_softmax(np.einsum("bth,vh->btv", np.float64(ht), np.float64(wt)).reshape(-1, v)
+                       / temperature)
+  sup = np.stack([_np_support(a, b, divergence, k) for a, b in zip(ls, lt)])
+  ref_s = np.sum(np.where(sup, np.exp(ls), 0.0), axis=-1)
+  ref_t = np.sum(np.where(sup, np.exp(lt), 0.0), axis=-1)
+  got_s = np.asarray(stats.student_support_mass).reshape(-1)
+  got_t = np.asarray(stats.teacher_support_mass).reshape(-1)
+  if k == 0:
+    assert np.all(got_s == 1.0) and np.all(got_t == 1.0)
+  else:
+    assert min(ref_s) < 0.9 and min(ref_t) < 0.9  # truncation that matters
+    np.testing.assert_allclose(got_s, ref_s, rtol=1e-5)
+    np.testing.assert_allclose(got_t, ref_t, rtol=1e-5)
+  # Statistics only: no gradient flows from them.
+  grad = jax.grad(lambda hs: jnp.sum(stats_of(hs).student_support_mass))(hs)
+  assert np.all(np.asarray(grad) == 0.0)
+
+
 def test_chunked_never_materialises_full_logits():
   # Compile only: the chunked value-and-gradient program's temporaries stay below one
   # [N, V] float32 logits buffer, while the plain form's exceed several.
@@ -467,6 +689,12 @@ def test_bad_inputs_raise_clear_errors():
     losses.per_token_divergence(zs, zs, divergence="js")
   with pytest.raises(ValueError, match=r"temperature"):
     losses.entropy_from_logits(zs, temperature=0)
+  with pytest.raises(ValueError, match="tail=True cannot be combined with renormalize"):
+    losses.topk_reverse_kl(zs, zs, mask, tail=True, renormalize=True)
+  with pytest.raises(ValueError, match="reverse-KL divergences"):
+    losses.per_token_divergence(zs, zs, divergence=losses.FORWARD_KL, tail=True)
+  with pytest.raises(ValueError, match="tail must be a bool"):
+    losses.topk_reverse_kl(zs, zs, mask, tail="yes")
 
 
 def test_bad_hidden_inputs_raise_clear_errors():
@@ -491,3 +719,8 @@ def test_bad_hidden_inputs_raise_clear_errors():
       f(hs, ws, hs, ws, mask, vocab_chunk_size=bad)
   with pytest.raises(ValueError, match="k must be >= 0"):
     f(hs, ws, hs, ws, mask, k=-2)
+  with pytest.raises(ValueError, match="tail=True cannot be combined with renormalize"):
+    f(hs, ws, hs, ws, mask, tail=True, renormalize=True)
+  with pytest.raises(ValueError, match="reverse-KL divergences"):
+    losses.per_token_divergence_from_hidden(hs, ws, hs, ws, divergence=losses.FORWARD_KL,
+                                            tail=True)
