@@ -57,6 +57,11 @@ class TrainConfig:
   """The sampling temperature, applied to both models' logits (DESIGN.md 5.3)."""
   renormalize: bool = False
   """Renormalise both distributions over the top-k support."""
+  tail: bool = False
+  """Add a tail bucket for the mass outside the support S, making the loss the KL of the two
+  distributions coarse-grained to S plus one bucket (`oel_jax.losses`; >= 0, unlike the
+  truncated sum). Off: the official loss. Reverse-KL divergences only, not with
+  `renormalize`."""
   micro_batches: int = 1
   """Split each batch into this many micro-batches (gradient accumulation)."""
   loss_chunk_size: int = 256
@@ -73,6 +78,14 @@ class TrainConfig:
         raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
     if self.k < 0:
       raise ValueError(f"TrainConfig.k must be >= 0, got {self.k}")
+    if not isinstance(self.tail, bool):
+      raise ValueError(f"TrainConfig.tail must be a bool, got {self.tail!r}")
+    if self.tail and self.renormalize:
+      raise ValueError("TrainConfig.tail and TrainConfig.renormalize cannot both be set: "
+                       "renormalised over the support there is no tail bucket")
+    if self.tail and self.divergence == losses.FORWARD_KL:
+      raise ValueError(f"TrainConfig.tail is implemented for the reverse-KL divergences, not "
+                       f"{losses.FORWARD_KL!r}")
     if self.micro_batches < 1:
       raise ValueError(f"TrainConfig.micro_batches must be >= 1, got {self.micro_batches}")
 
@@ -163,11 +176,24 @@ class TrainState:
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss or gradient was NaN or infinite; `.state` is the unchanged train state."""
+  """The loss or gradient was NaN or infinite; `.state` is the unchanged train state.
+
+  Raised by `Trainer.train_step` (unless ``skip_non_finite``), and by
+  `oel_jax.consolidate.run_consolidation` after too many consecutive skipped steps.
+  """
 
   def __init__(self, message: str, state: "TrainState"):
     super().__init__(message)
     self.state = state
+
+
+# Step metrics that are token means over the scored tokens: metric name -> TokenStats field.
+_TOKEN_STATS = {
+    "student_entropy": "student_entropy",
+    "teacher_entropy": "teacher_entropy",
+    "student_topk_mass": "student_support_mass",
+    "teacher_topk_mass": "teacher_support_mass",
+}
 
 
 def _gather(hidden: jax.Array, index: jax.Array) -> jax.Array:
@@ -262,7 +288,7 @@ class Trainer:
   # ---- the step ----
 
   def _loss_stats(self, params, teacher_params, batch: DistillBatch):
-    """Sum of per-token divergences and token statistics over one micro-batch."""
+    """Sum of per-token divergences, and sums of token statistics, over one micro-batch."""
     cfg = self.config
     student = nnx.merge(self.graphdef, params)
     teacher = nnx.merge(self.graphdef, teacher_params)
@@ -273,11 +299,12 @@ class Trainer:
         _gather(hs, batch.student_index), student.unembedding(),
         _gather(ht, batch.teacher_index), jax.lax.stop_gradient(teacher.unembedding()),
         divergence=cfg.divergence, k=cfg.k, temperature=cfg.temperature,
-        renormalize=cfg.renormalize, chunk_size=cfg.loss_chunk_size,
+        renormalize=cfg.renormalize, tail=cfg.tail, chunk_size=cfg.loss_chunk_size,
         vocab_chunk_size=cfg.vocab_chunk_size, with_entropy=True)
     w = batch.response_mask
     total = jnp.sum(stats.divergence * w)
-    return total, (jnp.sum(stats.student_entropy * w), jnp.sum(stats.teacher_entropy * w))
+    return total, {name: jnp.sum(getattr(stats, field) * w)
+                   for name, field in _TOKEN_STATS.items()}
 
   def _build_step(self) -> Callable:
     m = self.config.micro_batches
@@ -297,34 +324,34 @@ class Trainer:
         micro = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spec), micro)
 
       def accumulate(carry, mb):
-        grads, loss, ent_s, ent_t = carry
-        (l, (es, et)), g = grad_fn(state.params, teacher_params, mb)
+        grads, loss, sums = carry
+        (l, s), g = grad_fn(state.params, teacher_params, mb)
         grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
         if self.mesh is not None:  # accumulate sharded like the parameters
           grads = jax.lax.with_sharding_constraint(grads, self.param_sharding)
-        return (grads, loss + l, ent_s + es, ent_t + et), None
+        return (grads, loss + l, jax.tree.map(jnp.add, sums, s)), None
 
       zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
       if self.mesh is not None:
         zeros = jax.lax.with_sharding_constraint(zeros, self.param_sharding)
-      init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
+      init = (zeros, jnp.float32(0), {name: jnp.float32(0) for name in _TOKEN_STATS})
       if m == 1:
-        (grads, loss, ent_s, ent_t), _ = accumulate(init, jax.tree.map(lambda x: x[0], micro))
+        (grads, loss, sums), _ = accumulate(init, jax.tree.map(lambda x: x[0], micro))
       else:
-        (grads, loss, ent_s, ent_t), _ = jax.lax.scan(accumulate, init, micro)
+        (grads, loss, sums), _ = jax.lax.scan(accumulate, init, micro)
       grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
       loss = loss / denom
       grad_norm = optax.global_norm(grads)
       updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
       params = optax.apply_updates(state.params, updates)
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-      # A non-finite step leaves the state exactly as it was; the caller raises.
+      # A non-finite step leaves the state exactly as it was (train_step raises or skips).
       keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
       new_state = TrainState(params=keep(params, state.params),
                              opt_state=keep(opt_state, state.opt_state),
                              step=state.step + finite.astype(jnp.int32))
-      metrics = {"loss": loss, "grad_norm": grad_norm, "student_entropy": ent_s / denom,
-                 "teacher_entropy": ent_t / denom, "tokens": tokens}
+      metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": tokens,
+                 **{name: total / denom for name, total in sums.items()}}
       return new_state, metrics
 
     if self.mesh is None:
@@ -343,13 +370,32 @@ class Trainer:
     with self._mesh_context():
       return self._step.lower(state, teacher_params, batch)
 
-  def train_step(self, state: TrainState, teacher_params: Any, batch: DistillBatch
-                 ) -> tuple[TrainState, dict[str, float]]:
+  def train_step(self, state: TrainState, teacher_params: Any, batch: DistillBatch, *,
+                 skip_non_finite: bool = False) -> tuple[TrainState, dict[str, Any]]:
     """One optimizer step. `state` is donated: use the returned one.
 
+    A step whose loss or gradient norm is not finite updates nothing: parameters, optimizer
+    state and ``state.step`` stay exactly as they were.
+
+    Args:
+      state: the train state (donated).
+      teacher_params: the frozen teacher's parameters (`teacher_params`).
+      batch: the step's batch.
+      skip_non_finite: return normally from a non-finite step (the unchanged state, and
+        metrics with ``finite`` False) instead of raising; what the official code does.
+
+    Returns:
+      The new state and the step's metrics: floats ``loss``, ``grad_norm``, ``tokens``
+      (scored tokens), the token means over them of ``student_entropy``,
+      ``teacher_entropy`` (full-vocabulary entropies at the loss temperature),
+      ``student_topk_mass`` and ``teacher_topk_mass`` (each model's probability mass on the
+      loss's support S; 1 for the full vocabulary), ``step_time``, ``tokens_per_second``;
+      and the bool ``finite``.
+
     Raises:
-      NonFiniteLossError: the loss or gradient norm was not finite; nothing was updated
-        and the error's `.state` equals the input state.
+      NonFiniteLossError: the loss or gradient norm was not finite (and not
+        ``skip_non_finite``); nothing was updated and the error's `.state` equals the input
+        state.
     """
     self.check_batch(batch)
     if self.mesh is not None:
@@ -360,9 +406,11 @@ class Trainer:
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     metrics["step_time"] = time.perf_counter() - start
     metrics["tokens_per_second"] = metrics["tokens"] / metrics["step_time"]
-    if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+    # The same test as the jitted step's (which decided whether the state moved).
+    metrics["finite"] = math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
+    if not metrics["finite"] and not skip_non_finite:
       raise NonFiniteLossError(
           f"non-finite loss {metrics['loss']} / grad norm {metrics['grad_norm']} at step "
           f"{int(new_state.step)}; parameters and optimizer state were not updated (the "
-          "exception's .state holds them)", new_state)
+          "exception's .state holds them; skip_non_finite=True skips such steps)", new_state)
     return new_state, metrics

@@ -55,7 +55,9 @@ def test_batch_alignment(setup):
 
 @pytest.mark.parametrize("cfg", [TrainConfig(learning_rate=1e-3, k=16),
                                  TrainConfig(learning_rate=1e-3, k=5, temperature=1.3,
-                                             renormalize=True)])
+                                             renormalize=True),
+                                 TrainConfig(learning_rate=1e-3, k=5, temperature=1.3,
+                                             tail=True)])
 def test_step_loss_and_update_match_a_plain_reference(setup, cfg):
   batch, _ = setup
   student, teacher = init_model(CONFIG, seed=1), init_model(CONFIG, seed=2)
@@ -69,7 +71,8 @@ def test_step_loss_and_update_match_a_plain_reference(setup, cfg):
     lt = _gathered_logits(teacher, batch.teacher_ids, batch.teacher_mask,
                           batch.teacher_index)
     return losses.topk_reverse_kl(ls, lt, batch.response_mask, k=cfg.k,
-                                  temperature=cfg.temperature, renormalize=cfg.renormalize)
+                                  temperature=cfg.temperature, renormalize=cfg.renormalize,
+                                  tail=cfg.tail)
 
   ref_loss, ref_grads = jax.value_and_grad(plain_loss)(nnx.state(student))
   tx = cfg.optimizer()
@@ -85,6 +88,18 @@ def test_step_loss_and_update_match_a_plain_reference(setup, cfg):
   ent = losses.entropy_from_logits(s_logits, temperature=cfg.temperature)
   want = float((ent * batch.response_mask).sum() / batch.response_mask.sum())
   assert metrics["student_entropy"] == pytest.approx(want, rel=1e-5)
+  # Each model's mass on the student's top-k, token means in float64.
+  t_logits = _gathered_logits(teacher, batch.teacher_ids, batch.teacher_mask,
+                              batch.teacher_index)
+  ls = jax.nn.log_softmax(np.asarray(s_logits, np.float64) / cfg.temperature)
+  lt = jax.nn.log_softmax(np.asarray(t_logits, np.float64) / cfg.temperature)
+  top = np.argsort(-np.asarray(ls), axis=-1)[..., :cfg.k]
+  w = np.asarray(batch.response_mask, np.float64)
+  for name, lp in (("student_topk_mass", ls), ("teacher_topk_mass", lt)):
+    mass = np.exp(np.take_along_axis(np.asarray(lp), top, -1)).sum(-1)
+    assert metrics[name] == pytest.approx((mass * w).sum() / w.sum(), rel=1e-5), name
+  assert 0 < metrics["teacher_topk_mass"] < metrics["student_topk_mass"] < 1
+  assert metrics["finite"] is True
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=PARAM_ATOL),
                jax.tree.map(np.asarray, state.params), jax.tree.map(np.asarray, ref_params))
   assert int(state.step) == 1
@@ -190,7 +205,8 @@ def test_non_finite_loss_stops_with_state_unchanged(setup):
   trainer = Trainer(student, TrainConfig(learning_rate=1e-3, k=16))
   state = trainer.init_state(student)
   before = jax.tree.map(np.asarray, state.params)
-  bad_teacher = jax.tree.map(lambda x: x, trainer.teacher_params(init_model(CONFIG, seed=2)))
+  teacher = trainer.teacher_params(init_model(CONFIG, seed=2))
+  bad_teacher = jax.tree.map(lambda x: x, teacher)
   bad_teacher["final_norm"]["scale"][...] = jnp.full((64,), jnp.nan)
   with pytest.raises(NonFiniteLossError, match="non-finite loss nan.*not updated") as err:
     trainer.train_step(state, bad_teacher, batch)
@@ -198,6 +214,30 @@ def test_non_finite_loss_stops_with_state_unchanged(setup):
   assert int(kept.step) == 0
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), kept.params,
                before)
+
+  # skip_non_finite: the same unchanged state comes back, with finite=False, and training
+  # goes on from it.
+  kept_opt = jax.tree.map(np.asarray, kept.opt_state)
+  state, metrics = trainer.train_step(kept, bad_teacher, batch, skip_non_finite=True)
+  assert metrics["finite"] is False and np.isnan(metrics["loss"])
+  assert int(state.step) == 0
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), state.params,
+               before)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), state.opt_state,
+               kept_opt)
+  state, metrics = trainer.train_step(state, teacher, batch, skip_non_finite=True)
+  assert metrics["finite"] is True and np.isfinite(metrics["loss"])
+  assert int(state.step) == 1
+
+
+def test_tail_config_is_checked():
+  with pytest.raises(ValueError, match="tail and TrainConfig.renormalize"):
+    TrainConfig(tail=True, renormalize=True)
+  with pytest.raises(ValueError, match="reverse-KL"):
+    TrainConfig(tail=True, divergence=losses.FORWARD_KL)
+  with pytest.raises(ValueError, match="TrainConfig.tail must be a bool"):
+    TrainConfig(tail=1)
+  assert TrainConfig().tail is False  # the official loss by default
 
 
 def test_bad_configuration_fails_before_compiling(setup):
