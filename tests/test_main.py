@@ -147,6 +147,16 @@ def test_paper_configs_hold_table_4_and_validate(name, tmp_path_factory):
   assert p.extraction.num_trajectories == n and p.consolidation.train.learning_rate == lr
   assert p.consolidation_games == steps * 64
   assert p.extraction_boards * p.extraction_plays == n * 10
+  # The pools sample as the official runs do; IF-Eval follows the official README.
+  sampling = lambda r: (r.temperature, r.top_p, r.top_k)
+  assert sampling(p.rollout_for(0, "extraction")) == (0.7, 0.8, 20)
+  assert sampling(p.rollout_for(0, "consolidation")) == (0.7, 1.0, 0)
+  assert (config.ifeval.enable_thinking, config.ifeval.temperature, config.ifeval.top_p,
+          config.ifeval.top_k, config.ifeval.seed, config.ifeval.max_new_tokens) == (
+              False, 0.7, 0.8, 20, 42, 1280)
+  # The released deploy scripts' 128 games per step is one override away.
+  config.consolidation.games_per_step = 128
+  assert loop.plan(config, num_devices=8).consolidation_games == steps * 128
 
 
 def _one_error_line(out) -> str:
