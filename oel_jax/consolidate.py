@@ -36,6 +36,19 @@ What each step does, and how it follows the official implementation (microsoft/L
   ``get_response_mask``). One optimizer step per batch.
 - Teacher: the round-start model, frozen (official ``ref`` worker); its parameters are never
   written (the train state holds a copy of the student's).
+- Non-finite steps: a step whose loss or gradient norm is NaN or infinite is skipped, as
+  officially: the train state (parameters, optimizer state, its step count) stays exactly as it
+  was, the step still counts (its games are used up, its metrics line says ``skipped: true``,
+  with ``loss``/``grad_norm`` null when not finite) and a warning is logged.
+  `ConsolidationConfig.max_consecutive_skipped_steps` skipped steps in a row stop the round with
+  `oel_jax.train.NonFiniteLossError`.
+
+Per-step metrics (`ConsolidationResult.metrics`, ``metrics.jsonl``) hold, besides the loss and
+gradient norm, token means over the scored tokens of each model's entropy
+(``student_entropy``, ``teacher_entropy``) and of its probability mass on the loss's support S
+(``student_topk_mass``, ``teacher_topk_mass``: how much of the distributions the top-k sum
+sees; 1 for the full vocabulary), at the loss temperature; ``skipped`` and the round's running
+``skipped_steps``.
 
 Baselines (DESIGN.md 5.3, issue 6 part 4):
 
@@ -75,7 +88,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import math
 import os
 import time
@@ -85,15 +97,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from oel_jax import losses
 from oel_jax.atomic_write import atomic_write_text
 from oel_jax.envs import Trajectory, insert_knowledge
 from oel_jax.models.qwen3 import Qwen3
-from oel_jax.train import DistillBatch, TrainConfig, Trainer, TrainState, make_batch
-
-_log = logging.getLogger(__name__)
+from oel_jax.train import (DistillBatch, NonFiniteLossError, TrainConfig, Trainer, TrainState,
+                           make_batch)
 
 MODES = ("on_policy", "off_policy")
 CONTEXTS = ("knowledge", "raw_trajectories")
@@ -107,7 +119,8 @@ TIMING_KEYS = ("sampling_time", "train_time", "step_time", "tokens_per_second",
                "sampled_tokens_per_second")
 """Metrics that measure time (they differ between otherwise identical runs)."""
 
-RESUMABLE_FIELDS = ("steps", "checkpoint_every", "keep_checkpoints")
+RESUMABLE_FIELDS = ("steps", "checkpoint_every", "keep_checkpoints",
+                    "max_consecutive_skipped_steps")
 """Config fields that may change between an interrupted run and its resumption."""
 
 # Tags that keep the random streams of one step apart.
@@ -210,9 +223,16 @@ class ConsolidationConfig:
   """Most prompts per sampler call (the step's prompts are split into several calls); None:
   all in one call."""
 
+  max_consecutive_skipped_steps: int = 3
+  """A step whose loss or gradient is not finite is skipped (the train state is left exactly
+  as it was, as officially; the step still counts and its metrics line says
+  ``skipped: true``); this many skipped steps in a row stop the round with
+  `oel_jax.train.NonFiniteLossError`. May change when a run is resumed."""
+
   def __post_init__(self):
     for name in ("steps", "games_per_step", "max_new_tokens", "keep_checkpoints",
-                 "min_length_bucket", "length_buckets_per_doubling", "min_row_bucket"):
+                 "min_length_bucket", "length_buckets_per_doubling", "min_row_bucket",
+                 "max_consecutive_skipped_steps"):
       _check_int(name, getattr(self, name), 1)
     for name in ("top_k", "seed", "checkpoint_every"):
       _check_int(name, getattr(self, name), 0)
@@ -503,6 +523,48 @@ def _metrics_line(m: Mapping[str, Any]) -> str:
   return json.dumps(m, allow_nan=False) + "\n"
 
 
+def _json_number(value: Any) -> Any:
+  """A metrics-line value: a non-finite float (a skipped step's loss) becomes None (null)."""
+  return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _skip_counts(history: Sequence[Mapping[str, Any]]) -> tuple[int, int]:
+  """(skipped steps, skipped steps in a row at the end) of a metrics history."""
+  flags = [bool(m.get("skipped", False)) for m in history]  # older lines lack the key
+  run = len(flags) - max((i + 1 for i, f in enumerate(flags) if not f), default=0)
+  return sum(flags), run
+
+
+def _too_many_skipped(step: int, consecutive: int, m: Mapping[str, Any],
+                      config: ConsolidationConfig) -> str:
+  steps = f"step {step}" if consecutive == 1 else f"steps {step - consecutive + 1}-{step}"
+  limit = config.max_consecutive_skipped_steps
+  return (f"consolidation stopped at step {step}: {steps} ({consecutive} in a row) had a "
+          f"non-finite loss or gradient norm (last: loss {m['loss']}, grad norm "
+          f"{m['grad_norm']}) and were skipped, the train state unchanged; "
+          f"ConsolidationConfig.max_consecutive_skipped_steps={limit} allows no more. To let "
+          "the run skip more, raise that limit and run again (it resumes from the last "
+          "checkpoint); to make the steps finite, look at the learning rate and the models' "
+          "weights")
+
+
+def _default_fingerprint_config() -> dict[str, Any]:
+  """The fingerprinted part of the default config, as JSON data."""
+  config = ConsolidationConfig().to_dict()
+  return json.loads(json.dumps({k: v for k, v in config.items() if k not in RESUMABLE_FIELDS}))
+
+
+def _with_defaults(old: Any, defaults: Any) -> Any:
+  """``old`` (a checkpoint's config) with the keys it lacks taken from ``defaults``, nested.
+
+  A field added to the config after the checkpoint was written takes its default, which keeps
+  the earlier behaviour; so such a checkpoint still resumes.
+  """
+  if not isinstance(old, Mapping) or not isinstance(defaults, Mapping):
+    return old
+  return {**defaults, **{k: _with_defaults(v, defaults.get(k)) for k, v in old.items()}}
+
+
 class _Checkpoints:
   """Orbax checkpoints of (train state, JSON metadata) in one folder."""
 
@@ -561,6 +623,10 @@ class ConsolidationResult:
   resumed_from: int
   """The checkpoint step the run continued from (0: it started fresh)."""
 
+  skipped_steps: int = 0
+  """Steps of the round (before a resume too) skipped for a non-finite loss or gradient;
+  ``state.step`` counts the optimizer steps taken, ``config.steps - skipped_steps``."""
+
 
 def _check_knowledge(knowledge: Any) -> tuple[str, ...]:
   if isinstance(knowledge, (str, bytes)):
@@ -578,8 +644,9 @@ def _check_knowledge(knowledge: Any) -> tuple[str, ...]:
     if not isinstance(t, str):
       raise TypeError(f"knowledge[{i}] is a {type(t).__name__}, not a str")
   if not any(texts):
-    _log.warning("every knowledge text is empty: the teacher sees the same prompt as the "
-                 "student, so consolidation only pulls the student toward the round-start model")
+    logging.warning("every knowledge text is empty: the teacher sees the same prompt as the "
+                    "student, so consolidation only pulls the student toward the round-start "
+                    "model")
   return texts
 
 
@@ -646,7 +713,9 @@ def run_consolidation(student: Qwen3, teacher: Qwen3, tokenizer: Any,
     ValueError / TypeError: bad inputs (no trajectories or turns, an empty knowledge set, a
       prompt that already holds knowledge, mismatched models, a checkpoint of another run in
       ``workdir``), before any work.
-    oel_jax.train.NonFiniteLossError: a step's loss was not finite (nothing was updated).
+    oel_jax.train.NonFiniteLossError: ``config.max_consecutive_skipped_steps`` steps in a row
+      had a non-finite loss or gradient (each was skipped; the last one's metrics line is
+      written, no checkpoint of it; the error's ``.state`` is the unchanged train state).
   """
   from oel_jax import chat  # pylint: disable=import-outside-toplevel
   from oel_jax.sampling import Sampler  # pylint: disable=import-outside-toplevel
@@ -716,6 +785,7 @@ def run_consolidation(student: Qwen3, teacher: Qwen3, tokenizer: Any,
   checkpoints = None
   metrics_path = None
   history: list[dict[str, Any]] = []
+  skipped_steps = consecutive = 0  # skipped steps in the round, and the latest run of them
   start = 0
   state = None
   if workdir is not None:
@@ -731,10 +801,14 @@ def run_consolidation(student: Qwen3, teacher: Qwen3, tokenizer: Any,
         if meta.get("kind") != META_KIND or meta.get("version") != META_VERSION:
           raise ValueError(f"{checkpoints.folder}/{latest}: not an oel_jax consolidation "
                            "checkpoint")
-        if meta["fingerprint"] != fingerprint:
-          diff = sorted(k for k in fingerprint if meta["fingerprint"].get(k) != fingerprint[k])
+        old_fingerprint = dict(meta["fingerprint"])
+        if isinstance(old_fingerprint.get("config"), Mapping):
+          old_fingerprint["config"] = _with_defaults(old_fingerprint["config"],
+                                                     _default_fingerprint_config())
+        if old_fingerprint != fingerprint:
+          diff = sorted(k for k in fingerprint if old_fingerprint.get(k) != fingerprint[k])
           if "config" in diff:
-            old = meta["fingerprint"]["config"]
+            old = old_fingerprint["config"]
             diff += [f"config.{k}" for k in fingerprint["config"]
                      if old.get(k) != fingerprint["config"][k]]
           raise ValueError(f"{checkpoints.folder} holds a consolidation of other inputs or "
@@ -745,8 +819,9 @@ def run_consolidation(student: Qwen3, teacher: Qwen3, tokenizer: Any,
                            f"config.steps={config.steps}")
         state = checkpoints.restore_state(latest, abstract_state(trainer, student))
         history = [dict(m) for m in meta["metrics"]]
+        skipped_steps, consecutive = _skip_counts(history)
         start = latest
-        _log.info("consolidation: resuming from step %d (%s)", latest, checkpoints.folder)
+        logging.info("consolidation: resuming from step %d (%s)", latest, checkpoints.folder)
       atomic_write_text(metrics_path, "".join(_metrics_line(m) for m in history))
     if state is None:
       state = trainer.init_state(student)
@@ -789,16 +864,29 @@ def run_consolidation(student: Qwen3, teacher: Qwen3, tokenizer: Any,
         sampling_time = time.perf_counter() - t0
         batch = build_batch(inputs.student_prompts, inputs.teacher_prompts, responses,
                             pad_id=pad_id, config=config, row_multiple=row_multiple)
-        state, m = trainer.train_step(state, teacher_params, batch)
-        if config.mode == "on_policy":
-          sampler.update_weights(_copy_params(state.params))
+        state, m = trainer.train_step(state, teacher_params, batch, skip_non_finite=True)
+        skipped = not m["finite"]
+        if skipped:  # the weights are as before, the sampler's too
+          skipped_steps += 1
+          consecutive += 1
+          logging.warning(
+              "consolidation step %d skipped: non-finite loss %s / grad norm %s; the train "
+              "state is unchanged (%d skipped in a row, %d this round; the round stops at %d "
+              "in a row)", step, m["loss"], m["grad_norm"], consecutive, skipped_steps,
+              config.max_consecutive_skipped_steps)
+        else:
+          consecutive = 0
+          if config.mode == "on_policy":
+            sampler.update_weights(_copy_params(state.params))
         generated = sum(len(r) for r in responses)
         position = step * config.games_per_step
         line = {
             "step": step,
             "loss": m["loss"], "grad_norm": m["grad_norm"],
             "student_entropy": m["student_entropy"], "teacher_entropy": m["teacher_entropy"],
-            "tokens": m["tokens"],
+            "student_topk_mass": m["student_topk_mass"],
+            "teacher_topk_mass": m["teacher_topk_mass"],
+            "tokens": m["tokens"], "skipped": skipped, "skipped_steps": skipped_steps,
             "rows": len(responses), "padded_rows": int(batch.batch_size),
             "games": config.games_per_step, "epoch": (position - 1) // len(games),
             "games_consumed": position,
@@ -812,10 +900,15 @@ def run_consolidation(student: Qwen3, teacher: Qwen3, tokenizer: Any,
             "sampled_tokens_per_second": generated / max(sampling_time, 1e-9),
             "step_time": time.perf_counter() - t_step,
         }
+        line = {k: _json_number(v) for k, v in line.items()}
         history.append(line)
         if metrics_path is not None:
           with open(metrics_path, "a", encoding="utf-8") as f:
             f.write(_metrics_line(line))
+        if consecutive >= config.max_consecutive_skipped_steps:
+          # Before the checkpoint: running again resumes before these steps and meets them
+          # again, unless the limit was raised.
+          raise NonFiniteLossError(_too_many_skipped(step, consecutive, m, config), state)
         if checkpoints is not None and (
             step == config.steps or (config.checkpoint_every and
                                      step % config.checkpoint_every == 0)):
@@ -824,7 +917,8 @@ def run_consolidation(student: Qwen3, teacher: Qwen3, tokenizer: Any,
               "games_consumed": position, "seed": config.seed,
               "fingerprint": fingerprint, "metrics": history})
         bar.update(1)
-        bar.set_postfix(loss=f"{line['loss']:.4g}", tok_s=f"{line['tokens_per_second']:.0f}")
+        bar.set_postfix(loss="skipped" if skipped else f"{m['loss']:.4g}",
+                        tok_s=f"{m['tokens_per_second']:.0f}")
         if on_step is not None:
           on_step(step, dict(line))
     finally:
@@ -835,4 +929,4 @@ def run_consolidation(student: Qwen3, teacher: Qwen3, tokenizer: Any,
   if config.mode == "off_policy":
     sampler.update_weights(_copy_params(state.params))
   return ConsolidationResult(model=trainer.student(state), metrics=tuple(history), state=state,
-                             resumed_from=start)
+                             resumed_from=start, skipped_steps=skipped_steps)

@@ -94,7 +94,11 @@ def _knowledge_tokens(state: Any, run: int) -> int:
 
 
 def consolidation_stats(result: Any) -> dict[str, Any]:
-  """The consolidation result's per-step metrics as a list of flat records."""
+  """The consolidation result's per-step metrics as a list of flat records, and a summary.
+
+  The summary: first, final and mean loss (over the steps not skipped), and
+  ``skipped_steps``, the steps skipped for a non-finite loss or gradient.
+  """
   raw = getattr(result, "metrics", None)
   if raw is None:
     raw = getattr(result, "history", [])
@@ -109,10 +113,12 @@ def consolidation_stats(result: Any) -> dict[str, Any]:
               or _num(v) is None}
     record.setdefault("step", i + 1)
     steps.append(record)
-  losses = [s["loss"] for s in steps if isinstance(s.get("loss"), (int, float))]
+  losses = [s["loss"] for s in steps if isinstance(s.get("loss"), (int, float))
+            and not s.get("skipped")]
   return {"steps": steps, "first_loss": losses[0] if losses else None,
           "final_loss": losses[-1] if losses else None,
-          "mean_loss": _mean(losses) if losses else None}
+          "mean_loss": _mean(losses) if losses else None,
+          "skipped_steps": sum(bool(s.get("skipped")) for s in steps)}
 
 
 def brief(stage: str, metrics: Mapping[str, Any]) -> str:
@@ -176,7 +182,8 @@ def records(markers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
           rec["kl"] = rec["loss"]
         out.append(rec)
       out.append({**base, "summary": True, "final_loss": metrics["final_loss"],
-                  "mean_loss": metrics["mean_loss"], "seconds": m["seconds"]})
+                  "mean_loss": metrics["mean_loss"],
+                  "skipped_steps": metrics.get("skipped_steps", 0), "seconds": m["seconds"]})
     elif stage == "evaluate":
       p = metrics["pass_rate"]
       rec = {**base, "x": x_of(r), "pass_rate": p["pass_rate_mean"],

@@ -5,16 +5,17 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from oel_jax import chat, consolidate, losses, parallel, tiny
+from oel_jax import chat, consolidate, losses, metrics, parallel, tiny
 from oel_jax.consolidate import ConsolidationConfig, run_consolidation
 from oel_jax.envs import (ModelInfo, insert_knowledge, load_trajectories, make_env,
                           write_trajectories)
 from oel_jax.sampling import Sampler
-from oel_jax.train import TrainConfig, Trainer
+from oel_jax.train import NonFiniteLossError, TrainConfig, Trainer
 
 KNOWLEDGE = ("- EXPERIENCE ITEM: Holes end the game; step around them.",
              "",  # a run that extracted nothing: the teacher sees no knowledge block
@@ -239,9 +240,14 @@ def test_tiny_run_trains_the_student_and_leaves_the_teacher_alone(tok, trajector
   assert lines == list(result.metrics)
   for m in result.metrics:
     for key in ("loss", "grad_norm", "student_entropy", "teacher_entropy", "tokens",
-                "tokens_per_second", "sampling_time"):
+                "tokens_per_second", "sampling_time", "student_topk_mass",
+                "teacher_topk_mass"):
       assert np.isfinite(m[key]), key
     assert m["rows"] <= m["padded_rows"] == 4 and 0 < m["tokens"] <= 16 * m["rows"]
+    # k = 16 of a 4096-token vocabulary: the top-k holds part of the mass, not all.
+    assert 0 < m["teacher_topk_mass"] < 1 and 0 < m["student_topk_mass"] < 1
+    assert m["skipped"] is False and m["skipped_steps"] == 0
+  assert result.skipped_steps == 0
   assert sorted(os.listdir(os.path.join(workdir, consolidate.CHECKPOINT_DIR))) == ["4"]
   # Run again: the finished checkpoint is found, nothing is recomputed.
   again = run_consolidation(model, model, tok, trajectories, KNOWLEDGE, CONFIG,
@@ -344,6 +350,130 @@ def test_off_policy_baseline_samples_from_the_teacher_with_knowledge(tok, trajec
   assert np.isfinite(result.metrics[0]["loss"])
 
 
+# ---- non-finite steps ----
+
+
+class PoisonedTrainer:
+  """Delegates to a real `Trainer`, but gives the teacher a NaN on the chosen train_step calls
+  (1-based), so that those steps' loss is not finite. Records each call's train state before
+  and after as NumPy copies (the step donates its input)."""
+
+  def __init__(self, trainer, poisoned_calls):
+    self._inner = trainer
+    self.poisoned = set(poisoned_calls)
+    self.calls = []  # per call: (state before, state after, metrics)
+
+  def __getattr__(self, name):
+    return getattr(self._inner, name)
+
+  def train_step(self, state, teacher_params, batch, **kwargs):
+    if len(self.calls) + 1 in self.poisoned:
+      teacher_params = jax.tree.map(lambda x: x, teacher_params)
+      scale = teacher_params["final_norm"]["scale"]
+      scale[...] = jnp.full_like(scale[...], jnp.nan)
+    snapshot = lambda s: [np.array(x) for x in jax.tree.leaves((s.params, s.opt_state,
+                                                                s.step))]
+    before = snapshot(state)
+    state, m = self._inner.train_step(state, teacher_params, batch, **kwargs)
+    self.calls.append((before, snapshot(state), m))
+    return state, m
+
+
+def _same(a, b):
+  return all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_non_finite_steps_are_skipped_and_the_run_goes_on(tok, trajectories, engine, tmp_path,
+                                                          caplog):
+  model, trainer, sampler = engine
+  # Two skipped steps, never two in a row: the limit of 2 is not reached.
+  config = dataclasses.replace(CONFIG, max_consecutive_skipped_steps=2)
+  poisoned = PoisonedTrainer(trainer, {2, 4})
+  with caplog.at_level("WARNING"):
+    result = run_consolidation(model, model, tok, trajectories, KNOWLEDGE, config,
+                               workdir=tmp_path, sampler=sampler, trainer=poisoned,
+                               progress=False)
+  assert [m["step"] for m in result.metrics] == [1, 2, 3, 4]
+  assert [m["skipped"] for m in result.metrics] == [False, True, False, True]
+  assert [m["skipped_steps"] for m in result.metrics] == [0, 1, 1, 2]
+  assert result.skipped_steps == 2
+  for i, (before, after, m) in enumerate(poisoned.calls):
+    if i + 1 in (2, 4):  # parameters, Adam moments and step count exactly as they were
+      assert not m["finite"] and _same(before, after)
+      assert result.metrics[i]["loss"] is None and result.metrics[i]["grad_norm"] is None
+    else:  # the others train on
+      assert m["finite"] and not _same(before, after)
+      assert np.isfinite(result.metrics[i]["loss"])
+  assert int(result.state.step) == 2  # optimizer steps taken
+  for a, b in zip(poisoned.calls[1][1], poisoned.calls[2][0]):  # step 3 starts from step 2's
+    np.testing.assert_array_equal(a, b)
+  with open(tmp_path / consolidate.METRICS_FILE) as f:
+    assert [json.loads(line) for line in f] == list(result.metrics)
+  warnings = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+  assert len(warnings) == 2 and "step 2 skipped: non-finite loss nan" in warnings[0]
+  stats = metrics.consolidation_stats(result)
+  assert stats["skipped_steps"] == 2
+  assert stats["first_loss"] == result.metrics[0]["loss"]
+  assert stats["final_loss"] == result.metrics[2]["loss"]
+
+
+def test_consecutive_skipped_steps_stop_the_round_and_count_across_a_resume(
+    tok, trajectories, engine, tmp_path):
+  model, trainer, sampler = engine
+  config = dataclasses.replace(CONFIG, max_consecutive_skipped_steps=2)
+  kwargs = dict(workdir=tmp_path, sampler=sampler, progress=False)
+
+  def die(step, metrics):
+    del metrics
+    if step == 3:
+      raise Interrupt
+
+  # Step 2 is skipped and checkpointed; the run dies after step 3.
+  with pytest.raises(Interrupt):
+    run_consolidation(model, model, tok, trajectories, KNOWLEDGE, config,
+                      trainer=PoisonedTrainer(trainer, {2}), on_step=die, **kwargs)
+  # Resumed from step 2, whose metrics say it was skipped: a skipped step 3 makes two in a
+  # row, and the round stops, with step 3's line written and no checkpoint of it.
+  with pytest.raises(NonFiniteLossError, match=r"steps 2-3 \(2 in a row\).*"
+                     r"max_consecutive_skipped_steps=2 allows no more.*raise that limit") as err:
+    run_consolidation(model, model, tok, trajectories, KNOWLEDGE, config,
+                      trainer=PoisonedTrainer(trainer, {1}), **kwargs)
+  assert int(err.value.state.step) == 1
+  with open(tmp_path / consolidate.METRICS_FILE) as f:
+    lines = [json.loads(line) for line in f]
+  assert [(m["step"], m["skipped"], m["skipped_steps"]) for m in lines] == [
+      (1, False, 0), (2, True, 1), (3, True, 2)]
+  assert sorted(os.listdir(tmp_path / consolidate.CHECKPOINT_DIR)) == ["2"]
+  # A higher limit may be set on resuming; the round then ends as an uninterrupted run with
+  # the same skipped steps does.
+  config = dataclasses.replace(config, max_consecutive_skipped_steps=3)
+  resumed = run_consolidation(model, model, tok, trajectories, KNOWLEDGE, config,
+                              trainer=PoisonedTrainer(trainer, {1}), **kwargs)
+  assert resumed.resumed_from == 2 and resumed.skipped_steps == 2
+  assert [m["skipped_steps"] for m in resumed.metrics] == [0, 1, 2, 2]
+  whole = run_consolidation(model, model, tok, trajectories, KNOWLEDGE, config,
+                            sampler=sampler, trainer=PoisonedTrainer(trainer, {2, 3}),
+                            progress=False)
+  assert _deterministic(resumed.metrics) == _deterministic(whole.metrics)
+  assert whole.skipped_steps == 2 and int(whole.state.step) == 2
+  for a, b in zip(_params(whole.model), _params(resumed.model)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_checkpoint_from_before_new_config_fields_still_resumes():
+  # A field added to the config later (here train.tail) is absent from an older checkpoint's
+  # fingerprint; it compares as its default, which is what that run used.
+  fingerprinted = lambda c: {k: v for k, v in json.loads(json.dumps(c.to_dict())).items()
+                             if k not in consolidate.RESUMABLE_FIELDS}
+  new = fingerprinted(CONFIG)
+  old = json.loads(json.dumps(new))
+  del old["train"]["tail"]
+  assert consolidate._with_defaults(old, consolidate._default_fingerprint_config()) == new
+  changed = fingerprinted(dataclasses.replace(
+      CONFIG, train=dataclasses.replace(CONFIG.train, tail=True)))
+  assert consolidate._with_defaults(old, consolidate._default_fingerprint_config()) != changed
+
+
 # ---- bad input ----
 
 
@@ -389,6 +519,9 @@ def test_config_validation():
     ConsolidationConfig(context="trajectories")
   with pytest.raises(ValueError, match="enable_thinking"):
     ConsolidationConfig(enable_thinking=1)
+  with pytest.raises(ValueError, match="max_consecutive_skipped_steps must be >= 1"):
+    ConsolidationConfig(max_consecutive_skipped_steps=0)
+  assert ConsolidationConfig().max_consecutive_skipped_steps == 3
   config = ConsolidationConfig(steps=3, train=TrainConfig(learning_rate=5e-6))
   assert ConsolidationConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
   with pytest.raises(ValueError, match="unknown"):
