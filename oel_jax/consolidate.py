@@ -88,6 +88,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -97,7 +98,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from flax import nnx
 
 from oel_jax import losses
@@ -106,6 +106,8 @@ from oel_jax.envs import Trajectory, insert_knowledge
 from oel_jax.models.qwen3 import Qwen3
 from oel_jax.train import (DistillBatch, NonFiniteLossError, TrainConfig, Trainer, TrainState,
                            make_batch)
+
+_log = logging.getLogger(__name__)
 
 MODES = ("on_policy", "off_policy")
 CONTEXTS = ("knowledge", "raw_trajectories")
@@ -644,7 +646,7 @@ def _check_knowledge(knowledge: Any) -> tuple[str, ...]:
     if not isinstance(t, str):
       raise TypeError(f"knowledge[{i}] is a {type(t).__name__}, not a str")
   if not any(texts):
-    logging.warning("every knowledge text is empty: the teacher sees the same prompt as the "
+    _log.warning("every knowledge text is empty: the teacher sees the same prompt as the "
                     "student, so consolidation only pulls the student toward the round-start "
                     "model")
   return texts
@@ -821,7 +823,7 @@ def run_consolidation(student: Qwen3, teacher: Qwen3, tokenizer: Any,
         history = [dict(m) for m in meta["metrics"]]
         skipped_steps, consecutive = _skip_counts(history)
         start = latest
-        logging.info("consolidation: resuming from step %d (%s)", latest, checkpoints.folder)
+        _log.info("consolidation: resuming from step %d (%s)", latest, checkpoints.folder)
       atomic_write_text(metrics_path, "".join(_metrics_line(m) for m in history))
     if state is None:
       state = trainer.init_state(student)
@@ -869,7 +871,7 @@ def run_consolidation(student: Qwen3, teacher: Qwen3, tokenizer: Any,
         if skipped:  # the weights are as before, the sampler's too
           skipped_steps += 1
           consecutive += 1
-          logging.warning(
+          _log.warning(
               "consolidation step %d skipped: non-finite loss %s / grad norm %s; the train "
               "state is unchanged (%d skipped in a row, %d this round; the round stops at %d "
               "in a row)", step, m["loss"], m["grad_norm"], consecutive, skipped_steps,

@@ -163,11 +163,16 @@ def default_config() -> ml_collections.ConfigDict:
       temperature=0.7, top_p=1.0, top_k=0, enable_thinking=True, mode="on_policy",
       context="knowledge", shuffle=True, checkpoint_every=5, keep_checkpoints=1,
       min_length_bucket=64, length_buckets_per_doubling=2, min_row_bucket=1,
-      max_sampling_batch=0))
+      max_sampling_batch=0,
+      # A non-finite loss or gradient skips the step (official behaviour); this many skipped
+      # in a row stop the round with an error.
+      max_consecutive_skipped_steps=3))
 
   c.train = ml_collections.ConfigDict(dict(
       learning_rate=1e-6, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, max_grad_norm=1.0,
       divergence="topk_reverse_kl", k=256, temperature=0.7, renormalize=False,
+      tail=False,              # True: also the tail bucket's term (a true divergence); False:
+                               # the official loss.
       micro_batches=1, loss_chunk_size=256, vocab_chunk_size=8192))
 
   c.evaluation = ml_collections.ConfigDict(dict(
@@ -404,7 +409,8 @@ def plan(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -
   games = config.collect.consolidation_games
   if consolidation is not None and not games:
     games = consolidation.steps * consolidation.games_per_step
-  check_int("collect.consolidation_games", games or 0, 1)
+  if consolidation is not None or games:  # else consolidation's own error says why
+    check_int("collect.consolidation_games", games or 0, 1)
   if extraction is not None and isinstance(boards, int) and isinstance(plays, int):
     pool = boards * plays
     if extraction.pool_order == "chunks" and pool < n * k:

@@ -100,9 +100,9 @@ def probe(run) -> None:
   print(f"done in {time.perf_counter() - start:.1f}s")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
   print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+  sys.exit(code)
 
 
 def _config_paths(config: Mapping, prefix: str = "") -> list[str]:
@@ -209,12 +209,17 @@ def main(argv):
     # step) only from WARNING up. --verbosity=0 shows everything.
     logging.set_verbosity(logging.WARNING)
     py_logging.getLogger("oel_jax").setLevel(py_logging.INFO)
+  from oel_jax.train import NonFiniteLossError  # pylint: disable=import-outside-toplevel
   try:
     _main()
   except InputError as e:
     if FLAGS.debug:
       raise
     _fail(one_line(e))
+  except NonFiniteLossError as e:  # a round stopped on its own limit: no bug to trace
+    if FLAGS.debug:
+      raise
+    _fail(one_line(e), code=1)
 
 
 def _main():

@@ -277,7 +277,8 @@ class TensorBoard:
           self._scalar(f"collect_{rec['split']}/{key}", rec.get(key), int(r))
       elif stage == "extract" and not rec.get("summary"):
         step = int(r) * 10_000 + rec["step"]
-        for key in ("mean_knowledge_tokens", "mean_knowledge_items", "empty"):
+        for key in ("mean_knowledge_tokens", "mean_knowledge_items", "empty",
+                    "unterminated_reasoning"):
           self._scalar(f"extract/{key}", rec.get(key), step)
       elif stage == "consolidate" and not rec.get("summary"):
         step = int(r) * steps_per_round + int(rec.get("step", 0))

@@ -71,6 +71,11 @@ def test_tiny_loop_writes_every_artifact(tiny_run):
     for key in ("loss", "kl", "student_entropy", "teacher_entropy", "grad_norm",
                 "tokens_per_second"):
       assert np.isfinite(r[key]), (key, r)
+    # Whether the top-k loss behaves: both models' mass on the student's top-256.
+    assert 0 < r["teacher_topk_mass"] <= 1 + 1e-6 and 0 < r["student_topk_mass"] <= 1 + 1e-6, r
+    assert r["skipped"] is False and r["skipped_steps"] == 0
+  extract = [r for r in records if r["stage"] == "extract" and r.get("summary")]
+  assert [r["unterminated_replies"] for r in extract] == [0, 0]  # thinking off
   collect = [r for r in records if r["stage"] == "collect"]
   assert all(r["tokens_per_s"] > 0 and r["mean_response_tokens"] > 0 for r in collect)
   evals = [r for r in records if r["stage"] == "evaluate" and not r.get("in_context")]

@@ -6,6 +6,7 @@ import re
 import pytest
 
 import tiny_loop_run
+from oel_jax import metrics
 from tiny_loop_run import ROOT, main_env, run_main
 
 
@@ -222,3 +223,20 @@ def test_a_malformed_trajectory_line_is_one_error_line(tiny_run, tmp_path):
                                   timeout=300))
   assert f"{path}:3" in line and "turns" in line, line
   assert not (workdir / "round_000" / "extract.done.json").exists()
+
+
+def test_a_round_that_keeps_skipping_non_finite_steps_stops_with_one_error_line(tmp_path):
+  """A learning rate that blows the weights up: step 2's gradient is not finite, the step is
+  skipped (the official behaviour) and, with a limit of one in a row, the round stops."""
+  workdir = tmp_path / "run"
+  out = run_main(f"--workdir={workdir}", "--config.rounds=1", "--config.evaluation.initial=False",
+                 "--config.train.learning_rate=1e30",
+                 "--config.consolidation.max_consecutive_skipped_steps=1", timeout=600)
+  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: consolidation stopped at step 2: step 2 (1 in a row)"), last
+  assert "consolidation step 2 skipped" in out.stderr
+  lines = metrics.read_jsonl(workdir / "round_000" / "consolidation" / "metrics.jsonl")
+  assert [(m["step"], m["skipped"], m["skipped_steps"]) for m in lines] == [(1, False, 0),
+                                                                            (2, True, 1)]
+  assert not (workdir / "round_000" / "consolidate.done.json").exists()
