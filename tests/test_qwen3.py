@@ -114,27 +114,34 @@ def test_remat_gives_same_gradients(tmp_path):
 
 def test_remat_layer_scan_in_bf16_matches_the_layer_loop(tmp_path):
   """remat runs the layers as a scan over stacked weights cast to bf16 before stacking;
-  the loop casts inside each einsum: the same values and float32 parameter gradients."""
+  the loop casts inside each einsum. Both are bf16 approximations of the float32 program:
+  the scan's values and float32 parameter gradients must be as close to float32 as the
+  loop's are (the two programs round in different orders, so they differ from each other by
+  about that much: ~1-2% of a gradient's norm, depending on the CPU's bf16 kernels)."""
   path = tmp_path / "ckpt"
   make_hf_model(**CASES["tied-theta5e6-gqa2"], layers=3).save_pretrained(path)
   ids, mask = padded_batch([9, 5], 128, side="left", seed=12)
 
-  def run(remat):
-    model = load_hf(path, compute_dtype=jnp.bfloat16, remat=remat)
+  def run(remat, compute_dtype=jnp.bfloat16):
+    model = load_hf(path, compute_dtype=compute_dtype, remat=remat)
 
     def loss(model):
       hidden, _ = model.hidden_states(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
       return jnp.mean(hidden.astype(jnp.float32) ** 2)
 
-    return nnx.jit(nnx.value_and_grad(loss))(model)
+    value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
+    return float(value), {p: np.asarray(g[...]) for p, g in nnx.to_flat_state(grads)}
 
-  (va, ga), (vb, gb) = run(False), run(True)
-  assert float(vb) == pytest.approx(float(va), rel=1e-3)
-  for (path_, x), (_, y) in zip(nnx.to_flat_state(ga), nnx.to_flat_state(gb)):
-    x, y = np.asarray(x[...]), np.asarray(y[...])
-    assert y.dtype == np.float32, path_
-    # bf16 activations: fusion order may differ, so compare to a bf16-sized tolerance.
-    np.testing.assert_allclose(y, x, rtol=0, atol=2e-2 * np.abs(x).max(), err_msg=str(path_))
+  (v32, g32), (v_loop, g_loop), (v_scan, g_scan) = (
+      run(False, jnp.float32), run(False), run(True))
+  assert abs(v_scan - v32) <= 2 * abs(v_loop - v32) + 1e-3 * abs(v32)
+  for path_, exact in g32.items():
+    assert g_scan[path_].dtype == np.float32, path_
+    error = lambda g: np.linalg.norm(g[path_] - exact) / np.linalg.norm(exact)
+    assert error(g_loop) < 0.1, (path_, error(g_loop))  # up to ~4.4% seen (AMX Xeon)
+    # A wrong layer's weights, a missing cast or a dropped term in the scan would put it far
+    # from float32; rounding in another order keeps it near the loop's error.
+    assert error(g_scan) <= 2 * error(g_loop) + 5e-3, (path_, error(g_scan), error(g_loop))
 
 
 # Published totals: the model cards' figures (total / non-embedding) and, where the hub's
