@@ -72,9 +72,9 @@ new knowledge; structured, its ``- EXPERIENCE ITEM:`` lines are parsed out of it
 are counted (``unterminated_reasoning`` per run and step).
 
 Differences from the official code, on purpose: an empty final feedback adds no text
-(officially ``"\\n\\n\\n\\n"``); the
-extractor prompt is never cut (officially it is right-truncated at ``max_prompt_length``), so the
-sampler's ``max_seq_len`` must hold it plus the new tokens (it raises otherwise).
+(officially ``"\\n\\n\\n\\n"``); the extractor prompt is never cut (officially it is
+right-truncated at ``max_prompt_length``), so the sampler's ``max_seq_len`` must hold it plus the
+new tokens (it raises otherwise).
 """
 
 from __future__ import annotations

@@ -590,7 +590,7 @@ class OnlineLoop:
               "artifacts": {k: os.path.relpath(v, self.workdir) for k, v in artifacts.items()}}
     _atomic_json(self.marker_path(round_, stage), record)
     _log.info("round %s: %s done in %.1fs: %s", round_, stage, record["seconds"],
-                 metrics_lib.brief(stage, metrics))
+              metrics_lib.brief(stage, metrics))
     self._publish(record)
     return record
 
@@ -750,7 +750,7 @@ class OnlineLoop:
     if os.path.exists(state_path):
       done = load_state(state_path).step
       _log.info("round %d: extraction resumes at step %d of %d", round_, done,
-                   config.num_trajectories)
+                config.num_trajectories)
     extractor = self.config.extraction.model or self.deployed_path(round_)
     # Knowledge from another model (a baseline): its own tokenizer and sampler.
     tokenizer = self.tokenizer()
@@ -929,7 +929,7 @@ class OnlineLoop:
     existing = self.marker(round_, stage)
     if existing is not None:
       _log.info("round %s: %s already done (%s)", round_, stage,
-                   self.marker_path(round_, stage))
+                self.marker_path(round_, stage))
       return existing
     return getattr(self, stage)(round_)
 

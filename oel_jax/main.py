@@ -176,6 +176,10 @@ def parse_flags(argv: list[str]) -> list[str]:
                 for i, a in enumerate(argv[1:]) if re.match(r"^--?config(=|$)", a))
     check_overrides(argv[1:], spec)  # also reports a missing config file
     return FLAGS(argv)
+  except IndexError:  # "--config" last, with no file after it
+    if debug:
+      raise
+    _fail("--config needs a config file")
   except (InputError, flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     if debug:
       raise

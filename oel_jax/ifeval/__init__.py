@@ -38,6 +38,7 @@ from oel_jax.ifeval.score import (IFEvalExample, IFEvalScores, PromptScore, Type
 
 __all__ = [
     "INSTRUCTION_TYPES", "IFEvalExample", "IFEvalResponse", "IFEvalResult", "IFEvalScores",
-    "PromptScore", "TypeAccuracy", "aggregate", "check_instruction", "evaluate_ifeval", "prompt_seed", "OFFICIAL_SEED",
-    "load_examples", "loose_variants", "score_example", "score_responses",
+    "OFFICIAL_SEED", "PromptScore", "TypeAccuracy", "aggregate", "check_instruction",
+    "evaluate_ifeval", "load_examples", "loose_variants", "prompt_seed", "score_example",
+    "score_responses",
 ]

@@ -12,6 +12,6 @@ from oel_jax.models.qwen3 import (
 )
 
 __all__ = [
-    "PRESETS", "CheckpointError", "KVCache", "check_hf", "Qwen3", "Qwen3Config", "abstract_model",
-    "init_model", "load_hf", "positions_from_mask", "save_hf",
+    "PRESETS", "CheckpointError", "KVCache", "Qwen3", "Qwen3Config", "abstract_model",
+    "check_hf", "init_model", "load_hf", "positions_from_mask", "save_hf",
 ]
