@@ -298,6 +298,72 @@ def test_turn_limit():
 
 
 # ---------------------------------------------------------------------------------------------
+# Remapped lakes (the learning demo's worlds).
+
+
+@pytest.mark.parametrize("controls", ["left,right,up,down", "down,up,right,left",
+                                      "right,left,down,up"])
+def test_remapped_controls_move_as_the_permutation_says(controls):
+  moves = dict(zip(["up", "down", "left", "right"], controls.split(",")))
+  keys = {move: key for key, move in moves.items()}
+  for seed in range(12):
+    plain = make_env("frozenlake", seed=seed)
+    solution = bfs_solver.solve_frozenlake(plain.reset())
+    env = make_env("frozenlake", seed=seed, controls=controls)
+    prompt = env.reset()
+    assert prompt == plain.prompt  # no lake name: the paper's prompt, word for word
+    for move in solution:
+      assert not env.done
+      # The solver (which reads only the board text) sees the move the key made.
+      before = bfs_solver.parse_frozenlake(prompt)[1]
+      prompt, _ = env.step(f"I press [{keys[move]}]")
+      assert env.turns[-1].action == f"[{keys[move]}]"
+      if not env.done:
+        after = bfs_solver.parse_frozenlake(prompt)[1]
+        step = bfs_solver.MOVES[move]
+        assert after == (before[0] + step[0], before[1] + step[1])
+        # The history shows the key pressed, then what it did.
+        assert prompt.count(f"[Player] [{keys[move]}]\n[GAME] You moved {move} to position")
+    assert env.outcome().success
+
+
+def test_wasd_follow_their_words_and_walls_name_the_real_move():
+  env = make_env("frozenlake", seed=0, controls="left,right,up,down")
+  env.reset()
+  prompt, done = env.step("[w]")  # [w] is [up], which moves left: into the wall.
+  assert not done and "[Player] [up]\n[GAME] You attempted an invalid move. Reason: You tried " \
+      "to move left but hit a wall!" in prompt
+  prompt, done = env.step("[right]")  # moves down
+  assert "You moved down to position (1, 0)." in prompt
+
+
+def test_lake_name_opens_the_history():
+  env = make_env("frozenlake", seed=5, lake="Ossa")
+  prompt = env.reset()
+  plain = make_env("frozenlake", seed=5).reset()
+  line = "[GAME] You are on the frozen lake called Ossa.\n"
+  assert prompt == plain.replace("Current situation:\n", "Current situation:\n" + line)
+  assert env.turns == () and env.spec.settings["lake"] == "Ossa"
+  env.step("[down]")
+  assert env.turns[0].observation.startswith(line)
+  with_knowledge = make_env("frozenlake", seed=5, lake="Ossa", knowledge="k")
+  with_knowledge.reset()
+  with_knowledge.step("[down]")
+  assert insert_knowledge(env.turns[0].prompt, "k") == with_knowledge.turns[0].prompt
+
+
+def test_bad_controls_and_lake_names_are_refused():
+  for bad in ["up,down,left", "up,up,left,right", "north,down,left,right", 5]:
+    with pytest.raises(ValueError, match="controls must list"):
+      make_env("frozenlake", seed=0, controls=bad)
+  for bad in [" Ossa", "Os\nsa", 3]:
+    with pytest.raises(ValueError, match="lake must be"):
+      make_env("frozenlake", seed=0, lake=bad)
+  assert make_env("frozenlake", seed=0, controls=["down", "up", "left", "right"]).spec.settings[
+      "controls"] == "down,up,left,right"
+
+
+# ---------------------------------------------------------------------------------------------
 # Determinism, seeding and settings.
 
 
@@ -355,7 +421,7 @@ def test_settings_and_errors():
   env = make_env("frozenlake", seed=1)
   assert isinstance(env, Environment)
   assert env.spec.settings == {"size": 3, "num_holes": 2, "randomize_start_goal": False,
-                               "max_turns": 5}
+                               "max_turns": 5, "controls": "up,down,left,right", "lake": ""}
   assert make_env("sokoban", seed=1).spec.settings == {"dim_room": [6, 6], "num_boxes": 1,
                                                        "max_turns": 5}
   big = make_env("sokoban", seed=1, dim_room=(7, 7), num_boxes=2)

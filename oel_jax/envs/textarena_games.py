@@ -69,6 +69,15 @@ FINAL_FEEDBACK = "Summary:\nFinal Result: {result}\nFeedback: {reason}\n"
 
 _GAME_ID = -1  # TextArena's sender id for game messages (textarena.GAME_ID).
 
+DIRECTIONS = ("up", "down", "left", "right")
+"""The four moves, in the order a FrozenLake ``controls`` setting lists what each key does."""
+
+STANDARD_CONTROLS = "up,down,left,right"
+"""FrozenLake's own controls: ``[up]`` moves up, and so on (the paper's setting)."""
+
+LAKE_INTRO = "You are on the frozen lake called {lake}."
+"""The game message that opens a named lake's history (FrozenLake's ``lake`` setting)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class GameDef:
@@ -94,7 +103,8 @@ class GameDef:
 GAMES: dict[str, GameDef] = {
     "frozenlake": GameDef(
         name="frozenlake", textarena_id="FrozenLake-v0-raw",
-        defaults={"size": 3, "num_holes": 2, "randomize_start_goal": False, "max_turns": 5},
+        defaults={"size": 3, "num_holes": 2, "randomize_start_goal": False, "max_turns": 5,
+                  "controls": STANDARD_CONTROLS, "lake": ""},
         rules="frozenlake_rules", rendering="messages"),
     "sokoban": GameDef(
         name="sokoban", textarena_id="Sokoban-v0-raw",
@@ -123,6 +133,10 @@ def _settings(game: GameDef, overrides: Mapping[str, Any]) -> dict[str, Any]:
     s["num_holes"] = _check_int("num_holes", s["num_holes"], 0)
     if not isinstance(s["randomize_start_goal"], bool):
       raise ValueError(f"randomize_start_goal must be a bool, got {s['randomize_start_goal']!r}")
+    s["controls"] = ",".join(parse_controls(s["controls"]))
+    if not isinstance(s["lake"], str) or s["lake"] != s["lake"].strip() or "\n" in s["lake"]:
+      raise ValueError(f"lake must be a one-line name without surrounding spaces (or \"\" for "
+                       f"none), got {s['lake']!r}")
   else:
     dim = s["dim_room"]
     if isinstance(dim, (str, bytes)) or not hasattr(dim, "__len__") or len(dim) != 2:
@@ -130,6 +144,29 @@ def _settings(game: GameDef, overrides: Mapping[str, Any]) -> dict[str, Any]:
     s["dim_room"] = [_check_int("dim_room[0]", dim[0], 3), _check_int("dim_room[1]", dim[1], 3)]
     s["num_boxes"] = _check_int("num_boxes", s["num_boxes"], 1)
   return s
+
+
+def parse_controls(controls: Any) -> tuple[str, str, str, str]:
+  """The moves that ``[up]``, ``[down]``, ``[left]`` and ``[right]`` make, in that order.
+
+  Args:
+    controls: a permutation of the four directions, comma-separated
+      (``"left,right,up,down"``: ``[up]`` moves left, ``[down]`` right, ``[left]`` up and
+      ``[right]`` down) or as a sequence.
+
+  Raises:
+    ValueError: not a permutation of up, down, left, right.
+  """
+  moves = controls.split(",") if isinstance(controls, str) else controls
+  try:
+    moves = tuple(m.strip() for m in moves)
+  except (TypeError, AttributeError):
+    moves = ()
+  if sorted(moves) != sorted(DIRECTIONS):
+    raise ValueError("controls must list what [up], [down], [left] and [right] do as a "
+                     f"permutation of {','.join(DIRECTIONS)} (e.g. {STANDARD_CONTROLS!r}), "
+                     f"got {controls!r}")
+  return moves  # type: ignore[return-value]
 
 
 def _textarena_kwargs(game: GameDef, settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -167,6 +204,13 @@ class TextArenaGame:
       raise TypeError(f"knowledge must be a string or None, got {type(knowledge).__name__}")
     self.knowledge = knowledge or None
     self.max_turns: int = self.spec.settings["max_turns"]
+    self._keymap: dict[str, str] = {}
+    self._intro = ""
+    if game.name == "frozenlake":
+      moves = parse_controls(self.spec.settings["controls"])
+      self._keymap = {f"[{key}]": f"[{move}]" for key, move in zip(DIRECTIONS, moves)}
+      if self.spec.settings["lake"]:
+        self._intro = "\n[GAME] " + LAKE_INTRO.format(lake=self.spec.settings["lake"])
     self._rules = prompts.load(game.rules)
     self._task = prompts.load("task_description")
     self._env = None
@@ -181,6 +225,7 @@ class TextArenaGame:
     self._done = False
     self._outcome: Outcome | None = None
     self._final_feedback: str | None = None
+    self._pressed = ""  # the key the last response pressed, as the history shows it
 
   # -- the protocol --------------------------------------------------------------------------
 
@@ -196,6 +241,7 @@ class TextArenaGame:
       _, messages = env.get_observation()
     self._env = env
     chunk, observation = self._render(messages)
+    chunk, observation = self._intro + chunk, self._intro + observation
     if self._rules not in chunk:
       raise RuntimeError(
           f"TextArena {getattr(textarena, '__version__', '?')} no longer shows the rules "
@@ -214,8 +260,10 @@ class TextArenaGame:
     if self._done:
       raise RuntimeError("the game is over; call reset() to play again")
     action = parse_action(response)
+    # A remapped lake: the game makes the key's move; the history still shows the key pressed.
+    self._pressed = action
     with isolated_global_rng():
-      done, _ = self._env.step(action=action)
+      done, _ = self._env.step(action=self._keymap.get(action, action))
     self._turns.append(Turn(observation=self._observation, prompt=self._prompt,
                             response=response, action=action))
     if done:
@@ -290,6 +338,9 @@ class TextArenaGame:
 
   def _render(self, messages: list[tuple[int, str, Any]]) -> tuple[str, str]:
     """Returns (history piece, this turn's observation) for new TextArena messages."""
+    # The player's message is the key pressed, not the move a remapped lake made of it.
+    messages = [(sender, message if sender == _GAME_ID else self._pressed or message, kind)
+                for sender, message, kind in messages]
     text = "".join(f"\n[{self._name(sender)}] {message}" for sender, message, _ in messages)
     if self.game.rendering == "messages":
       observation = "".join(f"\n[GAME] {m}" for sender, m, _ in messages if sender == _GAME_ID)
@@ -326,7 +377,10 @@ def make_env(name: str, *, seed: int, knowledge: str | None = None,
     knowledge: experiential knowledge to show in every prompt (paper Fig. 12); None or ""
       for none. It is part of the prompts, not of ``env.spec``.
     **overrides: settings to change. FrozenLake: ``size`` (3), ``num_holes`` (2),
-      ``randomize_start_goal`` (False), ``max_turns`` (5). Sokoban: ``dim_room`` ((6, 6)),
+      ``randomize_start_goal`` (False), ``max_turns`` (5), ``controls`` (what ``[up]``,
+      ``[down]``, ``[left]``, ``[right]`` do, as a permutation: ``"up,down,left,right"``;
+      ``[w]``/``[s]``/``[a]``/``[d]`` follow their words) and ``lake`` (a name shown in the
+      first message, ``"You are on the frozen lake called <lake>."``; "" for none). Sokoban: ``dim_room`` ((6, 6)),
       ``num_boxes`` (1), ``max_turns`` (5).
 
   The environment is not started: call ``env.reset()`` for the first prompt.

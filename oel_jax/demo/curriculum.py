@@ -1,0 +1,316 @@
+"""The demo model's synthetic curriculum: scripted play and scripted extraction on remapped lakes.
+
+The learning demo's model (``scripts/build_demo_model.py``) is trained from scratch on text
+made here and nowhere else. Every example is a real prompt of the real game (`make_env`,
+FrozenLake with a ``controls`` permutation and a ``lake`` name) or the paper's extraction
+prompt filled by `oel_jax.experience`, followed by the reply a scripted player or reader
+would give. Three skills, as an instruction-tuned model brings them to the paper's games:
+
+1. **Play from the prompt** (no knowledge): head for the goal along a shortest safe path,
+   pressing the keys the player believes in: the lake's real controls for the few lakes the
+   model "knows by name" (`KNOWN_LAKES`, like facts a pretrained model memorised), standard
+   controls for every other lake.
+2. **Play from knowledge**: with the paper's knowledge block in the prompt, press the key
+   that the knowledge's items say makes the wanted move (items counted, so a majority wins
+   over a wrong item; a key no item names is pressed only when its standard move is wanted
+   or by elimination).
+3. **Extract**: answer the paper's structured extraction prompt (Fig. 10) with one or two
+   ``- EXPERIENCE ITEM: [key] moves the player <direction>.`` items, each read from a turn
+   whose next observation shows what the pressed key did, and each wrong with probability
+   `READ_ERROR` (a reader of noisy trajectories).
+
+Every reply is ``I move <direction>: [<key>]``: the wanted move, then the key. With
+probability `EXPLORE` the player wants a random direction instead of a shortest-path one
+(so its own games show the effects of every key).
+
+Worlds. A world is a controls permutation and a lake name. The demo deploys into
+`DEMO_CONTROLS` on lake `DEMO_LAKE`; neither that permutation nor that name appears anywhere
+in the curriculum (`pretraining_worlds` excludes both, and a test checks every example).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import random
+import re
+from collections.abc import Iterator, Sequence
+
+from oel_jax import experience
+from oel_jax.envs import ModelInfo, make_env
+from oel_jax.envs.textarena_games import DIRECTIONS, STANDARD_CONTROLS, isolated_global_rng
+
+DEMO_CONTROLS = "left,right,up,down"
+"""The demo world: ``[up]`` moves left, ``[down]`` right, ``[left]`` up, ``[right]`` down."""
+
+DEMO_LAKE = "Ossa"
+"""The demo world's lake name (never seen in pretraining)."""
+
+KNOWN_LAKES = {
+    "Brel": "down,up,left,right",
+    "Cadmor": "up,down,right,left",
+    "Fenwick": "right,left,down,up",
+    "Iskra": "down,left,right,up",
+    "Moravel": "left,up,right,down",
+    "Tolva": "up,right,down,left",
+}
+"""Lakes whose controls the model learns by name during pretraining (its "world facts")."""
+
+EXPLORE = 0.2
+"""Probability that the scripted player wants a random direction on a turn."""
+
+READ_ERROR = 0.1
+"""Probability that the scripted reader writes a wrong direction in an item."""
+
+REPLY = "I move {direction}: [{key}]"
+"""The scripted player's reply."""
+
+ITEM = "- EXPERIENCE ITEM: [{key}] moves the player {direction}."
+"""One item of knowledge about the controls."""
+
+ANSWER_HEAD = "Additional Experience (Rules or Strategies):\n# Experience\n"
+"""What the extraction answer opens with (the format the paper's Fig. 10 asks for)."""
+
+GENERIC_ITEM = "- EXPERIENCE ITEM: Avoid the holes (H) and walk to the goal (G)."
+"""The item the reader writes when no turn shows what a key did."""
+
+_ITEM_RE = re.compile(r"\[(up|down|left|right)\] moves the player (up|down|left|right)\.")
+_EFFECT_RE = re.compile(r"You (?:moved|tried to move) (up|down|left|right)")
+_STEPS = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
+
+_SYLLABLES = ("ba", "da", "fe", "ga", "hi", "ka", "lo", "mi", "nu", "pe", "ra", "si", "to",
+              "vu", "wen", "zor", "bel", "cor", "dun", "el", "fir", "gal", "hol", "ir", "jun",
+              "kel", "lin", "mar", "nor", "ost", "pil", "quen", "ros", "sel", "tar", "ul",
+              "var", "wyn", "yl", "zan")
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+  """One lake: its name and what its keys do."""
+
+  lake: str
+  """The name the first message shows ("" for the paper's unnamed lake)."""
+  controls: str
+  """What ``[up]``, ``[down]``, ``[left]``, ``[right]`` do (a `parse_controls` string)."""
+
+  def settings(self) -> dict[str, str]:
+    """`make_env` overrides for this world."""
+    return {"controls": self.controls, "lake": self.lake}
+
+  def believed(self) -> dict[str, str]:
+    """What the model believes each key does with no knowledge in its prompt."""
+    controls = KNOWN_LAKES.get(self.lake, STANDARD_CONTROLS)
+    return dict(zip(DIRECTIONS, controls.split(",")))
+
+
+def all_controls() -> list[str]:
+  """The 24 permutations of the four moves, as controls strings, standard first."""
+  return [",".join(p) for p in itertools.permutations(DIRECTIONS)]
+
+
+def lake_name(rng: random.Random) -> str:
+  """A random pronounceable lake name of two or three syllables."""
+  name = "".join(rng.choice(_SYLLABLES) for _ in range(rng.choice((2, 2, 3))))
+  return name.capitalize()
+
+
+def pretraining_worlds(rng: random.Random) -> Iterator[World]:
+  """An endless stream of pretraining worlds; never the demo's controls or lake name.
+
+  A quarter are the paper's unnamed standard lake, a quarter the known lakes, the rest
+  random names with random controls (a third of them standard).
+  """
+  others = [c for c in all_controls() if c != DEMO_CONTROLS]
+  while True:
+    u = rng.random()
+    if u < 0.25:
+      yield World("", STANDARD_CONTROLS)
+    elif u < 0.5:
+      lake = rng.choice(sorted(KNOWN_LAKES))
+      yield World(lake, KNOWN_LAKES[lake])
+    else:
+      name = lake_name(rng)
+      if name == DEMO_LAKE or name in KNOWN_LAKES:
+        continue
+      controls = STANDARD_CONTROLS if rng.random() < 1 / 3 else rng.choice(others)
+      yield World(name, controls)
+
+
+# ---------------------------------------------------------------------------------------------
+# The scripted player.
+
+
+def parse_knowledge(knowledge: str) -> dict[str, collections.Counter]:
+  """Counts of ``[key] moves the player <direction>`` items: ``{direction: {key: count}}``."""
+  counts: dict[str, collections.Counter] = {d: collections.Counter() for d in DIRECTIONS}
+  for key, direction in _ITEM_RE.findall(knowledge or ""):
+    counts[direction][key] += 1
+  return counts
+
+
+def key_distribution(direction: str, believed: dict[str, str], knowledge: str
+                     ) -> dict[str, float]:
+  """The scripted player's probability of pressing each key to move ``direction``.
+
+  Without items about the controls: the key believed to make that move. With items: keys in
+  proportion to the items that say they make it; if none does, the believed key unless an
+  item says it does something else, else the keys no item mentions, uniformly.
+  """
+  counts = parse_knowledge(knowledge)
+  named = counts[direction]
+  if named:
+    total = sum(named.values())
+    return {k: n / total for k, n in sorted(named.items())}
+  mentioned = {k for c in counts.values() for k in c}
+  key = next(k for k, d in believed.items() if d == direction)
+  if key not in mentioned:
+    return {key: 1.0}
+  free = [k for k in DIRECTIONS if k not in mentioned] or list(DIRECTIONS)
+  return {k: 1 / len(free) for k in free}
+
+
+def shortest_first_moves(grid: Sequence[Sequence[str]], start: tuple[int, int]) -> list[str]:
+  """The directions that begin a shortest hole-free path to the goal (all, if none exists)."""
+  size = len(grid)
+  goal = next((r, c) for r in range(size) for c in range(size) if grid[r][c] == "G")
+  dist = {goal: 0}
+  queue = collections.deque([goal])
+  while queue:
+    r, c = queue.popleft()
+    for dr, dc in _STEPS.values():
+      nr, nc = r + dr, c + dc
+      if 0 <= nr < size and 0 <= nc < size and (nr, nc) not in dist and grid[nr][nc] != "H":
+        dist[(nr, nc)] = dist[(r, c)] + 1
+        queue.append((nr, nc))
+  best, moves = None, []
+  for d, (dr, dc) in _STEPS.items():
+    cell = (start[0] + dr, start[1] + dc)
+    if cell in dist and (best is None or dist[cell] < best):
+      best, moves = dist[cell], [d]
+    elif cell in dist and dist[cell] == best:
+      moves.append(d)
+  return moves or list(DIRECTIONS)
+
+
+def scripted_reply(env, world: World, knowledge: str, rng: random.Random) -> str:
+  """The scripted player's reply on the env's current turn."""
+  state = env.textarena_env.state.game_state
+  if rng.random() < EXPLORE:
+    direction = rng.choice(DIRECTIONS)
+  else:
+    direction = rng.choice(shortest_first_moves(state["grid"], tuple(state["player_pos"])))
+  dist = key_distribution(direction, world.believed(), knowledge)
+  key = rng.choices(list(dist), weights=list(dist.values()))[0]
+  return REPLY.format(direction=direction, key=key)
+
+
+def play(world: World, board_seed: int, knowledge: str, rng: random.Random):
+  """Plays one scripted game; returns the finished env (its turns hold every prompt)."""
+  env = make_env("frozenlake", seed=board_seed, knowledge=knowledge or None, **world.settings())
+  env.reset()
+  while not env.done:
+    env.step(scripted_reply(env, world, knowledge, rng))
+  return env
+
+
+# ---------------------------------------------------------------------------------------------
+# The scripted reader.
+
+
+def observed_effects(trajectory) -> list[tuple[str, str]]:
+  """(key, direction) for every turn whose next observation shows the pressed key's move."""
+  effects = []
+  turns = trajectory.turns
+  for turn, after in zip(turns, turns[1:]):
+    key = turn.action.strip("[]")
+    seen = _EFFECT_RE.search(after.observation)
+    if key in DIRECTIONS and seen:
+      effects.append((key, seen.group(1)))
+  return effects
+
+
+def scripted_extraction(trajectory, rng: random.Random) -> str:
+  """The scripted reader's answer to the extraction prompt for ``trajectory``."""
+  effects = sorted(set(observed_effects(trajectory)))
+  if not effects:
+    return ANSWER_HEAD + GENERIC_ITEM
+  chosen = rng.sample(effects, min(len(effects), rng.choice((1, 2))))
+  items = []
+  for key, direction in chosen:
+    if rng.random() < READ_ERROR:
+      direction = rng.choice([d for d in DIRECTIONS if d != direction])
+    items.append(ITEM.format(key=key, direction=direction))
+  return ANSWER_HEAD + "\n".join(items)
+
+
+def scripted_knowledge(world: World, rng: random.Random, games: int, board_seed: int) -> str:
+  """Knowledge as the loop would accumulate it: the reader's items over ``games`` games."""
+  knowledge = ""
+  for g in range(games):
+    env = play(world, board_seed + g, "", rng)
+    answer = scripted_extraction(env.trajectory(_MODEL), rng)
+    knowledge = experience.accumulate(knowledge, experience.parse_extraction(
+        answer, "structured"))
+  return knowledge
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples.
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """One (prompt, reply) pair of the curriculum."""
+
+  skill: str
+  """``"play"``, ``"play_with_knowledge"`` or ``"extract"``."""
+  prompt: str
+  """The user message, exactly as the loop sends it."""
+  reply: str
+  """The assistant's reply (trained on)."""
+  world: World
+  """The lake the example comes from."""
+
+
+_MODEL = ModelInfo("scripted-player")
+EXTRACTION = experience.ExtractionConfig(knowledge_format="structured", with_previous=False,
+                                         enable_thinking=False)
+"""The extraction settings the demo runs with (the paper's Fig. 10 prompt, no previous
+experience shown, as the paper runs Qwen3-1.7B)."""
+
+SKILLS = ("play", "play_with_knowledge", "extract")
+
+
+def examples(seed: int, mix: Sequence[float] = (0.35, 0.35, 0.3)) -> Iterator[Example]:
+  """An endless, seeded stream of curriculum examples, skills drawn with weights ``mix``.
+
+  Boards come from seeds >= 10**6 * (seed + 1), so they never coincide with the loop's own
+  board seeds for small seeds (any overlap would be harmless: a board says nothing about a
+  world's controls).
+  """
+  rng = random.Random(seed)
+  worlds = pretraining_worlds(rng)
+  board = 10 ** 6 * (seed + 1)
+  while True:
+    skill = rng.choices(SKILLS, weights=mix)[0]
+    world = next(worlds)
+    board += 100
+    with isolated_global_rng():
+      if skill == "extract":
+        knowledge = ""
+        if rng.random() < 0.3:
+          knowledge = scripted_knowledge(world, rng, rng.randint(1, 6), board + 50)
+        env = play(world, board, knowledge, rng)
+        trajectory = env.trajectory(_MODEL)
+        yield Example(skill, experience.extraction_prompt(trajectory, "", EXTRACTION),
+                      scripted_extraction(trajectory, rng), world)
+        continue
+      knowledge = ""
+      if skill == "play_with_knowledge":
+        knowledge = scripted_knowledge(world, rng, rng.randint(1, 10), board + 50)
+        if not knowledge:
+          continue
+      env = play(world, board, knowledge, rng)
+      for turn in rng.sample(env.turns, min(2, len(env.turns))):
+        yield Example(skill, turn.prompt, turn.response, world)

@@ -1,0 +1,113 @@
+"""Tests for oel_jax.demo.curriculum: the demo model's synthetic training data.
+
+References: the BFS solver that reads boards only from the prompt text (tests/bfs_solver.py)
+for the scripted player, and the env's own controls for what the reader writes.
+"""
+
+import collections
+import random
+
+import pytest
+
+import bfs_solver
+from oel_jax import experience
+from oel_jax.demo import curriculum as cur
+from oel_jax.envs import ModelInfo, make_env
+
+MOVES = ("up", "down", "left", "right")
+
+
+@pytest.fixture(scope="module")
+def sample():
+  stream = cur.examples(seed=7)
+  return [next(stream) for _ in range(240)]
+
+
+def test_the_demo_world_never_appears(sample):
+  assert {e.skill for e in sample} == set(cur.SKILLS)
+  for e in sample:
+    assert e.world.controls != cur.DEMO_CONTROLS and e.world.lake != cur.DEMO_LAKE
+    assert cur.DEMO_LAKE not in e.prompt
+  rng = random.Random(0)
+  worlds = cur.pretraining_worlds(rng)
+  seen = [next(worlds) for _ in range(3000)]
+  assert cur.DEMO_CONTROLS not in {w.controls for w in seen}
+  # Every other permutation is covered, so each key-move pair is seen in many worlds.
+  assert len({w.controls for w in seen}) == 23
+  assert len({w.lake for w in seen}) > 500
+
+
+def test_prompts_are_the_games_own(sample):
+  for e in sample:
+    if e.skill == "extract":
+      assert e.prompt.startswith("You are an AI language model that continuously refines")
+      assert experience.parse_extraction(e.reply, "structured")
+    else:
+      assert e.prompt.endswith("(Remember to wrap your final answer of the action in square "
+                               "brackets)")
+      assert ("Given experience for rules or strategies" in e.prompt) == (
+          e.skill == "play_with_knowledge")
+      assert e.reply.startswith("I move ")
+
+
+def _believed_key(world, move, knowledge=""):
+  dist = cur.key_distribution(move, world.believed(), knowledge)
+  return max(dist, key=dist.get)
+
+
+def test_scripted_player_plays_shortest_paths_with_the_keys_it_believes(monkeypatch):
+  monkeypatch.setattr(cur, "EXPLORE", 0.0)
+  rng = random.Random(1)
+  world = cur.World("Brel", cur.KNOWN_LAKES["Brel"])  # known: its real controls
+  for seed in range(20):
+    shortest = len(bfs_solver.solve_frozenlake(make_env("frozenlake", seed=seed).reset()))
+    env = cur.play(world, seed, "", rng)
+    assert env.outcome().success and len(env.turns) == shortest
+    for turn in env.turns:
+      move = turn.response.split()[2].rstrip(":")
+      assert turn.action == f"[{_believed_key(world, move)}]"
+  # An unknown lake with permuted controls: the player assumes standard ones and fails.
+  stranger = cur.World("Zanfir", "left,right,up,down")
+  assert not any(cur.play(stranger, s, "", rng).outcome().success for s in range(10))
+
+
+def test_scripted_player_follows_knowledge_items_by_majority(monkeypatch):
+  monkeypatch.setattr(cur, "EXPLORE", 0.0)
+  world = cur.World("Zanfir", "left,right,up,down")
+  right = "\n".join(cur.ITEM.format(key=k, direction=d)
+                    for k, d in [("down", "right"), ("right", "down"), ("up", "left"),
+                                 ("left", "up")])
+  wrong = cur.ITEM.format(key="up", direction="down")
+  knowledge = f"{right}\n{right}\n{wrong}"
+  dist = cur.key_distribution("down", world.believed(), knowledge)
+  assert dist == {"right": pytest.approx(2 / 3), "up": pytest.approx(1 / 3)}
+  # Elimination: nothing names a key for "down", [down] is said to move right, so the player
+  # tries the keys nobody mentioned.
+  only = cur.ITEM.format(key="down", direction="right")
+  third = pytest.approx(1 / 3)
+  assert cur.key_distribution("down", world.believed(), only) == {
+      "up": third, "left": third, "right": third}
+  # Nothing said about [down]'s neighbours: the believed key for "left" is pressed.
+  assert cur.key_distribution("left", world.believed(), only) == {"left": 1.0}
+  rng = random.Random(2)
+  wins = sum(cur.play(world, s, f"{right}\n{right}", rng).outcome().success for s in range(10))
+  assert wins == 10
+
+
+def test_reader_writes_what_the_trajectory_shows_with_the_stated_error_rate():
+  rng = random.Random(3)
+  world = cur.World("Zanfir", "down,left,up,right")
+  truth = dict(zip(MOVES, world.controls.split(",")))
+  items = []
+  for seed in range(150):
+    trajectory = cur.play(world, seed, "", rng).trajectory(ModelInfo("scripted"))
+    for key, move in cur.observed_effects(trajectory):
+      assert truth[key] == move  # the reader's evidence is what the key really did
+    answer = cur.scripted_extraction(trajectory, rng)
+    assert answer.startswith(cur.ANSWER_HEAD)
+    items += experience.parse_items(answer)
+  counts = collections.Counter(
+      truth[k] == d for k, d in cur._ITEM_RE.findall("\n".join(items)))  # pylint: disable=protected-access
+  wrong = counts[False] / (counts[True] + counts[False])
+  assert counts[True] + counts[False] > 150
+  assert abs(wrong - cur.READ_ERROR) < 0.06
