@@ -38,7 +38,8 @@ class TrainConfig:
   """Optimizer and loss settings of consolidation (paper Table 3/4 defaults)."""
 
   learning_rate: float = 1e-6
-  """Constant learning rate (no warm-up)."""
+  """Constant learning rate (no warm-up); 0 leaves the weights as they are (a control run:
+  everything else, sampling included, runs as usual)."""
   weight_decay: float = 0.01
   """AdamW decoupled weight decay."""
   b1: float = 0.9
@@ -73,7 +74,9 @@ class TrainConfig:
     if self.divergence not in losses.DIVERGENCES:
       raise ValueError(f"TrainConfig.divergence must be one of {losses.DIVERGENCES}, "
                        f"got {self.divergence!r}")
-    for name in ("learning_rate", "temperature", "max_grad_norm"):
+    if isinstance(self.learning_rate, bool) or not self.learning_rate >= 0:
+      raise ValueError(f"TrainConfig.learning_rate must be >= 0, got {self.learning_rate}")
+    for name in ("temperature", "max_grad_norm"):
       if not getattr(self, name) > 0:
         raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
     if self.k < 0:

@@ -230,6 +230,24 @@ def test_non_finite_loss_stops_with_state_unchanged(setup):
   assert int(state.step) == 1
 
 
+def test_learning_rate_zero_leaves_the_weights_exactly_as_they_were(setup):
+  """The demo's control run: every step runs (loss, gradient, AdamW with weight decay) and the
+  weights do not move."""
+  batch, _ = setup
+  student, teacher = init_model(CONFIG, seed=1), init_model(CONFIG, seed=2)
+  trainer = Trainer(student, TrainConfig(learning_rate=0.0, k=16))
+  state = trainer.init_state(student)
+  before = jax.tree.map(np.asarray, state.params)
+  for _ in range(2):
+    state, metrics = trainer.train_step(state, trainer.teacher_params(teacher), batch)
+  assert metrics["grad_norm"] > 0 and int(state.step) == 2
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), state.params,
+               before)
+  for bad in (-1e-4, float("nan")):
+    with pytest.raises(ValueError, match="TrainConfig.learning_rate must be >= 0"):
+      TrainConfig(learning_rate=bad)
+
+
 def test_tail_config_is_checked():
   with pytest.raises(ValueError, match="tail and TrainConfig.renormalize"):
     TrainConfig(tail=True, renormalize=True)

@@ -1,9 +1,10 @@
-"""One uninterrupted run of the README's main job (the tiny loop), shared by test modules.
+"""One uninterrupted run of the tiny plumbing loop (``configs/tiny.py``), shared by test modules.
 
-`uninterrupted(tmp_path_factory)` runs ``python -m oel_jax.main --workdir=DIR`` once per test
-session (the README's command plus a workdir) and returns the workdir, the process result and
-its wall time; later calls return the same run. `run_main` starts the same command as a
-subprocess, the way a user's shell would.
+`uninterrupted(tmp_path_factory)` runs ``python -m oel_jax.main --config=configs/tiny.py
+--workdir=DIR`` once per test session and returns the workdir, the process result and its wall
+time; later calls return the same run. `run_main` starts the CLI as a subprocess, the way a
+user's shell would, on the tiny config unless the arguments name a ``--config`` (the README's
+own command, which runs the learning demo, is tested in tests/test_demo.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.py")
 
 
 def main_env() -> dict[str, str]:
@@ -25,6 +27,10 @@ def main_env() -> dict[str, str]:
 
 
 def main_command(*args: str) -> list[str]:
+  """The CLI with ``args``; on the tiny config unless they name one."""
+  if not any(a.startswith(("--config=", "-config=")) or a in ("--config", "-config")
+             for a in args):
+    args = (f"--config={TINY_CONFIG}", *args)
   return [sys.executable, "-m", "oel_jax.main", *args]
 
 

@@ -6,26 +6,7 @@ trained from scratch on the synthetic curriculum in `oel_jax.demo.curriculum` by
 in the held-out world (`DEMO_CONTROLS` on lake `DEMO_LAKE`).
 """
 
-import importlib.resources
-import os
-
 from oel_jax.demo.curriculum import DEMO_CONTROLS, DEMO_LAKE
+from oel_jax.demo.paths import demo_config_path, demo_model_path
 
-
-def demo_model_path() -> str:
-  """The packaged demo model (a Hugging Face Qwen3 checkpoint directory, tokenizer included).
-
-  Raises:
-    FileNotFoundError: the package was installed without its assets; rebuild the model with
-      ``python scripts/build_demo_model.py``.
-  """
-  path = os.fspath(importlib.resources.files("oel_jax") / "assets" / "demo_model")
-  if not os.path.isfile(os.path.join(path, "model.safetensors")):
-    raise FileNotFoundError(
-        f"demo model not found at {path} (model.safetensors missing): the package data "
-        "`oel_jax/assets/demo_model/` was not installed; reinstall the package, or rebuild it "
-        "with `python scripts/build_demo_model.py`")
-  return path
-
-
-__all__ = ["DEMO_CONTROLS", "DEMO_LAKE", "demo_model_path"]
+__all__ = ["DEMO_CONTROLS", "DEMO_LAKE", "demo_config_path", "demo_model_path"]
