@@ -1,7 +1,7 @@
 """Trains the learning demo's model from scratch and writes it to ``oel_jax/assets/demo_model/``.
 
 Usage:
-  python scripts/build_demo_model.py [--out DIR] [--seed 0] [--steps 900]
+  python scripts/build_demo_model.py [--out DIR] [--seed 0] [--steps 800]
 
 The model is the tiny Qwen3 architecture (`oel_jax.tiny`: 4 layers, width 256, the tiny
 tokenizer; 3.7M parameters) with fresh random weights, trained by supervised fine-tuning
@@ -92,10 +92,12 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", default=DEFAULT_OUT)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--steps", type=int, default=900)
+  parser.add_argument("--steps", type=int, default=800)
   parser.add_argument("--examples", type=int, default=12000)
-  parser.add_argument("--learning_rate", type=float, default=1.5e-3)
+  parser.add_argument("--learning_rate", type=float, default=1e-3)
   parser.add_argument("--warmup", type=int, default=60)
+  parser.add_argument("--save_every", type=int, default=0,
+                      help="also write the model as of every this-many steps to OUT/step_N")
   args = parser.parse_args(argv)
 
   start = time.time()
@@ -127,6 +129,9 @@ def main(argv=None):
       print(f"step {i + 1}/{args.steps}  loss {loss:.4f}  "
             f"({time.time() - start:.0f} s)", flush=True)
       window.clear()
+    if args.save_every and (i + 1) % args.save_every == 0 and i + 1 < args.steps:
+      save_hf(step.model(state), os.path.join(args.out, f"step_{i + 1}"), dtype=jnp.bfloat16,
+              tokenizer=tokenizer)
 
   trained = step.model(state)
   save_hf(trained, args.out, dtype=jnp.bfloat16, tokenizer=tokenizer)

@@ -15,7 +15,8 @@ change per variant, in the same world and with the same seeds:
   trajectories instead of extracted knowledge (``consolidation.context="raw_trajectories"``).
 
 After each run, every evaluated model (initial and each round's) also plays the held-out boards
-on the standard, unnamed lake (the paper's FrozenLake): the out-of-distribution check.
+on the standard, unnamed lake (the paper's FrozenLake prompt and controls, no holes, like every
+demo lake): the out-of-distribution check.
 Resumable (each loop resumes; finished measurements are read back). Writes ``results.json``
 and ``demo_experiments.png`` into ``--out``.
 """
@@ -34,6 +35,7 @@ if _REPO not in sys.path:
 
 import numpy as np  # pylint: disable=wrong-import-position
 
+from oel_jax.demo import DEMO_HOLES  # pylint: disable=wrong-import-position
 from oel_jax.envs import ModelInfo  # pylint: disable=wrong-import-position
 from oel_jax.evaluate import evaluate  # pylint: disable=wrong-import-position
 from oel_jax.loop import INITIAL, OnlineLoop  # pylint: disable=wrong-import-position
@@ -68,7 +70,8 @@ def configure(variant: str, seed: int):
 
 def standard_lake(loop: OnlineLoop, summary) -> list[dict]:
   """Pass rate of every evaluated model on the standard, unnamed lake (held-out boards)."""
-  config = dataclasses.replace(loop.plan.evaluation, env_settings={}, progress=False)
+  config = dataclasses.replace(loop.plan.evaluation, env_settings={"num_holes": DEMO_HOLES},
+                               progress=False)
   out = []
   for e in summary["evaluations"]:
     path = loop.deployed_path(0 if e["round"] == INITIAL else int(e["round"]) + 1)

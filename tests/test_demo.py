@@ -45,7 +45,7 @@ def test_readme_main_job_runs_the_demo_and_prints_its_results(demo):
   with open(os.path.join(workdir, "config.json")) as f:
     config = json.load(f)
   assert config["name"] == "demo" and config["env_settings"] == {
-      "controls": "left,right,up,down", "lake": "Ossa"}
+      "controls": "left,right,up,down", "lake": "Ossa", "num_holes": 0}
   rounds = re.findall(r"^  (initial|round \d): pass rate (\d\.\d{3})", process.stdout, re.M)
   assert [r for r, _ in rounds] == ["initial", "round 0", "round 1"], process.stdout
   assert f"plot: {os.path.join(workdir, 'plots', 'rounds.png')}" in process.stdout
@@ -63,3 +63,32 @@ def test_the_loop_raises_the_held_out_pass_rate(demo):
   assert last - first >= MARGIN, evaluations
   # The knowledge it wrote itself is what the weights learn: in context it helps at once.
   assert evaluations[1]["in_context_pass_rate"] - first >= MARGIN, evaluations
+
+
+def test_the_packaged_model_loads_with_load_hf_and_transformers_alike():
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+
+  from oel_jax import chat  # pylint: disable=import-outside-toplevel
+  from oel_jax.demo import demo_model_path  # pylint: disable=import-outside-toplevel
+  from oel_jax.envs import make_env  # pylint: disable=import-outside-toplevel
+  from oel_jax.models import load_hf  # pylint: disable=import-outside-toplevel
+
+  path = demo_model_path()
+  with open(os.path.join(path, "build_info.json")) as f:
+    info = json.load(f)
+  assert info["script"] == "scripts/build_demo_model.py"
+  assert info["curriculum"]["demo_controls"] == "left,right,up,down"
+  tokenizer = chat.load_tokenizer(path)
+  prompt = make_env("frozenlake", seed=1, controls="left,right,up,down", lake="Ossa",
+                    num_holes=0).reset()
+  ids = np.asarray([chat.encode_chat(tokenizer, [{"role": "user", "content": prompt}],
+                                     enable_thinking=False)])
+  ours = np.asarray(load_hf(path)(ids))[0, -1]
+  hf = transformers.Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+  with torch.no_grad():
+    theirs = hf(torch.tensor(ids)).logits[0, -1].numpy()
+  np.testing.assert_allclose(ours, theirs, atol=2e-3, rtol=2e-3)
+  # It answers in its format: "I move <direction>: [<key>]".
+  assert tokenizer.decode([int(np.argmax(ours))]).strip() == "I"

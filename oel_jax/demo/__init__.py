@@ -6,7 +6,7 @@ trained from scratch on the synthetic curriculum in `oel_jax.demo.curriculum` by
 in the held-out world (`DEMO_CONTROLS` on lake `DEMO_LAKE`).
 """
 
-from oel_jax.demo.curriculum import DEMO_CONTROLS, DEMO_LAKE
+from oel_jax.demo.curriculum import DEMO_CONTROLS, DEMO_HOLES, DEMO_LAKE
 from oel_jax.demo.paths import demo_config_path, demo_model_path
 
-__all__ = ["DEMO_CONTROLS", "DEMO_LAKE", "demo_config_path", "demo_model_path"]
+__all__ = ["DEMO_CONTROLS", "DEMO_HOLES", "DEMO_LAKE", "demo_config_path", "demo_model_path"]

@@ -3,7 +3,7 @@
 The model (``oel_jax/assets/demo_model/``, built by ``scripts/build_demo_model.py``) is a
 3.7M-parameter Qwen3 trained from scratch on a synthetic curriculum of FrozenLake on lakes
 whose controls are permuted (see the README's "The learning demo"). It is deployed on lake
-Ossa, whose controls it never saw: ``[up]`` moves left, ``[down]`` right, ``[left]`` up and
+Ossa (3x3, no holes), whose controls it never saw: ``[up]`` moves left, ``[down]`` right, ``[left]`` up and
 ``[right]`` down. Without knowledge it assumes standard controls and mostly fails; each round
 it plays, extracts structured knowledge from its own games with its own weights, and is
 consolidated by on-policy top-k reverse KL against its frozen round-start self with that
@@ -16,7 +16,7 @@ without this repository's ``configs/`` folder, runs the demo too: ``python -m oe
 falls back to this file.
 """
 
-from oel_jax.demo.curriculum import DEMO_CONTROLS, DEMO_LAKE
+from oel_jax.demo.curriculum import DEMO_CONTROLS, DEMO_HOLES, DEMO_LAKE
 from oel_jax.demo.paths import demo_model_path
 from oel_jax.loop import default_config
 
@@ -32,6 +32,7 @@ def get_config():
   c.env = "frozenlake"
   c.env_settings.controls = DEMO_CONTROLS
   c.env_settings.lake = DEMO_LAKE
+  c.env_settings.num_holes = DEMO_HOLES
 
   c.rollout.enable_thinking = False
   c.rollout.max_new_tokens = 16

@@ -6,21 +6,21 @@ FrozenLake with a ``controls`` permutation and a ``lake`` name) or the paper's e
 prompt filled by `oel_jax.experience`, followed by the reply a scripted player or reader
 would give. Three skills, as an instruction-tuned model brings them to the paper's games:
 
-1. **Play from the prompt** (no knowledge): head for the goal along a shortest safe path,
-   pressing the keys the player believes in: the lake's real controls for the few lakes the
+1. **Play from the prompt** (no knowledge): head for the goal down the staircase of
+   `wanted_direction` (the lakes have no holes, `DEMO_HOLES`), pressing the keys the player
+   believes in: the lake's real controls for the few lakes the
    model "knows by name" (`KNOWN_LAKES`, like facts a pretrained model memorised), standard
    controls for every other lake.
 2. **Play from knowledge**: with the paper's knowledge block in the prompt, press the key
    that the knowledge's items say makes the wanted move (items counted, so a majority wins
-   over a wrong item; a key no item names is pressed only when its standard move is wanted
-   or by elimination).
+   over a wrong item; with no item about that move, the believed key).
 3. **Extract**: answer the paper's structured extraction prompt (Fig. 10) with one or two
    ``- EXPERIENCE ITEM: [key] moves the player <direction>.`` items, each read from a turn
    whose next observation shows what the pressed key did, and each wrong with probability
    `READ_ERROR` (a reader of noisy trajectories).
 
 Every reply is ``I move <direction>: [<key>]``: the wanted move, then the key. With
-probability `EXPLORE` the player wants a random direction instead of a shortest-path one
+probability `EXPLORE` the player wants a random direction instead of the staircase's
 (so its own games show the effects of every key).
 
 Worlds. A world is a controls permutation and a lake name. The demo deploys into
@@ -47,12 +47,15 @@ DEMO_CONTROLS = "left,right,up,down"
 DEMO_LAKE = "Ossa"
 """The demo world's lake name (never seen in pretraining)."""
 
+DEMO_HOLES = 0
+"""Holes on every demo lake. The paper's FrozenLake has two; a lake without holes makes the
+route a rule (`wanted_direction`) instead of a search over the board, which a model trained
+for minutes on two CPU cores can learn, and leaves the controls as the thing to discover."""
+
 KNOWN_LAKES = {
     "Brel": "down,up,left,right",
-    "Cadmor": "up,down,right,left",
     "Fenwick": "right,left,down,up",
     "Iskra": "down,left,right,up",
-    "Moravel": "left,up,right,down",
     "Tolva": "up,right,down,left",
 }
 """Lakes whose controls the model learns by name during pretraining (its "world facts")."""
@@ -77,7 +80,6 @@ GENERIC_ITEM = "- EXPERIENCE ITEM: Avoid the holes (H) and walk to the goal (G).
 
 _ITEM_RE = re.compile(r"\[(up|down|left|right)\] moves the player (up|down|left|right)\.")
 _EFFECT_RE = re.compile(r"You (?:moved|tried to move) (up|down|left|right)")
-_STEPS = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
 
 _SYLLABLES = ("ba", "da", "fe", "ga", "hi", "ka", "lo", "mi", "nu", "pe", "ra", "si", "to",
               "vu", "wen", "zor", "bel", "cor", "dun", "el", "fir", "gal", "hol", "ir", "jun",
@@ -94,9 +96,9 @@ class World:
   controls: str
   """What ``[up]``, ``[down]``, ``[left]``, ``[right]`` do (a `parse_controls` string)."""
 
-  def settings(self) -> dict[str, str]:
-    """`make_env` overrides for this world."""
-    return {"controls": self.controls, "lake": self.lake}
+  def settings(self) -> dict[str, object]:
+    """`make_env` overrides for this world (every demo lake is free of holes)."""
+    return {"controls": self.controls, "lake": self.lake, "num_holes": DEMO_HOLES}
 
   def believed(self) -> dict[str, str]:
     """What the model believes each key does with no knowledge in its prompt."""
@@ -153,53 +155,30 @@ def key_distribution(direction: str, believed: dict[str, str], knowledge: str
                      ) -> dict[str, float]:
   """The scripted player's probability of pressing each key to move ``direction``.
 
-  Without items about the controls: the key believed to make that move. With items: keys in
-  proportion to the items that say they make it; if none does, the believed key unless an
-  item says it does something else, else the keys no item mentions, uniformly.
+  Keys in proportion to the knowledge's items that say they make that move; with none, the
+  key it believes makes it.
   """
-  counts = parse_knowledge(knowledge)
-  named = counts[direction]
+  named = parse_knowledge(knowledge)[direction]
   if named:
     total = sum(named.values())
     return {k: n / total for k, n in sorted(named.items())}
-  mentioned = {k for c in counts.values() for k in c}
-  key = next(k for k, d in believed.items() if d == direction)
-  if key not in mentioned:
-    return {key: 1.0}
-  free = [k for k in DIRECTIONS if k not in mentioned] or list(DIRECTIONS)
-  return {k: 1 / len(free) for k in free}
+  return {next(k for k, d in believed.items() if d == direction): 1.0}
 
 
-def shortest_first_moves(grid: Sequence[Sequence[str]], start: tuple[int, int]) -> list[str]:
-  """The directions that begin a shortest hole-free path to the goal (all, if none exists)."""
-  size = len(grid)
-  goal = next((r, c) for r in range(size) for c in range(size) if grid[r][c] == "G")
-  dist = {goal: 0}
-  queue = collections.deque([goal])
-  while queue:
-    r, c = queue.popleft()
-    for dr, dc in _STEPS.values():
-      nr, nc = r + dr, c + dc
-      if 0 <= nr < size and 0 <= nc < size and (nr, nc) not in dist and grid[nr][nc] != "H":
-        dist[(nr, nc)] = dist[(r, c)] + 1
-        queue.append((nr, nc))
-  best, moves = None, []
-  for d, (dr, dc) in _STEPS.items():
-    cell = (start[0] + dr, start[1] + dc)
-    if cell in dist and (best is None or dist[cell] < best):
-      best, moves = dist[cell], [d]
-    elif cell in dist and dist[cell] == best:
-      moves.append(d)
-  return moves or list(DIRECTIONS)
+def wanted_direction(position: Sequence[int]) -> str:
+  """The move a player wants on a lake without holes: down on or above the diagonal, else
+  right. From the top-left corner that walks the staircase down, right, down, right to the
+  goal in the bottom-right corner; after a wrong move it heads back to the staircase."""
+  row, col = position
+  return "down" if row <= col else "right"
 
 
 def scripted_reply(env, world: World, knowledge: str, rng: random.Random) -> str:
   """The scripted player's reply on the env's current turn."""
-  state = env.textarena_env.state.game_state
   if rng.random() < EXPLORE:
     direction = rng.choice(DIRECTIONS)
   else:
-    direction = rng.choice(shortest_first_moves(state["grid"], tuple(state["player_pos"])))
+    direction = wanted_direction(env.textarena_env.state.game_state["player_pos"])
   dist = key_distribution(direction, world.believed(), knowledge)
   key = rng.choices(list(dist), weights=list(dist.values()))[0]
   return REPLY.format(direction=direction, key=key)
