@@ -14,8 +14,8 @@ BREAK is one of:
 - ``sampler_ignores_swap``: `Sampler.update_weights` does nothing, so every rollout, on-policy
   sample and evaluation uses the weights the sampler was built with.
 
-The breaks are monkeypatches in this process only; the library is not changed. tests/test_demo.py
-asserts a rise of at least its MARGIN; docs/benchmarks.md records what each break gives.
+The breaks are monkeypatches in this process only; the library is not changed. A test of the
+demo's rise must fail under each of them (to be recorded once the demo model learns).
 """
 
 import runpy

@@ -107,7 +107,7 @@ def test_reader_writes_what_the_trajectory_shows_with_the_stated_error_rate():
     assert answer.startswith(cur.ANSWER_HEAD)
     items += experience.parse_items(answer)
   counts = collections.Counter(
-      truth[k] == d for k, d in cur._ITEM_RE.findall("\n".join(items)))  # pylint: disable=protected-access
+      truth[k] == d for d, k in cur._ITEM_RE.findall("\n".join(items)))  # pylint: disable=protected-access
   wrong = counts[False] / (counts[True] + counts[False])
   assert counts[True] + counts[False] > 150
   assert abs(wrong - cur.READ_ERROR) < 0.06

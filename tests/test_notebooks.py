@@ -39,9 +39,6 @@ def _kernel_env(tmp_path):
   flags = [f for f in env.get("XLA_FLAGS", "").split()
            if "xla_force_host_platform_device_count" not in f]
   env["XLA_FLAGS"] = " ".join(flags)
-  # The walkthrough's last cell runs the README's whole demo (minutes); tests/test_demo.py
-  # runs that same command and checks its results, so it is not run twice.
-  env["OEL_SKIP_WHOLE_DEMO"] = "1"
   return env
 
 
@@ -71,9 +68,9 @@ def test_notebook_is_committed_without_outputs(path):
       assert cell.execution_count is None and not cell.outputs, (
           f"{os.path.basename(path)} cell {i} has outputs: clear them before committing")
   switch = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-  assert len(switch) == 1 and re.search(r'^MODEL = "(tiny|demo)"', switch[0].source, re.M), (
+  assert len(switch) == 1 and 'MODEL = "tiny"' in switch[0].source, (
       f"{os.path.basename(path)}: one cell tagged 'parameters' must hold the switch "
-      'MODEL = "tiny" or MODEL = "demo"')
+      'MODEL = "tiny"')
 
 
 @pytest.mark.slow

@@ -15,7 +15,8 @@ would give. Three skills, as an instruction-tuned model brings them to the paper
    that the knowledge's items say makes the wanted move (items counted, so a majority wins
    over a wrong item; with no item about that move, the believed key).
 3. **Extract**: answer the paper's structured extraction prompt (Fig. 10) with one or two
-   ``- EXPERIENCE ITEM: [key] moves the player <direction>.`` items, each read from a turn
+   ``- EXPERIENCE ITEM: To move <direction>, press [<key>].`` items (the move first, so that
+   a player wanting a move finds the key right after it), each read from a turn
    whose next observation shows what the pressed key did, and each wrong with probability
    `READ_ERROR` (a reader of noisy trajectories).
 
@@ -69,7 +70,7 @@ READ_ERROR = 0.1
 REPLY = "I move {direction}: [{key}]"
 """The scripted player's reply."""
 
-ITEM = "- EXPERIENCE ITEM: [{key}] moves the player {direction}."
+ITEM = "- EXPERIENCE ITEM: To move {direction}, press [{key}]."
 """One item of knowledge about the controls."""
 
 ANSWER_HEAD = "Additional Experience (Rules or Strategies):\n# Experience\n"
@@ -78,7 +79,7 @@ ANSWER_HEAD = "Additional Experience (Rules or Strategies):\n# Experience\n"
 GENERIC_ITEM = "- EXPERIENCE ITEM: Avoid the holes (H) and walk to the goal (G)."
 """The item the reader writes when no turn shows what a key did."""
 
-_ITEM_RE = re.compile(r"\[(up|down|left|right)\] moves the player (up|down|left|right)\.")
+_ITEM_RE = re.compile(r"To move (up|down|left|right), press \[(up|down|left|right)\]")
 _EFFECT_RE = re.compile(r"You (?:moved|tried to move) (up|down|left|right)")
 
 _SYLLABLES = ("ba", "da", "fe", "ga", "hi", "ka", "lo", "mi", "nu", "pe", "ra", "si", "to",
@@ -144,9 +145,9 @@ def pretraining_worlds(rng: random.Random) -> Iterator[World]:
 
 
 def parse_knowledge(knowledge: str) -> dict[str, collections.Counter]:
-  """Counts of ``[key] moves the player <direction>`` items: ``{direction: {key: count}}``."""
+  """Counts of ``To move <direction>, press [<key>]`` items: ``{direction: {key: count}}``."""
   counts: dict[str, collections.Counter] = {d: collections.Counter() for d in DIRECTIONS}
-  for key, direction in _ITEM_RE.findall(knowledge or ""):
+  for direction, key in _ITEM_RE.findall(knowledge or ""):
     counts[direction][key] += 1
   return counts
 
