@@ -8,7 +8,7 @@ over the whole batch, in float32 from the model's float32 logits.
     batch = make_sft_batch(prompt_ids, reply_ids, pad_id=tok.pad_token_id, length=1024)
     step = SFTStep(model, optax.adamw(3e-4))
     state = step.init_state(model)
-    state, metrics = step(state, batch)       # metrics: loss, tokens, grad_norm
+    state, metrics = step(state, batch)       # loss, tokens, grad_norm, row_nll, row_tokens
 """
 
 from __future__ import annotations
@@ -68,15 +68,21 @@ def make_sft_batch(prompts: Sequence[Sequence[int]], replies: Sequence[Sequence[
   return SFTBatch(jnp.asarray(tokens), jnp.asarray(attention), jnp.asarray(scored))
 
 
-def sft_loss(model: Qwen3, batch: SFTBatch) -> tuple[jax.Array, jax.Array]:
-  """(sum of the reply tokens' negative log-likelihoods, number of reply tokens)."""
+def row_losses(model: Qwen3, batch: SFTBatch) -> tuple[jax.Array, jax.Array]:
+  """Per row: (sum of the reply tokens' negative log-likelihoods `[B]`, reply tokens `[B]`)."""
   logits = model(batch.tokens, attention_mask=batch.attention_mask)  # [B, T, V] float32
   # The logits at t predict token t + 1.
   log_probs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
   targets = batch.tokens[:, 1:]
   nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
   weights = batch.loss_mask[:, 1:]
-  return jnp.sum(nll * weights), jnp.sum(weights)
+  return jnp.sum(nll * weights, axis=1), jnp.sum(weights, axis=1)
+
+
+def sft_loss(model: Qwen3, batch: SFTBatch) -> tuple[jax.Array, jax.Array]:
+  """(sum of the reply tokens' negative log-likelihoods, number of reply tokens)."""
+  nll, count = row_losses(model, batch)
+  return jnp.sum(nll), jnp.sum(count)
 
 
 class SFTStep:
@@ -104,13 +110,14 @@ class SFTStep:
 
   def _update(self, state: TrainState, batch: SFTBatch) -> tuple[TrainState, dict[str, Any]]:
     def loss_fn(params):
-      total, count = sft_loss(nnx.merge(self.graphdef, params), batch)
-      return total / jnp.maximum(count, 1.0), count
+      nll, count = row_losses(nnx.merge(self.graphdef, params), batch)
+      return jnp.sum(nll) / jnp.maximum(jnp.sum(count), 1.0), (nll, count)
 
-    (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (nll, count)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "tokens": count, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "tokens": jnp.sum(count), "grad_norm": optax.global_norm(grads),
+               "row_nll": nll, "row_tokens": count}
     return TrainState(params=params, opt_state=opt_state, step=state.step + 1), metrics
 
   def __call__(self, state: TrainState, batch: SFTBatch) -> tuple[TrainState, dict[str, Any]]:

@@ -123,11 +123,18 @@ def main(argv=None):
                            pad_id=tiny.PAD_ID, length=length)
     state, metrics = step(state, batch)
     window["loss"].append(float(metrics["loss"]))
+    for (_, _, skill), nll, count in zip(rows, np.asarray(metrics["row_nll"]),
+                                         np.asarray(metrics["row_tokens"])):
+      window[skill + "_nll"].append(float(nll))
+      window[skill + "_tokens"].append(float(count))
     if (i + 1) % 25 == 0 or i + 1 == args.steps:
       loss = float(np.mean(window["loss"]))
-      curve.append({"step": i + 1, "loss": round(loss, 4)})
+      by_skill = {s: round(sum(window[s + "_nll"]) / max(sum(window[s + "_tokens"]), 1), 4)
+                  for s in curriculum.SKILLS}
+      curve.append({"step": i + 1, "loss": round(loss, 4), **by_skill})
       print(f"step {i + 1}/{args.steps}  loss {loss:.4f}  "
-            f"({time.time() - start:.0f} s)", flush=True)
+            + "  ".join(f"{s} {v:.4f}" for s, v in by_skill.items())
+            + f"  ({time.time() - start:.0f} s)", flush=True)
       window.clear()
     if args.save_every and (i + 1) % args.save_every == 0 and i + 1 < args.steps:
       save_hf(step.model(state), os.path.join(args.out, f"step_{i + 1}"), dtype=jnp.bfloat16,

@@ -76,6 +76,10 @@ def test_step_is_adam_on_the_reference_gradient_and_learns(models):
   moved = (embed_before - np.asarray(step.model(state).embed[...])) / 0.5
   np.testing.assert_allclose(moved, reference, atol=2e-6, rtol=1e-4)
   assert int(state.step) == 1 and metrics["tokens"] == sum(len(r) for r in replies)
+  # Per-row sums (for a loss per kind of example) add up to the batch's token mean.
+  np.testing.assert_array_equal(metrics["row_tokens"], [len(r) for r in replies])
+  np.testing.assert_allclose(float(metrics["row_nll"].sum() / metrics["tokens"]),
+                             float(metrics["loss"]), rtol=1e-6)
   # And Adam drives the loss down on a batch it sees repeatedly.
   step = SFTStep(ours, optax.adam(1e-2))
   state = step.init_state(ours)
