@@ -167,9 +167,9 @@ def main(argv=None):
     for seed in args.seeds:
       records.append(run_one(variant, seed, args.out))
       r = records[-1]
-      print(f"{variant} seed {seed}: pass rate "
-            f"{' -> '.join(f'{e['pass_rate']:.3f}' for e in r['evaluations'])}; standard lake "
-            f"{' -> '.join(f'{e['pass_rate']:.3f}' for e in r['standard_lake'])} "
+      rates = " -> ".join(f"{e['pass_rate']:.3f}" for e in r["evaluations"])
+      standard = " -> ".join(f"{e['pass_rate']:.3f}" for e in r["standard_lake"])
+      print(f"{variant} seed {seed}: pass rate {rates}; standard lake {standard} "
             f"({r['seconds']} s)", flush=True)
   results = table(records)
   with open(os.path.join(args.out, "results.json"), "w") as f:

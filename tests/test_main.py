@@ -240,3 +240,14 @@ def test_a_round_that_keeps_skipping_non_finite_steps_stops_with_one_error_line(
   assert [(m["step"], m["skipped"], m["skipped_steps"]) for m in lines] == [(1, False, 0),
                                                                             (2, True, 1)]
   assert not (workdir / "round_000" / "consolidate.done.json").exists()
+
+
+def test_every_script_compiles_on_this_python():
+  """scripts/ are not imported by the tests; a syntax error there (say, an f-string that only
+  Python 3.12 parses) would otherwise go unnoticed."""
+  import glob  # pylint: disable=import-outside-toplevel
+  scripts = sorted(glob.glob(os.path.join(ROOT, "scripts", "*.py")))
+  assert len(scripts) >= 4
+  for path in scripts:
+    with open(path, encoding="utf-8") as f:
+      compile(f.read(), path, "exec")  # raises SyntaxError naming the file and line

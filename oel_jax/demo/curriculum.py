@@ -40,7 +40,7 @@ from collections.abc import Iterator, Sequence
 
 from oel_jax import experience
 from oel_jax.envs import ModelInfo, make_env
-from oel_jax.envs.textarena_games import DIRECTIONS, STANDARD_CONTROLS, isolated_global_rng
+from oel_jax.envs.textarena_games import DIRECTIONS, STANDARD_CONTROLS
 
 DEMO_CONTROLS = "left,right,up,down"
 """The demo world: ``[up]`` moves left, ``[down]`` right, ``[left]`` up, ``[right]`` down."""
@@ -78,6 +78,8 @@ ANSWER_HEAD = "Additional Experience (Rules or Strategies):\n# Experience\n"
 
 GENERIC_ITEM = "- EXPERIENCE ITEM: Avoid the holes (H) and walk to the goal (G)."
 """The item the reader writes when no turn shows what a key did."""
+
+_MODEL = ModelInfo("scripted-player")  # recorded in the scripted games' trajectories
 
 _ITEM_RE = re.compile(r"To move (up|down|left|right), press \[(up|down|left|right)\]")
 _EFFECT_RE = re.compile(r"You (?:moved|tried to move) (up|down|left|right)")
@@ -253,7 +255,6 @@ class Example:
   """The lake the example comes from."""
 
 
-_MODEL = ModelInfo("scripted-player")
 EXTRACTION = experience.ExtractionConfig(knowledge_format="structured", with_previous=False,
                                          enable_thinking=False)
 """The extraction settings the demo runs with (the paper's Fig. 10 prompt, no previous
@@ -276,21 +277,20 @@ def examples(seed: int, mix: Sequence[float] = (0.35, 0.35, 0.3)) -> Iterator[Ex
     skill = rng.choices(SKILLS, weights=mix)[0]
     world = next(worlds)
     board += 100
-    with isolated_global_rng():
-      if skill == "extract":
-        knowledge = ""
-        if rng.random() < 0.3:
-          knowledge = scripted_knowledge(world, rng, rng.randint(1, 6), board + 50)
-        env = play(world, board, knowledge, rng)
-        trajectory = env.trajectory(_MODEL)
-        yield Example(skill, experience.extraction_prompt(trajectory, "", EXTRACTION),
-                      scripted_extraction(trajectory, rng), world)
-        continue
+    if skill == "extract":
       knowledge = ""
-      if skill == "play_with_knowledge":
-        knowledge = scripted_knowledge(world, rng, rng.randint(1, 10), board + 50)
-        if not knowledge:
-          continue
+      if rng.random() < 0.3:
+        knowledge = scripted_knowledge(world, rng, rng.randint(1, 6), board + 50)
       env = play(world, board, knowledge, rng)
-      for turn in rng.sample(env.turns, min(2, len(env.turns))):
-        yield Example(skill, turn.prompt, turn.response, world)
+      trajectory = env.trajectory(_MODEL)
+      yield Example(skill, experience.extraction_prompt(trajectory, "", EXTRACTION),
+                    scripted_extraction(trajectory, rng), world)
+      continue
+    knowledge = ""
+    if skill == "play_with_knowledge":
+      knowledge = scripted_knowledge(world, rng, rng.randint(1, 10), board + 50)
+      if not knowledge:
+        continue
+    env = play(world, board, knowledge, rng)
+    for turn in rng.sample(env.turns, min(2, len(env.turns))):
+      yield Example(skill, turn.prompt, turn.response, world)
