@@ -43,8 +43,8 @@ DEFAULT_OUT = os.path.join(_REPO, "oel_jax", "assets", "demo_model")
 
 # Sequence lengths of the batches (a pair goes to the shortest that holds it), and the rows
 # per batch at each, about 6k tokens per step.
-BUCKETS = (384, 640, 896, 1152)
-ROWS = {384: 16, 640: 10, 896: 7, 1152: 5}
+BUCKETS = (256, 384, 640, 896, 1152)
+ROWS = {256: 24, 384: 16, 640: 10, 896: 7, 1152: 5}
 
 
 def encode(tokenizer, example) -> tuple[list[int], list[int]]:
@@ -93,7 +93,7 @@ def main(argv=None):
   parser.add_argument("--out", default=DEFAULT_OUT)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--steps", type=int, default=800)
-  parser.add_argument("--examples", type=int, default=12000)
+  parser.add_argument("--examples", type=int, default=16000)
   parser.add_argument("--learning_rate", type=float, default=1e-3)
   parser.add_argument("--warmup", type=int, default=60)
   parser.add_argument("--save_every", type=int, default=0,
@@ -149,7 +149,8 @@ def main(argv=None):
       "buckets": {str(b): ROWS[b] for b in BUCKETS},
       "curriculum": {"skills": dict(skills), "demo_controls": curriculum.DEMO_CONTROLS,
                      "demo_lake": curriculum.DEMO_LAKE, "known_lakes": curriculum.KNOWN_LAKES,
-                     "explore": curriculum.EXPLORE, "read_error": curriculum.READ_ERROR},
+                     "explore": curriculum.EXPLORE, "knowledge_explore": curriculum.KNOWLEDGE_EXPLORE,
+                     "read_error": curriculum.READ_ERROR},
       "parameters": config.num_params(),
       "loss_curve": curve,
       "seconds": round(time.time() - start),

@@ -6,13 +6,15 @@ for the scripted player, and the env's own controls for what the reader writes.
 
 import collections
 import random
+import re
 
 import pytest
 
 import bfs_solver
 from oel_jax import experience
 from oel_jax.demo import curriculum as cur
-from oel_jax.envs import ModelInfo, make_env
+from oel_jax.envs import ModelInfo, build_prompt, make_env
+from oel_jax.envs.textarena_games import DIRECTIONS
 
 MOVES = ("up", "down", "left", "right")
 
@@ -35,6 +37,13 @@ def test_the_demo_world_never_appears(sample):
   # Every other permutation is covered, so each key-move pair is seen in many worlds.
   assert len({w.controls for w in seen}) == 23
   assert len({w.lake for w in seen}) > 500
+  informed = cur.knowledge_worlds(random.Random(0))
+  seen = [next(informed) for _ in range(3000)]
+  assert cur.DEMO_CONTROLS not in {w.controls for w in seen}
+  assert cur.DEMO_LAKE not in {w.lake for w in seen}
+  # Most knowledge examples are on lakes where only the block says which key makes a move.
+  surprising = sum(w.believed() != dict(zip(DIRECTIONS, w.controls.split(","))) for w in seen)
+  assert 0.75 < surprising / len(seen) < 0.9
 
 
 def test_prompts_are_the_games_own(sample):
@@ -46,8 +55,14 @@ def test_prompts_are_the_games_own(sample):
       assert e.prompt.endswith("(Remember to wrap your final answer of the action in square "
                                "brackets)")
       assert ("Given experience for rules or strategies" in e.prompt) == (
-          e.skill == "play_with_knowledge")
+          e.skill in ("play_with_knowledge", "recall"))
       assert e.reply.startswith("I move ")
+    if e.skill == "recall":  # the paper's knowledge prompt around a one-line situation
+      move = re.search(r"I move (\w+):", e.reply).group(1)
+      knowledge = e.prompt.split("learned:\n", 1)[1].split("\n\nCurrent situation:", 1)[0]
+      assert e.prompt == build_prompt(cur.DRILL_SITUATION.format(direction=move), knowledge)
+      key = re.search(r"\[(\w+)\]$", e.reply).group(1)
+      assert cur.key_distribution(move, e.world.believed(), knowledge).get(key, 0) > 0
 
 
 def _believed_key(world, move, knowledge=""):

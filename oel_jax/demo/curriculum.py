@@ -39,7 +39,7 @@ import re
 from collections.abc import Iterator, Sequence
 
 from oel_jax import experience
-from oel_jax.envs import ModelInfo, make_env
+from oel_jax.envs import ModelInfo, build_prompt, make_env
 from oel_jax.envs.textarena_games import DIRECTIONS, STANDARD_CONTROLS
 
 DEMO_CONTROLS = "left,right,up,down"
@@ -63,6 +63,9 @@ KNOWN_LAKES = {
 
 EXPLORE = 0.2
 """Probability that the scripted player wants a random direction on a turn."""
+
+KNOWLEDGE_EXPLORE = 0.6
+"""Exploration of the player whose games the knowledge blocks of skill 2 are read from."""
 
 READ_ERROR = 0.1
 """Probability that the scripted reader writes a wrong direction in an item."""
@@ -142,6 +145,28 @@ def pretraining_worlds(rng: random.Random) -> Iterator[World]:
       yield World(name, controls)
 
 
+def knowledge_worlds(rng: random.Random) -> Iterator[World]:
+  """The worlds of the knowledge-following examples; never the demo's controls or lake name.
+
+  Four in five have random non-standard controls (a random name or none), where only the
+  knowledge block tells the player which key makes a move; the rest come from
+  `pretraining_worlds`, where the knowledge agrees with what the player already believes.
+  Drawing them like `pretraining_worlds` left most knowledge examples answerable without
+  reading the block, and a model trained on that mix ignored it (0 of 16 Ossa prompts with
+  all four items followed at step 600 of an 800-step build, 2-core Xeon).
+  """
+  others = [c for c in all_controls() if c not in (DEMO_CONTROLS, STANDARD_CONTROLS)]
+  fallback = pretraining_worlds(rng)
+  while True:
+    if rng.random() >= 0.8:
+      yield next(fallback)
+      continue
+    name = lake_name(rng) if rng.random() < 0.75 else ""
+    if name == DEMO_LAKE or name in KNOWN_LAKES:
+      continue
+    yield World(name, rng.choice(others))
+
+
 # ---------------------------------------------------------------------------------------------
 # The scripted player.
 
@@ -176,9 +201,11 @@ def wanted_direction(position: Sequence[int]) -> str:
   return "down" if row <= col else "right"
 
 
-def scripted_reply(env, world: World, knowledge: str, rng: random.Random) -> str:
-  """The scripted player's reply on the env's current turn."""
-  if rng.random() < EXPLORE:
+def scripted_reply(env, world: World, knowledge: str, rng: random.Random,
+                   explore: float | None = None) -> str:
+  """The scripted player's reply on the env's current turn (a random wanted move with
+  probability ``explore``, default `EXPLORE`)."""
+  if rng.random() < (EXPLORE if explore is None else explore):
     direction = rng.choice(DIRECTIONS)
   else:
     direction = wanted_direction(env.textarena_env.state.game_state["player_pos"])
@@ -187,12 +214,13 @@ def scripted_reply(env, world: World, knowledge: str, rng: random.Random) -> str
   return REPLY.format(direction=direction, key=key)
 
 
-def play(world: World, board_seed: int, knowledge: str, rng: random.Random):
+def play(world: World, board_seed: int, knowledge: str, rng: random.Random,
+         explore: float | None = None):
   """Plays one scripted game; returns the finished env (its turns hold every prompt)."""
   env = make_env("frozenlake", seed=board_seed, knowledge=knowledge or None, **world.settings())
   env.reset()
   while not env.done:
-    env.step(scripted_reply(env, world, knowledge, rng))
+    env.step(scripted_reply(env, world, knowledge, rng, explore))
   return env
 
 
@@ -226,11 +254,13 @@ def scripted_extraction(trajectory, rng: random.Random) -> str:
   return ANSWER_HEAD + "\n".join(items)
 
 
-def scripted_knowledge(world: World, rng: random.Random, games: int, board_seed: int) -> str:
-  """Knowledge as the loop would accumulate it: the reader's items over ``games`` games."""
+def scripted_knowledge(world: World, rng: random.Random, games: int, board_seed: int,
+                       explore: float | None = None) -> str:
+  """Knowledge as the loop would accumulate it: the reader's items over ``games`` games of a
+  player that explores with probability ``explore``."""
   knowledge = ""
   for g in range(games):
-    env = play(world, board_seed + g, "", rng)
+    env = play(world, board_seed + g, "", rng, explore)
     answer = scripted_extraction(env.trajectory(_MODEL), rng)
     knowledge = experience.accumulate(knowledge, experience.parse_extraction(
         answer, "structured"))
@@ -260,10 +290,44 @@ EXTRACTION = experience.ExtractionConfig(knowledge_format="structured", with_pre
 """The extraction settings the demo runs with (the paper's Fig. 10 prompt, no previous
 experience shown, as the paper runs Qwen3-1.7B)."""
 
-SKILLS = ("play", "play_with_knowledge", "extract")
+SKILLS = ("play", "play_with_knowledge", "extract", "recall")
+
+DRILL_SITUATION = "You want to move {direction}."
+"""The situation of a recall drill (in place of the board history)."""
 
 
-def examples(seed: int, mix: Sequence[float] = (0.35, 0.35, 0.3)) -> Iterator[Example]:
+def recall_drill(world: World, rng: random.Random) -> Example:
+  """A short knowledge-following drill: the paper's knowledge prompt (Fig. 12) whose
+  situation is one sentence naming the wanted move; the reply presses the key its items say.
+
+  The knowledge is what a reader of noisy trajectories would write: 1 to 12 items about 1 to 4
+  of the world's moves (each wrong with probability `READ_ERROR`), sometimes with the generic
+  item, in random order. One in ten drills wants a move no item is about (the believed key).
+  Drills teach skill 2 in a tenth of the tokens of a game prompt; the game examples of
+  ``play_with_knowledge`` carry it over to real prompts.
+  """
+  truth = {d: k for k, d in zip(DIRECTIONS, world.controls.split(","))}
+  covered = rng.sample(DIRECTIONS, rng.randint(1, 4))
+  items = []
+  for _ in range(rng.randint(len(covered), 12)):
+    direction = rng.choice(covered)
+    key = truth[direction]
+    if rng.random() < READ_ERROR:
+      key = rng.choice([k for k in DIRECTIONS if k != key])
+    items.append(ITEM.format(direction=direction, key=key))
+  if rng.random() < 0.2:
+    items.append(GENERIC_ITEM)
+  rng.shuffle(items)
+  knowledge = "\n".join(items)
+  uncovered = [d for d in DIRECTIONS if d not in covered]
+  wanted = rng.choice(uncovered) if uncovered and rng.random() < 0.1 else rng.choice(covered)
+  dist = key_distribution(wanted, world.believed(), knowledge)
+  key = rng.choices(list(dist), weights=list(dist.values()))[0]
+  prompt = build_prompt(DRILL_SITUATION.format(direction=wanted), knowledge)
+  return Example("recall", prompt, REPLY.format(direction=wanted, key=key), world)
+
+
+def examples(seed: int, mix: Sequence[float] = (0.2, 0.3, 0.15, 0.35)) -> Iterator[Example]:
   """An endless, seeded stream of curriculum examples, skills drawn with weights ``mix``.
 
   Boards come from seeds >= 10**6 * (seed + 1), so they never coincide with the loop's own
@@ -272,10 +336,14 @@ def examples(seed: int, mix: Sequence[float] = (0.35, 0.35, 0.3)) -> Iterator[Ex
   """
   rng = random.Random(seed)
   worlds = pretraining_worlds(rng)
+  informed_worlds = knowledge_worlds(rng)
   board = 10 ** 6 * (seed + 1)
   while True:
     skill = rng.choices(SKILLS, weights=mix)[0]
-    world = next(worlds)
+    world = next(informed_worlds if skill in ("play_with_knowledge", "recall") else worlds)
+    if skill == "recall":
+      yield recall_drill(world, rng)
+      continue
     board += 100
     if skill == "extract":
       knowledge = ""
@@ -288,7 +356,11 @@ def examples(seed: int, mix: Sequence[float] = (0.35, 0.35, 0.3)) -> Iterator[Ex
       continue
     knowledge = ""
     if skill == "play_with_knowledge":
-      knowledge = scripted_knowledge(world, rng, rng.randint(1, 10), board + 50)
+      # Games of a more curious player, so that the block often names the key of the move
+      # the player wants (read from the player's own games, it rarely does: those press the
+      # keys it believes in, which on a surprising lake make other moves).
+      knowledge = scripted_knowledge(world, rng, rng.randint(3, 10), board + 50,
+                                     KNOWLEDGE_EXPLORE)
       if not knowledge:
         continue
     env = play(world, board, knowledge, rng)
