@@ -104,6 +104,7 @@ from oel_jax import losses
 from oel_jax.atomic_write import atomic_write_text
 from oel_jax.envs import Trajectory, insert_knowledge
 from oel_jax.models.qwen3 import Qwen3
+from oel_jax.sampling import bucket_size
 from oel_jax.train import (DistillBatch, NonFiniteLossError, TrainConfig, Trainer, TrainState,
                            make_batch)
 
@@ -424,20 +425,6 @@ def step_inputs(prefixes: Sequence[Prefix], games: Sequence[Sequence[int]],
                                        enable_thinking=config.enable_thinking)))
   return StepInputs(step=step, prefixes=tuple(rows), contexts=tuple(contexts),
                     student_prompts=tuple(student), teacher_prompts=tuple(teacher))
-
-
-def bucket_size(n: int, minimum: int = 1, per_doubling: int = 1, multiple: int = 1) -> int:
-  """The padded size for ``n``: the smallest bucket >= max(n, minimum), a multiple of ``multiple``.
-
-  Buckets are the powers of two and ``per_doubling - 1`` evenly spaced sizes between each two
-  (``per_doubling=2``: 64, 96, 128, 192, 256, 384, ...), so padding wastes at most a factor
-  ``1 + 1 / per_doubling`` and n up to N has about ``per_doubling * log2(N)`` buckets.
-  """
-  n = max(int(n), int(minimum), 1)
-  base = 1 << (n.bit_length() - 1)  # largest power of two <= n
-  step = max(1, base // int(per_doubling))
-  size = base + -(-(n - base) // step) * step
-  return -(-size // int(multiple)) * int(multiple)
 
 
 def build_batch(student_prompts: Sequence[Sequence[int]], teacher_prompts: Sequence[Sequence[int]],

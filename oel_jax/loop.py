@@ -124,6 +124,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0                      # Every board, sampling and data-order seed derives from it.
   c.rounds = 3                    # OEL rounds.
   c.max_seq_len = 16384           # Sampler: longest prompt + generation.
+  c.sampler_buckets_per_doubling = 1  # Sampler: padded prompt lengths and batch sizes per
+                                  # power of two (2: at most 1.5x padding, more programs).
   c.progress = True               # Progress bars.
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tp=1))  # oel_jax.parallel.MeshConfig
 
@@ -326,6 +328,7 @@ def plan(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -
   check_int("seed", config.seed, 0)
   check_int("rounds", config.rounds, 1)
   check_int("max_seq_len", config.max_seq_len, 16)
+  check_int("sampler_buckets_per_doubling", config.get("sampler_buckets_per_doubling", 1), 1)
   for name in ("param_dtype", "compute_dtype"):
     if config[name] not in DTYPES:
       errors.append(f"config.{name} must be one of {DTYPES}, got {config[name]!r}")
@@ -683,7 +686,9 @@ class OnlineLoop:
       stops = chat.stop_token_ids(tok)
       sampler = Sampler(model, eos_ids=stops,
                         pad_id=tok.pad_token_id if tok.pad_token_id is not None else stops[0],
-                        max_seq_len=int(self.config.max_seq_len), mesh=self.mesh())
+                        max_seq_len=int(self.config.max_seq_len),
+                        buckets_per_doubling=int(self.config.get("sampler_buckets_per_doubling", 1)),
+                        mesh=self.mesh())
       self._samplers[key] = sampler
     elif self._holds.get(key) != path:
       sampler.update_weights(model)

@@ -44,6 +44,20 @@ class GenerationOutput:
   """"stop" (a stop token was generated) or "length" (the budget ran out)."""
 
 
+def bucket_size(n: int, minimum: int = 1, per_doubling: int = 1, multiple: int = 1) -> int:
+  """The padded size for ``n``: the smallest bucket >= max(n, minimum), a multiple of ``multiple``.
+
+  Buckets are the powers of two and ``per_doubling - 1`` evenly spaced sizes between each two
+  (``per_doubling=2``: 64, 96, 128, 192, 256, 384, ...), so padding wastes at most a factor
+  ``1 + 1 / per_doubling`` and n up to N has about ``per_doubling * log2(N)`` buckets.
+  """
+  n = max(int(n), int(minimum), 1)
+  base = 1 << (n.bit_length() - 1)  # largest power of two <= n
+  step = max(1, base // int(per_doubling))
+  size = base + -(-(n - base) // step) * step
+  return -(-size // int(multiple)) * int(multiple)
+
+
 def _bucket(n: int, minimum: int) -> int:
   """Smallest power of two >= max(n, minimum)."""
   return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
@@ -262,12 +276,15 @@ class Sampler:
     min_prompt_bucket: smallest padded prompt length (prompts pad to powers of two).
     min_batch_bucket: smallest padded batch. XLA:CPU multiplies one bf16 row by a
       matrix (GEMV) ~10x slower than four rows, so a batch of 1 runs as 4.
+    buckets_per_doubling: padded prompt lengths and batch sizes per power of two (1: powers
+      of two, at most 2x padding; 2: also 1.5x powers, at most 1.5x padding and up to twice
+      the programs; see `bucket_size`).
     mesh: shard the batch over the mesh's (data, fsdp) axes when it divides them.
   """
 
   def __init__(self, model: Qwen3, *, eos_ids: Sequence[int], pad_id: int, max_seq_len: int,
                min_prompt_bucket: int = 32, min_batch_bucket: int = 4,
-               mesh: jax.sharding.Mesh | None = None):
+               buckets_per_doubling: int = 1, mesh: jax.sharding.Mesh | None = None):
     if not eos_ids:
       raise ValueError("eos_ids must name at least one stop token")
     self.config = model.config
@@ -279,6 +296,9 @@ class Sampler:
     self.max_seq_len = int(max_seq_len)
     self.min_prompt_bucket = int(min_prompt_bucket)
     self.min_batch_bucket = int(min_batch_bucket)
+    if int(buckets_per_doubling) < 1:
+      raise ValueError(f"buckets_per_doubling must be >= 1, got {buckets_per_doubling}")
+    self.buckets_per_doubling = int(buckets_per_doubling)
     self.mesh = mesh
     self._graphdef, params = nnx.split(model)
     # Committed to their current placement, as `update_weights` places new ones: an
@@ -380,10 +400,11 @@ class Sampler:
       if n + max_new_tokens > self.max_seq_len:
         raise ValueError(f"prompt {i} has {n} tokens; with max_new_tokens={max_new_tokens} "
                          f"it exceeds max_seq_len={self.max_seq_len}")
-    prompt_len = min(_bucket(max(lengths), self.min_prompt_bucket),
+    prompt_len = min(bucket_size(max(lengths), self.min_prompt_bucket,
+                                 self.buckets_per_doubling),
                      self.max_seq_len - max_new_tokens)
     gen_slots = _bucket(max_new_tokens, 16)
-    batch = _bucket(len(prompts), self.min_batch_bucket)
+    batch = bucket_size(len(prompts), self.min_batch_bucket, self.buckets_per_doubling)
     if self.mesh is not None:  # whole rows per batch shard
       shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
       batch = -(-batch // shards) * shards

@@ -92,8 +92,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", default=DEFAULT_OUT)
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--steps", type=int, default=800)
-  parser.add_argument("--examples", type=int, default=16000)
+  parser.add_argument("--steps", type=int, default=600)
+  parser.add_argument("--examples", type=int, default=14000)
   parser.add_argument("--learning_rate", type=float, default=1e-3)
   parser.add_argument("--warmup", type=int, default=60)
   parser.add_argument("--save_every", type=int, default=0,
@@ -148,7 +148,8 @@ def main(argv=None):
       "learning_rate": args.learning_rate, "warmup": args.warmup,
       "buckets": {str(b): ROWS[b] for b in BUCKETS},
       "curriculum": {"skills": dict(skills), "demo_controls": curriculum.DEMO_CONTROLS,
-                     "demo_lake": curriculum.DEMO_LAKE, "known_lakes": curriculum.KNOWN_LAKES,
+                     "demo_lake": curriculum.DEMO_LAKE,
+                     "pretraining_controls": curriculum.PRETRAINING_CONTROLS,
                      "explore": curriculum.EXPLORE, "knowledge_explore": curriculum.KNOWLEDGE_EXPLORE,
                      "read_error": curriculum.READ_ERROR},
       "parameters": config.num_params(),

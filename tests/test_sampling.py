@@ -9,7 +9,7 @@ import torch
 from hf_reference import make_hf_model
 from oel_jax import chat, parallel, tiny
 from oel_jax.models import load_hf
-from oel_jax.sampling import Sampler
+from oel_jax.sampling import Sampler, bucket_size
 
 VOCAB = 128
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 40, 41, 42], [3, 4], [9, 9, 9, 1, 2], [77], [20] * 17]
@@ -59,6 +59,14 @@ def test_batched_equals_alone(ref):
     alone = sampler.generate([prompt], max_new_tokens=10, temperature=0)
     assert alone.tokens[0] == batched.tokens[i]
     np.testing.assert_allclose(alone.logprobs[0], batched.logprobs[i], atol=1e-5)
+  # Finer buckets (prompts of 17 tokens padded to 24, not 32; 5 rows to 6, not 8): the same.
+  finer = Sampler(model, eos_ids=[VOCAB - 1], pad_id=0, max_seq_len=128, min_prompt_bucket=16,
+                  buckets_per_doubling=2)
+  again = finer.generate(PROMPTS, max_new_tokens=10, temperature=0)
+  assert again.tokens == batched.tokens
+  np.testing.assert_allclose(np.concatenate(again.logprobs), np.concatenate(batched.logprobs),
+                             atol=1e-5)
+  assert [bucket_size(n, 16, 2) for n in (17, 5, 33)] == [24, 16, 48]
 
 
 def _expected_distribution(logits, temperature, top_k, top_p):

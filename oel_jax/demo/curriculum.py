@@ -1,39 +1,41 @@
-"""The demo model's synthetic curriculum: scripted play and scripted extraction on remapped lakes.
+"""The demo model's synthetic curriculum: scripted play and scripted extraction on lakes
+whose keys may be swapped.
 
 The learning demo's model (``scripts/build_demo_model.py``) is trained from scratch on text
 made here and nowhere else. Every example is a real prompt of the real game (`make_env`,
-FrozenLake with a ``controls`` permutation and a ``lake`` name) or the paper's extraction
-prompt filled by `oel_jax.experience`, followed by the reply a scripted player or reader
-would give. Three skills, as an instruction-tuned model brings them to the paper's games:
+FrozenLake with a ``controls`` permutation and a ``lake`` name), the paper's knowledge prompt
+around a one-line situation, or the paper's extraction prompt filled by `oel_jax.experience`,
+followed by the reply a scripted player or reader would give. Skills, as an
+instruction-tuned model brings them to the paper's games:
 
-1. **Play from the prompt** (no knowledge): head for the goal down the staircase of
-   `wanted_direction` (the lakes have no holes, `DEMO_HOLES`), pressing the keys the player
-   believes in: the lake's real controls for the few lakes the
-   model "knows by name" (`KNOWN_LAKES`, like facts a pretrained model memorised), standard
-   controls for every other lake.
-2. **Play from knowledge**: with the paper's knowledge block in the prompt, press the key
-   that the knowledge's items say makes the wanted move (items counted, so a majority wins
-   over a wrong item; with no item about that move, the believed key).
-3. **Extract**: answer the paper's structured extraction prompt (Fig. 10) with one or two
-   ``- EXPERIENCE ITEM: To move <direction>, press [<key>].`` items (the move first, so that
-   a player wanting a move finds the key right after it), each read from a turn
-   whose next observation shows what the pressed key did, and each wrong with probability
+1. **Play from the prompt** (``play``, no knowledge): head for the goal down the staircase of
+   `wanted_direction` (the lakes have no holes, `DEMO_HOLES`), pressing the key labelled with
+   the wanted move.
+2. **Play from knowledge** (``play_with_knowledge`` on game prompts, ``recall`` drills): with
+   the paper's knowledge block in the prompt, press the opposite key of an axis in proportion
+   to the items saying that axis is swapped (against those saying it works as labelled).
+3. **Extract** (``extract``): answer the paper's structured extraction prompt (Fig. 10) with
+   one item per axis whose effect the trajectory shows, ``- EXPERIENCE ITEM: [up] and [down]
+   are swapped.`` or ``... work as labelled.``, each stating the opposite with probability
    `READ_ERROR` (a reader of noisy trajectories).
 
 Every reply is ``I move <direction>: [<key>]``: the wanted move, then the key. With
 probability `EXPLORE` the player wants a random direction instead of the staircase's
 (so its own games show the effects of every key).
 
-Worlds. A world is a controls permutation and a lake name. The demo deploys into
-`DEMO_CONTROLS` on lake `DEMO_LAKE`; neither that permutation nor that name appears anywhere
-in the curriculum (`pretraining_worlds` excludes both, and a test checks every example).
+Worlds. A world is a controls permutation and a lake name. Pretraining lakes are standard or
+swap one axis (`PRETRAINING_CONTROLS`). The demo deploys into `DEMO_CONTROLS`, both axes
+swapped, on lake `DEMO_LAKE`; neither that permutation nor that name appears anywhere in the
+curriculum (a test checks every example). Per-axis items are a design choice: a model of this
+size trained for half an hour learned to act on the presence of an item, but not to look up a
+per-key item (``To move down, press [right].``) by the move it wanted (0 of 16 prompts with
+all four such items followed after 500 steps, 2-core Xeon, 2026-11-29).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import random
 import re
 from collections.abc import Iterator, Sequence
@@ -42,8 +44,9 @@ from oel_jax import experience
 from oel_jax.envs import ModelInfo, build_prompt, make_env
 from oel_jax.envs.textarena_games import DIRECTIONS, STANDARD_CONTROLS
 
-DEMO_CONTROLS = "left,right,up,down"
-"""The demo world: ``[up]`` moves left, ``[down]`` right, ``[left]`` up, ``[right]`` down."""
+DEMO_CONTROLS = "down,up,right,left"
+"""The demo world: both axes swapped (``[up]`` moves down, ``[down]`` up, ``[left]`` right,
+``[right]`` left). Pretraining has lakes with one axis swapped, never both."""
 
 DEMO_LAKE = "Ossa"
 """The demo world's lake name (never seen in pretraining)."""
@@ -53,13 +56,11 @@ DEMO_HOLES = 0
 route a rule (`wanted_direction`) instead of a search over the board, which a model trained
 for minutes on two CPU cores can learn, and leaves the controls as the thing to discover."""
 
-KNOWN_LAKES = {
-    "Brel": "down,up,left,right",
-    "Fenwick": "right,left,down,up",
-    "Iskra": "down,left,right,up",
-    "Tolva": "up,right,down,left",
-}
-"""Lakes whose controls the model learns by name during pretraining (its "world facts")."""
+SWAPS = {"vertical": ("up", "down"), "horizontal": ("left", "right")}
+"""The two axes a lake may swap, with their keys."""
+
+PRETRAINING_CONTROLS = ("up,down,left,right", "down,up,left,right", "up,down,right,left")
+"""The controls of pretraining lakes: standard, vertical keys swapped, horizontal swapped."""
 
 EXPLORE = 0.2
 """Probability that the scripted player wants a random direction on a turn."""
@@ -68,13 +69,18 @@ KNOWLEDGE_EXPLORE = 0.6
 """Exploration of the player whose games the knowledge blocks of skill 2 are read from."""
 
 READ_ERROR = 0.1
-"""Probability that the scripted reader writes a wrong direction in an item."""
+"""Probability that the scripted reader states the opposite of what it saw about an axis."""
 
 REPLY = "I move {direction}: [{key}]"
 """The scripted player's reply."""
 
-ITEM = "- EXPERIENCE ITEM: To move {direction}, press [{key}]."
-"""One item of knowledge about the controls."""
+ITEMS = {
+    ("vertical", True): "- EXPERIENCE ITEM: [up] and [down] are swapped.",
+    ("vertical", False): "- EXPERIENCE ITEM: [up] and [down] work as labelled.",
+    ("horizontal", True): "- EXPERIENCE ITEM: [left] and [right] are swapped.",
+    ("horizontal", False): "- EXPERIENCE ITEM: [left] and [right] work as labelled.",
+}
+"""The reader's items: (axis, swapped) -> the line it writes."""
 
 ANSWER_HEAD = "Additional Experience (Rules or Strategies):\n# Experience\n"
 """What the extraction answer opens with (the format the paper's Fig. 10 asks for)."""
@@ -84,13 +90,23 @@ GENERIC_ITEM = "- EXPERIENCE ITEM: Avoid the holes (H) and walk to the goal (G).
 
 _MODEL = ModelInfo("scripted-player")  # recorded in the scripted games' trajectories
 
-_ITEM_RE = re.compile(r"To move (up|down|left|right), press \[(up|down|left|right)\]")
 _EFFECT_RE = re.compile(r"You (?:moved|tried to move) (up|down|left|right)")
 
 _SYLLABLES = ("ba", "da", "fe", "ga", "hi", "ka", "lo", "mi", "nu", "pe", "ra", "si", "to",
               "vu", "wen", "zor", "bel", "cor", "dun", "el", "fir", "gal", "hol", "ir", "jun",
               "kel", "lin", "mar", "nor", "ost", "pil", "quen", "ros", "sel", "tar", "ul",
               "var", "wyn", "yl", "zan")
+
+
+def axis_of(direction: str) -> str:
+  """``"vertical"`` or ``"horizontal"``."""
+  return next(axis for axis, keys in SWAPS.items() if direction in keys)
+
+
+def opposite(direction: str) -> str:
+  """The other direction of the same axis."""
+  a, b = SWAPS[axis_of(direction)]
+  return b if direction == a else a
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,14 +123,8 @@ class World:
     return {"controls": self.controls, "lake": self.lake, "num_holes": DEMO_HOLES}
 
   def believed(self) -> dict[str, str]:
-    """What the model believes each key does with no knowledge in its prompt."""
-    controls = KNOWN_LAKES.get(self.lake, STANDARD_CONTROLS)
-    return dict(zip(DIRECTIONS, controls.split(",")))
-
-
-def all_controls() -> list[str]:
-  """The 24 permutations of the four moves, as controls strings, standard first."""
-  return [",".join(p) for p in itertools.permutations(DIRECTIONS)]
+    """What the player believes each key does with no knowledge in its prompt: the labels."""
+    return dict(zip(DIRECTIONS, STANDARD_CONTROLS.split(",")))
 
 
 def lake_name(rng: random.Random) -> str:
@@ -123,48 +133,35 @@ def lake_name(rng: random.Random) -> str:
   return name.capitalize()
 
 
+def _named(rng: random.Random) -> str:
+  while True:
+    name = lake_name(rng) if rng.random() < 0.75 else ""
+    if name != DEMO_LAKE:
+      return name
+
+
 def pretraining_worlds(rng: random.Random) -> Iterator[World]:
   """An endless stream of pretraining worlds; never the demo's controls or lake name.
 
-  A quarter are the paper's unnamed standard lake, a quarter the known lakes, the rest
-  random names with random controls (a third of them standard).
+  Half are standard lakes, a quarter swap the vertical keys, a quarter the horizontal ones;
+  three in four have a random name, the rest are the paper's unnamed lake.
   """
-  others = [c for c in all_controls() if c != DEMO_CONTROLS]
   while True:
-    u = rng.random()
-    if u < 0.25:
-      yield World("", STANDARD_CONTROLS)
-    elif u < 0.5:
-      lake = rng.choice(sorted(KNOWN_LAKES))
-      yield World(lake, KNOWN_LAKES[lake])
-    else:
-      name = lake_name(rng)
-      if name == DEMO_LAKE or name in KNOWN_LAKES:
-        continue
-      controls = STANDARD_CONTROLS if rng.random() < 1 / 3 else rng.choice(others)
-      yield World(name, controls)
+    controls = rng.choice((PRETRAINING_CONTROLS[0],) + PRETRAINING_CONTROLS)
+    yield World(_named(rng), controls)
 
 
 def knowledge_worlds(rng: random.Random) -> Iterator[World]:
   """The worlds of the knowledge-following examples; never the demo's controls or lake name.
 
-  Four in five have random non-standard controls (a random name or none), where only the
-  knowledge block tells the player which key makes a move; the rest come from
-  `pretraining_worlds`, where the knowledge agrees with what the player already believes.
-  Drawing them like `pretraining_worlds` left most knowledge examples answerable without
-  reading the block, and a model trained on that mix ignored it (0 of 16 Ossa prompts with
-  all four items followed at step 600 of an 800-step build, 2-core Xeon).
+  Four in five swap one axis, where only the knowledge block tells the player which key
+  makes a move; the rest are standard. A mix drawn like `pretraining_worlds` left most
+  knowledge examples answerable without reading the block.
   """
-  others = [c for c in all_controls() if c not in (DEMO_CONTROLS, STANDARD_CONTROLS)]
-  fallback = pretraining_worlds(rng)
   while True:
-    if rng.random() >= 0.8:
-      yield next(fallback)
-      continue
-    name = lake_name(rng) if rng.random() < 0.75 else ""
-    if name == DEMO_LAKE or name in KNOWN_LAKES:
-      continue
-    yield World(name, rng.choice(others))
+    swapped = rng.random() < 0.8
+    controls = rng.choice(PRETRAINING_CONTROLS[1:]) if swapped else PRETRAINING_CONTROLS[0]
+    yield World(_named(rng), controls)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,10 +169,12 @@ def knowledge_worlds(rng: random.Random) -> Iterator[World]:
 
 
 def parse_knowledge(knowledge: str) -> dict[str, collections.Counter]:
-  """Counts of ``To move <direction>, press [<key>]`` items: ``{direction: {key: count}}``."""
-  counts: dict[str, collections.Counter] = {d: collections.Counter() for d in DIRECTIONS}
-  for direction, key in _ITEM_RE.findall(knowledge or ""):
-    counts[direction][key] += 1
+  """Counts of the reader's items per axis: ``{axis: {swapped: count}}``."""
+  counts: dict[str, collections.Counter] = {axis: collections.Counter() for axis in SWAPS}
+  for line in (knowledge or "").splitlines():
+    for (axis, swapped), item in ITEMS.items():
+      if line.strip() == item:
+        counts[axis][swapped] += 1
   return counts
 
 
@@ -183,14 +182,16 @@ def key_distribution(direction: str, believed: dict[str, str], knowledge: str
                      ) -> dict[str, float]:
   """The scripted player's probability of pressing each key to move ``direction``.
 
-  Keys in proportion to the knowledge's items that say they make that move; with none, the
-  key it believes makes it.
+  The opposite key in proportion to the items saying the direction's axis is swapped (against
+  those saying it works as labelled); with no item about the axis, the key it believes in.
   """
-  named = parse_knowledge(knowledge)[direction]
-  if named:
-    total = sum(named.values())
-    return {k: n / total for k, n in sorted(named.items())}
-  return {next(k for k, d in believed.items() if d == direction): 1.0}
+  said = parse_knowledge(knowledge)[axis_of(direction)]
+  plain = next(k for k, d in believed.items() if d == direction)
+  total = said[True] + said[False]
+  if not total:
+    return {plain: 1.0}
+  dist = {opposite(plain): said[True] / total, plain: said[False] / total}
+  return {k: p for k, p in sorted(dist.items()) if p > 0}
 
 
 def wanted_direction(position: Sequence[int]) -> str:
@@ -240,18 +241,23 @@ def observed_effects(trajectory) -> list[tuple[str, str]]:
   return effects
 
 
+def observed_axes(trajectory) -> list[tuple[str, bool]]:
+  """(axis, swapped) for every turn whose next observation shows what the pressed key did."""
+  return [(axis_of(key), move != key) for key, move in observed_effects(trajectory)]
+
+
 def scripted_extraction(trajectory, rng: random.Random) -> str:
-  """The scripted reader's answer to the extraction prompt for ``trajectory``."""
-  effects = sorted(set(observed_effects(trajectory)))
-  if not effects:
+  """The scripted reader's answer to the extraction prompt for ``trajectory``: one item per
+  axis it saw (one or two), each stating the opposite with probability `READ_ERROR`."""
+  seen = sorted(set(observed_axes(trajectory)))
+  if not seen:
     return ANSWER_HEAD + GENERIC_ITEM
-  chosen = rng.sample(effects, min(len(effects), rng.choice((1, 2))))
   items = []
-  for key, direction in chosen:
+  for axis, swapped in rng.sample(seen, len(seen)):
     if rng.random() < READ_ERROR:
-      direction = rng.choice([d for d in DIRECTIONS if d != direction])
-    items.append(ITEM.format(key=key, direction=direction))
-  return ANSWER_HEAD + "\n".join(items)
+      swapped = not swapped
+    items.append(ITEMS[(axis, swapped)])
+  return ANSWER_HEAD + "\n".join(dict.fromkeys(items))
 
 
 def scripted_knowledge(world: World, rng: random.Random, games: int, board_seed: int,
@@ -296,38 +302,39 @@ DRILL_SITUATION = "You want to move {direction}."
 """The situation of a recall drill (in place of the board history)."""
 
 
+def swapped_axes(world: World) -> dict[str, bool]:
+  """Whether each axis of ``world`` is swapped."""
+  does = dict(zip(DIRECTIONS, world.controls.split(",")))
+  return {axis: does[keys[0]] == keys[1] for axis, keys in SWAPS.items()}
+
+
 def recall_drill(world: World, rng: random.Random) -> Example:
   """A short knowledge-following drill: the paper's knowledge prompt (Fig. 12) whose
   situation is one sentence naming the wanted move; the reply presses the key its items say.
 
-  The knowledge is what a reader of noisy trajectories would write: 1 to 12 items about 1 to 4
-  of the world's moves (each wrong with probability `READ_ERROR`), sometimes with the generic
-  item, in random order. One in ten drills wants a move no item is about (the believed key).
-  Drills teach skill 2 in a tenth of the tokens of a game prompt; the game examples of
-  ``play_with_knowledge`` carry it over to real prompts.
+  The knowledge is what a reader of noisy trajectories would write: 1 to 8 items about one
+  or both axes (each stating the opposite with probability `READ_ERROR`), sometimes with the
+  generic item, in random order. Drills teach skill 2 in a third of the tokens of a game
+  prompt; the game examples of ``play_with_knowledge`` carry it over to real prompts.
   """
-  truth = {d: k for k, d in zip(DIRECTIONS, world.controls.split(","))}
-  covered = rng.sample(DIRECTIONS, rng.randint(1, 4))
+  truth = swapped_axes(world)
+  axes = rng.sample(sorted(SWAPS), rng.randint(1, 2))
   items = []
-  for _ in range(rng.randint(len(covered), 12)):
-    direction = rng.choice(covered)
-    key = truth[direction]
-    if rng.random() < READ_ERROR:
-      key = rng.choice([k for k in DIRECTIONS if k != key])
-    items.append(ITEM.format(direction=direction, key=key))
+  for _ in range(rng.randint(len(axes), 8)):
+    axis = rng.choice(axes)
+    items.append(ITEMS[(axis, truth[axis] != (rng.random() < READ_ERROR))])
   if rng.random() < 0.2:
     items.append(GENERIC_ITEM)
   rng.shuffle(items)
   knowledge = "\n".join(items)
-  uncovered = [d for d in DIRECTIONS if d not in covered]
-  wanted = rng.choice(uncovered) if uncovered and rng.random() < 0.1 else rng.choice(covered)
+  wanted = rng.choice(DIRECTIONS)
   dist = key_distribution(wanted, world.believed(), knowledge)
   key = rng.choices(list(dist), weights=list(dist.values()))[0]
   prompt = build_prompt(DRILL_SITUATION.format(direction=wanted), knowledge)
   return Example("recall", prompt, REPLY.format(direction=wanted, key=key), world)
 
 
-def examples(seed: int, mix: Sequence[float] = (0.2, 0.3, 0.15, 0.35)) -> Iterator[Example]:
+def examples(seed: int, mix: Sequence[float] = (0.2, 0.25, 0.25, 0.3)) -> Iterator[Example]:
   """An endless, seeded stream of curriculum examples, skills drawn with weights ``mix``.
 
   Boards come from seeds >= 10**6 * (seed + 1), so they never coincide with the loop's own
