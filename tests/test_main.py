@@ -1,6 +1,4 @@
-"""The CLI on the tiny plumbing config (its stages, errors, resume) and CI's commands.
-
-The README's main job itself (the learning demo) is tested in tests/test_demo.py."""
+"""The CLI on the tiny plumbing config (its stages, errors, resume) and CI's commands."""
 
 import os
 import re

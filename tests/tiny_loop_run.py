@@ -3,8 +3,7 @@
 `uninterrupted(tmp_path_factory)` runs ``python -m oel_jax.main --config=configs/tiny.py
 --workdir=DIR`` once per test session and returns the workdir, the process result and its wall
 time; later calls return the same run. `run_main` starts the CLI as a subprocess, the way a
-user's shell would, on the tiny config unless the arguments name a ``--config`` (the README's
-own command, which runs the learning demo, is tested in tests/test_demo.py).
+user's shell would, on the tiny config unless the arguments name a ``--config``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 The model is the one ``scripts/build_demo_model.py`` writes to ``oel_jax/assets/demo_model/``
 (not shipped yet: the model built so far does not follow a knowledge block; see the README's
 "The learning demo (in progress)"). Lake Ossa (3x3, no holes) has controls the model never saw
-in training: ``[up]`` moves left, ``[down]`` right, ``[left]`` up and ``[right]`` down. Nothing
+in training: both axes swapped (``[up]`` moves down, ``[down]`` up, ``[left]`` right and
+``[right]`` left; pretraining lakes swap one axis or none). Nothing
 but the env settings and the model path is demo-specific.
 
     python scripts/build_demo_model.py          # about 40 minutes on two CPU cores
@@ -33,6 +34,7 @@ def get_config():
   c.compute_dtype = "float32"   # XLA:CPU: float32 is faster than bf16 at this size.
   c.rounds = 2
   c.max_seq_len = 2048
+  c.sampler_buckets_per_doubling = 2  # game prompts of 600 tokens pad to 768, not 1024
   c.env = "frozenlake"
   c.env_settings.controls = DEMO_CONTROLS
   c.env_settings.lake = DEMO_LAKE
@@ -47,15 +49,15 @@ def get_config():
   c.extraction.num_trajectories = 8
   c.extraction.num_runs = 4
   c.extraction.max_knowledge_tokens = 512
-  c.extraction.max_new_tokens = 48
+  c.extraction.max_new_tokens = 80   # two items are 64 tokens with the end token
   c.extraction.enable_thinking = False
   c.extraction.snapshot_every = 4
 
-  c.consolidation.steps = 10
-  c.consolidation.games_per_step = 8
+  c.consolidation.steps = 8
+  c.consolidation.games_per_step = 4
   c.consolidation.max_new_tokens = 16
   c.consolidation.enable_thinking = False
-  c.consolidation.checkpoint_every = 10
+  c.consolidation.checkpoint_every = 8
 
   c.train.learning_rate = 3e-4
 
