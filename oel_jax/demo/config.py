@@ -1,13 +1,12 @@
 """The learning demo's config (in progress): the ordinary loop on lake Ossa with the demo model.
 
 The model is the one ``scripts/build_demo_model.py`` writes to ``oel_jax/assets/demo_model/``
-(not shipped yet: the model built so far does not follow a knowledge block; see the README's
-"The learning demo (in progress)"). Lake Ossa (3x3, no holes) has controls the model never saw
+(shipped; see the README's "The learning demo (in progress)"). Lake Ossa (3x3, no holes) has controls the model never saw
 in training: both axes swapped (``[up]`` moves down, ``[down]`` up, ``[left]`` right and
 ``[right]`` left; pretraining lakes swap one axis or none). Nothing
 but the env settings and the model path is demo-specific.
 
-    python scripts/build_demo_model.py          # about 40 minutes on two CPU cores
+    python scripts/build_demo_model.py          # about 35 minutes on two CPU cores
     python -m oel_jax.main --config=configs/demo.py --workdir=runs/demo
 
 It lives in the package (``configs/demo.py`` re-exports it) so that a pip-installed oel_jax

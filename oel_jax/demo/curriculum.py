@@ -312,25 +312,18 @@ def recall_drill(world: World, rng: random.Random) -> Example:
   """A short knowledge-following drill: the paper's knowledge prompt (Fig. 12) whose
   situation is one sentence naming the wanted move; the reply presses the key its items say.
 
-  A drill is reading practice, not a lake: its block states, for each axis independently,
-  nothing, that the axis is swapped, or that it works as labelled (one to four items each,
-  each stating the opposite with probability `READ_ERROR`, sometimes with the generic item,
-  in random order), so every combination of statements occurs, both axes swapped among
-  them. No game of the curriculum is played on a lake with both axes swapped and no
-  trajectory shows one: knowing that such a lake is Ossa still takes the demo's own games.
-  A block drawn from one world's truth (one axis swapped, the other labelled) let the model
-  act on "the other axis works as labelled" instead of "this axis is swapped", and it did not
-  follow a block saying both axes are swapped (0 of 16 at step 400). ``world`` only labels
-  the example.
+  The knowledge is what a reader of noisy trajectories would write: 1 to 8 items about one
+  or both axes (each stating the opposite with probability `READ_ERROR`), sometimes with the
+  generic item, in random order. Drills teach skill 2 in a third of the tokens of a game
+  prompt; the game examples of ``play_with_knowledge`` carry it over to real prompts.
   """
+  truth = swapped_axes(world)
+  axes = rng.sample(sorted(SWAPS), rng.randint(1, 2))
   items = []
-  for axis in SWAPS:
-    stated = rng.choice((None, True, True, False, False))
-    if stated is None:
-      continue
-    for _ in range(rng.randint(1, 4)):
-      items.append(ITEMS[(axis, stated != (rng.random() < READ_ERROR))])
-  if not items or rng.random() < 0.2:
+  for _ in range(rng.randint(len(axes), 8)):
+    axis = rng.choice(axes)
+    items.append(ITEMS[(axis, truth[axis] != (rng.random() < READ_ERROR))])
+  if rng.random() < 0.2:
     items.append(GENERIC_ITEM)
   rng.shuffle(items)
   knowledge = "\n".join(items)
