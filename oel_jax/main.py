@@ -1,13 +1,14 @@
 """Command-line entry point: the online OEL loop, one of its stages, or a quick model probe.
 
-    python -m oel_jax.main                                     # tiny default: two short rounds
+    python -m oel_jax.main                                     # the learning demo: two rounds
     python -m oel_jax.main --config=configs/qwen3_4b_frozenlake.py \\
         --config.model=/ckpt/Qwen3-4B --workdir=runs/qwen3-4b
     python -m oel_jax.main --config=configs/tiny.py --workdir=runs/tiny \\
         --stage=extract --round=0                              # one stage of one round
     python -m oel_jax.main --stage=probe --prompt="Which way?"  # next-token candidates
 
-``--config`` is an ml_collections config file (``configs/``; default ``configs/tiny.py``);
+``--config`` is an ml_collections config file (``configs/``; default: the learning demo's,
+``oel_jax/demo/config.py``, which ``configs/demo.py`` re-exports);
 any field can be overridden with ``--config.<field>=<value>``. The config is validated
 before anything is loaded: an invalid value stops the run with a message naming the field.
 
@@ -41,15 +42,15 @@ from ml_collections import config_flags
 
 from oel_jax.errors import InputError, one_line
 
-_REPO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "configs", "tiny.py")
+# The package's copy, so that a pip-installed oel_jax runs its default too.
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "config.py")
 
 FLAGS = flags.FLAGS
 # No default here: ml_collections would parse the command line's overrides while this module is
 # imported, before any error could be reported cleanly; `parse_flags` supplies the default.
 config_flags.DEFINE_config_file(
     "config", None,
-    "ml_collections config file (configs/<name>.py; default configs/tiny.py); override "
+    "ml_collections config file (configs/<name>.py; default: the learning demo); override "
     "fields with --config.x=y.", lock_config=True)
 flags.DEFINE_bool("debug", False, "On bad input, show the Python traceback instead of one "
                   "'error:' line.")
@@ -169,9 +170,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   debug = "--debug" in argv or "-debug" in argv
   try:
     if not any(re.match(r"^--?config(=|$)", a) for a in argv[1:]):
-      if not os.path.isfile(_REPO_CONFIG):
-        raise InputError("--config is required (no configs/tiny.py beside the package)")
-      argv = [argv[0], f"--config={_REPO_CONFIG}", *argv[1:]]
+      argv = [argv[0], f"--config={_DEFAULT_CONFIG}", *argv[1:]]
     spec = next(a.split("=", 1)[1] if "=" in a else argv[i + 2]
                 for i, a in enumerate(argv[1:]) if re.match(r"^--?config(=|$)", a))
     check_overrides(argv[1:], spec)  # also reports a missing config file

@@ -42,7 +42,7 @@ from oel_jax.loop import INITIAL, OnlineLoop  # pylint: disable=wrong-import-pos
 
 VARIANTS = {
     "oel": {},
-    "lr0": {"train.learning_rate": 0.0},
+    "lr0": {"train.learning_rate": 0.0, "evaluation.in_context": False},
     "off_policy": {"consolidation.mode": "off_policy", "train.divergence": "forward_kl"},
     "raw": {"consolidation.context": "raw_trajectories"},
 }

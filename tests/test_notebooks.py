@@ -5,6 +5,11 @@ interpreter (so the kernel imports the oel_jax under test), in an environment th
 hub downloads (``HF_HUB_OFFLINE=1``) and shows JAX a single CPU device, as on a Colab CPU
 runtime. A cell that raises fails the test with the cell's source and the error. The committed
 notebooks must carry no outputs (small diffs).
+
+``learning_demo.ipynb`` runs the README's main job; here it is pointed (a cell after its
+parameters) at the session's shortened demo run (`tiny_loop_run.short_demo`, whose learning
+tests/test_demo.py checks), so its command resumes a finished run and the cells that read the
+summary and show the plot run on real output.
 """
 
 import glob
@@ -14,6 +19,8 @@ import re
 import sys
 
 import pytest
+
+import tiny_loop_run
 
 if os.environ.get("CI"):  # CI must run them: a missing test dependency is an error there
   import ipykernel  # noqa: F401  pylint: disable=unused-import
@@ -56,7 +63,7 @@ def kernelspec_dir(tmp_path, monkeypatch):
 
 def test_there_are_notebooks():
   names = {os.path.basename(p) for p in NOTEBOOKS}
-  assert {"oel_tiny_walkthrough.ipynb", "kl_loss.ipynb"} <= names, names
+  assert {"oel_tiny_walkthrough.ipynb", "kl_loss.ipynb", "learning_demo.ipynb"} <= names, names
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
@@ -75,8 +82,14 @@ def test_notebook_is_committed_without_outputs(path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
-def test_notebook_executes(path, tmp_path, kernelspec_dir):
+def test_notebook_executes(path, tmp_path, tmp_path_factory, kernelspec_dir):
   nb = nbformat.read(path, as_version=4)
+  if os.path.basename(path) == "learning_demo.ipynb":
+    run = tiny_loop_run.short_demo(tmp_path_factory)
+    assert run.process.returncode == 0, run.process.stderr[-3000:]
+    at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    nb.cells.insert(at + 1, nbformat.v4.new_code_cell(
+        f"WORKDIR = {run.workdir!r}\nARGS = {list(tiny_loop_run.SHORT_DEMO)!r}"))
   workdir = tmp_path / "cwd"
   workdir.mkdir()
   client = nbclient.NotebookClient(

@@ -1,8 +1,9 @@
-"""One uninterrupted run of the tiny plumbing loop (``configs/tiny.py``), shared by test modules.
+"""Runs of the main job shared by test modules: the tiny plumbing loop and the shortened demo.
 
 `uninterrupted(tmp_path_factory)` runs ``python -m oel_jax.main --config=configs/tiny.py
 --workdir=DIR`` once per test session and returns the workdir, the process result and its wall
-time; later calls return the same run. `run_main` starts the CLI as a subprocess, the way a
+time; later calls return the same run. `short_demo(tmp_path_factory)` does the same for the
+learning demo (the README's default config) with the `SHORT_DEMO` overrides. `run_main` starts the CLI as a subprocess, the way a
 user's shell would, on the tiny config unless the arguments name a ``--config``.
 """
 
@@ -63,3 +64,21 @@ def uninterrupted(tmp_path_factory) -> Run:
     process = run_main(f"--workdir={workdir}")
     _RUN.append(Run(workdir, process, time.perf_counter() - start))
   return _RUN[0]
+
+
+SHORT_DEMO = ("--config.evaluation.num_games=24",)
+"""The learning demo shortened for CI: 24 held-out games per evaluation instead of 32."""
+
+_DEMO_RUN: list[Run] = []
+
+
+def short_demo(tmp_path_factory) -> Run:
+  """The session's one run of the shortened learning demo (made on first use)."""
+  if not _DEMO_RUN:
+    from oel_jax.demo import demo_config_path  # pylint: disable=import-outside-toplevel
+
+    workdir = str(tmp_path_factory.mktemp("demo") / "run")
+    start = time.perf_counter()
+    process = run_main(f"--config={demo_config_path()}", f"--workdir={workdir}", *SHORT_DEMO)
+    _DEMO_RUN.append(Run(workdir, process, time.perf_counter() - start))
+  return _DEMO_RUN[0]

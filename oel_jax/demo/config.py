@@ -31,7 +31,10 @@ def get_config():
   c.model = model
   c.param_dtype = "float32"
   c.compute_dtype = "float32"   # XLA:CPU: float32 is faster than bf16 at this size.
-  c.rounds = 2
+  # One round: the second round's extractor (the consolidated model) reads its own games, in
+  # which it presses the swapped keys on purpose, as "work as labelled" and undoes the first
+  # (README, "The learning demo").
+  c.rounds = 1
   c.max_seq_len = 2048
   c.sampler_buckets_per_doubling = 2  # game prompts of 600 tokens pad to 768, not 1024
   c.env = "frozenlake"
