@@ -1,9 +1,8 @@
-"""The learning demo (in progress; see the README): the loop on lake Ossa with the demo model.
+"""The learning demo, the main job's default: the loop on lake Ossa with the demo model.
 
 The settings live in the package, ``oel_jax/demo/config.py`` (so that a pip install without
 this folder runs the demo too); this file is the usual way to name them:
 
-    python scripts/build_demo_model.py
     python -m oel_jax.main --config=configs/demo.py --workdir=runs/demo
 """
 

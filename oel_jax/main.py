@@ -1,6 +1,6 @@
 """Command-line entry point: the online OEL loop, one of its stages, or a quick model probe.
 
-    python -m oel_jax.main                                     # the learning demo: two rounds
+    python -m oel_jax.main                                     # the learning demo: one round
     python -m oel_jax.main --config=configs/qwen3_4b_frozenlake.py \\
         --config.model=/ckpt/Qwen3-4B --workdir=runs/qwen3-4b
     python -m oel_jax.main --config=configs/tiny.py --workdir=runs/tiny \\

@@ -1,13 +1,14 @@
-"""The learning demo's config (in progress): the ordinary loop on lake Ossa with the demo model.
+"""The learning demo's config, the main job's default: the ordinary loop on lake Ossa with the
+demo model.
 
 The model is the one ``scripts/build_demo_model.py`` writes to ``oel_jax/assets/demo_model/``
-(shipped; see the README's "The learning demo (in progress)"). Lake Ossa (3x3, no holes) has controls the model never saw
-in training: both axes swapped (``[up]`` moves down, ``[down]`` up, ``[left]`` right and
-``[right]`` left; pretraining lakes swap one axis or none). Nothing
-but the env settings and the model path is demo-specific.
+(shipped; see the README's "The learning demo"). Lake Ossa (3x3, no holes) has controls the
+model never saw in training: both axes swapped (``[up]`` moves down, ``[down]`` up, ``[left]``
+right and ``[right]`` left; pretraining lakes swap one axis or none). Nothing but the env
+settings, the sizes and the model path is demo-specific.
 
-    python scripts/build_demo_model.py          # about 35 minutes on two CPU cores
-    python -m oel_jax.main --config=configs/demo.py --workdir=runs/demo
+    python -m oel_jax.main                      # the default config is this file
+    python scripts/build_demo_model.py          # rebuilds the model: about 35 minutes on two CPU cores
 
 It lives in the package (``configs/demo.py`` re-exports it) so that a pip-installed oel_jax
 has it too.
