@@ -28,6 +28,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:
@@ -106,17 +107,21 @@ def table(records: list[dict]) -> dict:
       continue
     curves = {
         "pass_rate": [[e["pass_rate"] for e in r["evaluations"]] for r in runs],
+        # The initial model has no in-context rate: NaN, which nanmean/nanmin skip.
         "in_context": [[e.get("in_context_pass_rate", np.nan) for e in r["evaluations"]]
                        for r in runs],
         "tokens_per_turn": [[e["mean_response_tokens"] for e in r["evaluations"]]
                             for r in runs],
         "standard_lake": [[e["pass_rate"] for e in r["standard_lake"]] for r in runs],
     }
+    with warnings.catch_warnings():  # all-NaN columns (no in-context rate) stay NaN quietly
+      warnings.simplefilter("ignore", RuntimeWarning)
+      stats = {k: {"mean": np.nanmean(v, 0).round(4).tolist(), "min": np.nanmin(v, 0).tolist(),
+                   "max": np.nanmax(v, 0).tolist(), "per_seed": v} for k, v in curves.items()}
     out[variant] = {
         "seeds": [r["seed"] for r in runs],
         "rounds": [str(e["round"]) for e in runs[0]["evaluations"]],
-        **{k: {"mean": np.nanmean(v, 0).round(4).tolist(), "min": np.nanmin(v, 0).tolist(),
-               "max": np.nanmax(v, 0).tolist(), "per_seed": v} for k, v in curves.items()},
+        **stats,
         "rise": [round(c[-1] - c[0], 4) for c in curves["pass_rate"]],
         "seconds": [r["seconds"] for r in runs],
     }
@@ -142,7 +147,7 @@ def plot(results: dict, path: str) -> None:
     axes[2].plot(x, r["tokens_per_turn"]["mean"], marker="o", color=line.get_color(),
                  label=LABELS[variant])
   names = ["initial"] + [f"round {i}" for i in range(len(next(iter(results.values()))["rounds"]) - 1)]
-  for ax, title in zip(axes, ["held-out boards on lake Ossa (no knowledge)",
+  for ax, title in zip(axes, ["held-out games on lake Ossa (no knowledge)",
                               "standard lake (out of distribution)", "response tokens per turn"]):
     ax.set_xticks(range(len(names)), names)
     ax.set_title(title)
@@ -150,6 +155,7 @@ def plot(results: dict, path: str) -> None:
   axes[0].set_ylabel("pass rate (mean over seeds; band: min-max)")
   axes[0].set_ylim(-0.02, 1.02)
   axes[1].set_ylim(-0.02, 1.02)
+  axes[2].set_ylim(0, 1.25 * max(max(r["tokens_per_turn"]["max"]) for r in results.values()))
   axes[0].legend(fontsize=8, loc="upper left")
   fig.tight_layout()
   fig.savefig(path, dpi=110)

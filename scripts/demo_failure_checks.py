@@ -15,7 +15,8 @@ BREAK is one of:
   sample and evaluation uses the weights the sampler was built with.
 
 The breaks are monkeypatches in this process only; the library is not changed. A test of the
-demo's rise must fail under each of them (to be recorded once the demo model learns).
+demo's rise must fail under each of them (tests/test_demo.py's does; results in
+docs/benchmarks.md).
 """
 
 import runpy
