@@ -24,7 +24,7 @@ import transformers
 import tiny_loop_run
 from oel_jax import chat
 from oel_jax.demo import DEMO_CONTROLS, DEMO_HOLES, DEMO_LAKE, curriculum, demo_model_path
-from oel_jax.envs import make_env
+from oel_jax.envs import load_trajectories, make_env
 from oel_jax.envs.textarena_games import DIRECTIONS
 from oel_jax.models import load_hf
 
@@ -95,9 +95,8 @@ def test_build_info_says_what_the_model_was_trained_on():
 
 
 def _first_move_share(games_file: str, key: str) -> float:
-  with open(games_file) as f:
-    games = [json.loads(line) for line in f]
-  return sum(g["turns"][0]["action"] == key for g in games) / len(games)
+  games = load_trajectories(games_file)
+  return sum(g.turns[0].action == key for g in games) / len(games)
 
 
 def test_the_shortened_demo_learns_from_its_own_experience(tmp_path_factory):

@@ -136,4 +136,3 @@ def test_the_curriculum_is_a_function_of_its_seed(sample):
   assert [next(again) for _ in range(40)] == sample[:40]
   other = cur.examples(seed=8)
   assert [next(other) for _ in range(40)] != sample[:40]
-

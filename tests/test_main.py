@@ -1,4 +1,6 @@
-"""The CLI on the tiny plumbing config (its stages, errors, resume) and CI's commands."""
+"""The CLI on the tiny plumbing config (its stages, errors, resume) and CI's commands.
+
+The README's main job itself (the learning demo) is tested in tests/test_demo.py."""
 
 import os
 import re
