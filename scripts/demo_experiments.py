@@ -2,7 +2,7 @@
 
 Usage:
   python scripts/demo_experiments.py [--seeds 0 1 2] [--variants oel lr0 off_policy raw]
-                                     [--out runs/demo_experiments]
+                                     [--out runs/demo_experiments] [--model DIR] [--rounds N]
 
 Every run is the ordinary loop (`oel_jax.loop.OnlineLoop`) on ``configs/demo.py`` with one
 change per variant, in the same world and with the same seeds:
@@ -59,9 +59,13 @@ def demo_config():
   return module.get_config()
 
 
-def configure(variant: str, seed: int):
+def configure(variant: str, seed: int, model: str = "", rounds: int = 0):
   config = demo_config()
   config.seed = seed
+  if model:
+    config.model = model
+  if rounds:
+    config.rounds = rounds
   config.progress = False
   for key, value in VARIANTS[variant].items():
     section, field = key.split(".")
@@ -81,13 +85,14 @@ def standard_lake(loop: OnlineLoop, summary) -> list[dict]:
   return out
 
 
-def run_one(variant: str, seed: int, out: str) -> dict:
+def run_one(variant: str, seed: int, out: str, model: str = "", rounds: int = 0) -> dict:
   record_file = os.path.join(out, f"{variant}_seed{seed}.json")
   if os.path.exists(record_file):
     with open(record_file) as f:
       return json.load(f)
   start = time.time()
-  loop = OnlineLoop(configure(variant, seed), os.path.join(out, f"{variant}_seed{seed}"))
+  loop = OnlineLoop(configure(variant, seed, model, rounds),
+                    os.path.join(out, f"{variant}_seed{seed}"))
   summary = loop.run()
   record = {"variant": variant, "seed": seed, "evaluations": summary["evaluations"],
             "seconds_loop": round(time.time() - start)}
@@ -166,12 +171,15 @@ def main(argv=None):
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
   parser.add_argument("--out", default=os.path.join("runs", "demo_experiments"))
+  parser.add_argument("--model", default="",
+                      help="a model directory instead of the packaged demo model (e.g. a rebuild)")
+  parser.add_argument("--rounds", type=int, default=0, help="rounds instead of the config's")
   args = parser.parse_args(argv)
   os.makedirs(args.out, exist_ok=True)
   records = []
   for variant in args.variants:
     for seed in args.seeds:
-      records.append(run_one(variant, seed, args.out))
+      records.append(run_one(variant, seed, args.out, args.model, args.rounds))
       r = records[-1]
       rates = " -> ".join(f"{e['pass_rate']:.3f}" for e in r["evaluations"])
       standard = " -> ".join(f"{e['pass_rate']:.3f}" for e in r["standard_lake"])
