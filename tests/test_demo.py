@@ -33,10 +33,9 @@ PASS_RATE_MARGIN = 2 / 24
 the last round's: two of the 24 games. Over seeds 0-2 the full demo rose by 0.09 to 0.69."""
 
 KEY_MARGIN = 0.5
-"""Least rise of the share of held-out games whose first move presses a key that moves the
-player towards the goal on Ossa (``[up]`` moves down, ``[left]`` right): what every round-0
-knowledge text of the demo states. The initial model presses the labels of the moves it wants
-(down or right), so only its exploring first moves are such keys."""
+"""Least rise of the share of held-out games whose first move presses Ossa's key for the move
+the player wants first (``[up]`` to move down): the one fact every round-0 knowledge text of
+the demo states (the initial model never presses it; the first move is always down)."""
 
 
 @pytest.fixture(scope="module", name="tokenizer")
@@ -78,14 +77,12 @@ def test_load_hf_and_transformers_read_the_packaged_model_alike(reference, token
 
 def test_the_packaged_model_presses_the_labels_on_ossa_and_follows_knowledge(
     reference, tokenizer):
-  # Without knowledge: a first move of the staircase (down or right) with its labelled key.
-  assert _greedy_reply(reference, tokenizer, _demo_prompt()) in ("I move down: [down]",
-                                                                 "I move right: [right]")
+  # Without knowledge: the wanted first move (down) with the key labelled down.
+  assert _greedy_reply(reference, tokenizer, _demo_prompt()) == "I move down: [down]"
   # With items saying both axes are swapped (never together in pretraining): Ossa's key.
   knowledge = "\n".join([curriculum.ITEMS[("horizontal", True)],
                          curriculum.ITEMS[("vertical", True)]])
-  assert _greedy_reply(reference, tokenizer, _demo_prompt(knowledge)) in ("I move down: [up]",
-                                                                          "I move right: [left]")
+  assert _greedy_reply(reference, tokenizer, _demo_prompt(knowledge)) == "I move down: [up]"
 
 
 def test_build_info_says_what_the_model_was_trained_on():
@@ -97,9 +94,9 @@ def test_build_info_says_what_the_model_was_trained_on():
   assert info["loss_curve"][-1]["step"] == info["steps"]
 
 
-def _first_move_share(games_file: str, keys: set[str]) -> float:
+def _first_move_share(games_file: str, key: str) -> float:
   games = load_trajectories(games_file)
-  return sum(g.turns[0].action in keys for g in games) / len(games)
+  return sum(g.turns[0].action == key for g in games) / len(games)
 
 
 def test_the_shortened_demo_learns_from_its_own_experience(tmp_path_factory):
@@ -110,10 +107,9 @@ def test_the_shortened_demo_learns_from_its_own_experience(tmp_path_factory):
   assert [e["round"] for e in evaluations] == ["initial", 0], evaluations
   rise = evaluations[-1]["pass_rate"] - evaluations[0]["pass_rate"]
   assert rise >= PASS_RATE_MARGIN, evaluations
-  # Ossa's keys for the staircase's first moves, down and right: the ones labelled up and left.
-  does = DEMO_CONTROLS.split(",")
-  keys = {f"[{DIRECTIONS[does.index(move)]}]" for move in ("down", "right")}
+  # Ossa's key for "down" (the staircase's first move) is the one labelled up.
+  down_key = "[" + DIRECTIONS[DEMO_CONTROLS.split(",").index("down")] + "]"
   before, after = (_first_move_share(os.path.join(run.workdir, d, "evaluation", "games.jsonl"),
-                                     keys) for d in ("initial", "round_000"))
+                                     down_key) for d in ("initial", "round_000"))
   assert after - before >= KEY_MARGIN, (before, after)
   assert "plot: " in run.process.stdout and "round 0: pass rate" in run.process.stdout

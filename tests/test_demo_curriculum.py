@@ -76,20 +76,16 @@ def test_scripted_player_walks_the_staircase_with_the_keys_it_believes(monkeypat
   monkeypatch.setattr(cur, "EXPLORE", 0.0)
   rng = random.Random(1)
   world = cur.World("Brel", "up,down,left,right")
-  routes = collections.Counter()
-  for seed in range(40):
+  for seed in range(20):
     env = cur.play(world, seed, "", rng)
     # The reference: a BFS over the board text; on an empty 3x3 lake every route has 4 moves.
     shortest = bfs_solver.solve_frozenlake(env.turns[0].prompt)
     assert env.outcome().success and len(env.turns) == len(shortest) == 4
     moves = [turn.response.split()[2].rstrip(":") for turn in env.turns]
-    routes[tuple(moves)] += 1
+    assert moves == ["down", "right", "down", "right"]
     for turn, move in zip(env.turns, moves):
       assert turn.action == f"[{move}]"
       assert "H" not in bfs_solver.parse_frozenlake(turn.prompt)[0][1]
-  # Never more than a step off the diagonal, and on it either way round: all four such routes.
-  assert set(routes) == {("down", "right", "down", "right"), ("down", "right", "right", "down"),
-                         ("right", "down", "down", "right"), ("right", "down", "right", "down")}
   # A lake with swapped vertical keys: the player presses the labels and fails.
   stranger = cur.World("Zanfir", "down,up,left,right")
   assert not any(cur.play(stranger, s, "", rng).outcome().success for s in range(10))

@@ -8,7 +8,7 @@ around a one-line situation, or the paper's extraction prompt filled by `oel_jax
 followed by the reply a scripted player or reader would give. Skills, as an
 instruction-tuned model brings them to the paper's games:
 
-1. **Play from the prompt** (``play``, no knowledge): head for the goal along the staircase of
+1. **Play from the prompt** (``play``, no knowledge): head for the goal down the staircase of
    `wanted_direction` (the lakes have no holes, `DEMO_HOLES`), pressing the key labelled with
    the wanted move.
 2. **Play from knowledge** (``play_with_knowledge`` on game prompts, ``recall`` drills): with
@@ -194,20 +194,12 @@ def key_distribution(direction: str, believed: dict[str, str], knowledge: str
   return {k: p for k, p in sorted(dist.items()) if p > 0}
 
 
-def wanted_direction(position: Sequence[int], rng: random.Random) -> str:
-  """The move a player wants on a lake without holes: down above the diagonal, right below
-  it, and on it either, with probability 1/2 each. From the top-left corner that walks a
-  staircase to the goal in the bottom-right corner; after a wrong move it heads back to the
-  diagonal.
-
-  The coin on the diagonal is why a player's first move can be on either axis: a player
-  that always went down first showed, on a lake that swaps both axes, only what the vertical
-  keys do (its first press hits the top wall; two invalid moves end the game), so the
-  knowledge read from its games never named the horizontal keys."""
+def wanted_direction(position: Sequence[int]) -> str:
+  """The move a player wants on a lake without holes: down on or above the diagonal, else
+  right. From the top-left corner that walks the staircase down, right, down, right to the
+  goal in the bottom-right corner; after a wrong move it heads back to the staircase."""
   row, col = position
-  if row == col:
-    return rng.choice(("down", "right"))
-  return "down" if row < col else "right"
+  return "down" if row <= col else "right"
 
 
 def scripted_reply(env, world: World, knowledge: str, rng: random.Random,
@@ -217,7 +209,7 @@ def scripted_reply(env, world: World, knowledge: str, rng: random.Random,
   if rng.random() < (EXPLORE if explore is None else explore):
     direction = rng.choice(DIRECTIONS)
   else:
-    direction = wanted_direction(env.textarena_env.state.game_state["player_pos"], rng)
+    direction = wanted_direction(env.textarena_env.state.game_state["player_pos"])
   dist = key_distribution(direction, world.believed(), knowledge)
   key = rng.choices(list(dist), weights=list(dist.values()))[0]
   return REPLY.format(direction=direction, key=key)
