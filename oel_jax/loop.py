@@ -48,21 +48,28 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
 import numpy as np
 
+from oel_jax import consolidate as consolidation_lib
 from oel_jax import metrics as metrics_lib
 from oel_jax.atomic_write import atomic_write_text
-from oel_jax.errors import InputError, one_line
+from oel_jax.config import (DTYPES, ConfigError, RunConfig, default_config, parse,  # noqa: F401  pylint: disable=unused-import
+                            stage_seed)
+from oel_jax.consolidate import ConsolidationConfig
+from oel_jax.errors import one_line
+from oel_jax.evaluate import EvalConfig
+from oel_jax.experience import ExtractionConfig
+from oel_jax.envs import RolloutConfig
+from oel_jax.settings import At, narrow
 
 _log = logging.getLogger(__name__)
 
@@ -79,11 +86,6 @@ MARKER = "{}.done.json"
 # Config keys that may change between runs in the same workdir.
 MUTABLE_KEYS = ("rounds", "progress", "logging.tensorboard", "logging.plot", "name")
 
-# Keys of a ConfigDict section that the loop consumes itself (not passed to a dataclass).
-_EVAL_LOOP_KEYS = ("initial", "in_context", "in_context_run")
-_STAGE_SALT = {"collect": 1, "extract": 2, "consolidate": 3, "evaluate": 4}
-DTYPES = ("float32", "bfloat16", "float16")
-
 
 def default_ifeval_path() -> str:
   """IF-Eval's ``input_data.jsonl``: ``$OEL_IFEVAL_PATH``, else ``../shared/data/ifeval/``
@@ -96,188 +98,67 @@ def default_ifeval_path() -> str:
   return path if os.path.isfile(path) else ""
 
 
-class ConfigError(InputError):
-  """An invalid config value, found before any work; the message names the field."""
-
-
-# ---------------------------------------------------------------------------------------------
-# The config.
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """The loop's config with the paper's procedure as defaults (configs/ override it).
-
-  Optional integers use 0 for "not set" (ml_collections cannot override a None field from
-  the command line). Sections map onto the stages' dataclasses field by field:
-  ``rollout`` -> `oel_jax.envs.RolloutConfig` (collection), ``extraction`` ->
-  `oel_jax.experience.ExtractionConfig`, ``consolidation`` ->
-  `oel_jax.consolidate.ConsolidationConfig`, ``train`` -> `oel_jax.train.TrainConfig`,
-  ``evaluation`` -> `oel_jax.evaluate.EvalConfig`. Seeds are not set per section: each
-  stage's seed derives from ``seed`` and the round.
-  """
-  c = ml_collections.ConfigDict()
-  c.name = "oel"                  # A label for logs and plots.
-  c.model = "tiny"                # "tiny" (built-in, random weights) or a HF checkpoint dir.
-  c.tokenizer = ""                # "" = the model's (tiny: the built-in tiny tokenizer).
-  c.param_dtype = "float32"       # Weights as stored and trained (float32 master weights).
-  c.compute_dtype = "bfloat16"    # Matmuls and activations (paper: bf16 compute).
-  c.seed = 0                      # Every board, sampling and data-order seed derives from it.
-  c.rounds = 3                    # OEL rounds.
-  c.max_seq_len = 16384           # Sampler: longest prompt + generation.
-  c.sampler_buckets_per_doubling = 1  # Sampler: padded prompt lengths and batch sizes per
-                                  # power of two (2: at most 1.5x padding, more programs).
-  c.progress = True               # Progress bars.
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tp=1))  # oel_jax.parallel.MeshConfig
-
-  c.env = "frozenlake"            # "frozenlake" or "sokoban" (paper settings).
-  c.env_settings = ml_collections.ConfigDict()  # make_env overrides; empty = the paper's.
-
-  # Deployment rollouts (collection), shared by both pools: the official rollout settings.
-  c.rollout = ml_collections.ConfigDict(dict(
-      enable_thinking=True, keep_reasoning=True, max_new_tokens=1024, max_batch_size=0))
-
-  # How many games the deployed model plays per round, and how each pool samples.
-  c.collect = ml_collections.ConfigDict(dict(
-      extraction_boards=0,     # Boards for extraction; 0 = extraction.num_trajectories (n).
-      extraction_plays=0,      # Plays of each board; 0 = extraction.num_runs (K): with
-                               # pool_order "chunks", run k reads play k (the official way),
-                               # and each play is its own game (its own sampling seeds).
-      consolidation_games=0,   # 0 = consolidation.steps * consolidation.games_per_step.
-      # The official extraction rollouts run in validate mode: the evaluation settings.
-      extraction_sampling=ml_collections.ConfigDict(dict(temperature=0.7, top_k=20,
-                                                         top_p=0.8)),
-      # The official deployment (training) rollouts: temperature 0.7, top-p 1.
-      consolidation_sampling=ml_collections.ConfigDict(dict(temperature=0.7, top_k=0,
-                                                            top_p=1.0)),
-  ))
-
-  c.extraction = ml_collections.ConfigDict(dict(
-      knowledge_format="structured", with_previous=True, num_trajectories=25, num_runs=10,
-      max_knowledge_tokens=8192, max_new_tokens=0, temperature=0.7, top_p=0.8, top_k=20,
-      enable_thinking=True, prompt_variant="paper", pool_order="chunks", snapshot_every=0,
-      model="",                # "" = the deployed model extracts; else a checkpoint dir.
-  ))
-
-  # Optional integers: 0 = None. mode "off_policy" (with train.divergence "forward_kl") and
-  # context "raw_trajectories" are the paper's baselines.
-  c.consolidation = ml_collections.ConfigDict(dict(
-      steps=20, games_per_step=64, max_prefixes_per_game=5, max_new_tokens=1024,
-      temperature=0.7, top_p=1.0, top_k=0, enable_thinking=True, mode="on_policy",
-      context="knowledge", shuffle=True, checkpoint_every=5, keep_checkpoints=1,
-      min_length_bucket=64, length_buckets_per_doubling=2, min_row_bucket=1,
-      max_sampling_batch=0,
-      # A non-finite loss or gradient skips the step (official behaviour); this many skipped
-      # in a row stop the round with an error.
-      max_consecutive_skipped_steps=3))
-
-  c.train = ml_collections.ConfigDict(dict(
-      learning_rate=1e-6, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, max_grad_norm=1.0,
-      divergence="topk_reverse_kl", k=256, temperature=0.7, renormalize=False,
-      tail=False,              # True: also the tail bucket's term (a true divergence); False:
-                               # the official loss.
-      micro_batches=1, loss_chunk_size=256, vocab_chunk_size=8192))
-
-  c.evaluation = ml_collections.ConfigDict(dict(
-      num_games=128, base_seed=0, sampling_seeds=tuple(range(10)), temperature=0.7, top_k=20,
-      top_p=0.8, max_new_tokens=1024, enable_thinking=True, keep_reasoning=True,
-      max_batch_size=0,
-      initial=True,            # Also evaluate the initial model (workdir/initial/).
-      in_context=False,        # Also evaluate the round-start model with knowledge in context
-                               # (at every extraction snapshot and at the end).
-      in_context_run=0,        # Which of the K knowledge texts goes in context.
-  ))
-
-  # The official README's protocol (lm-eval's ifeval task through vLLM): thinking off for every
-  # model, temperature 0.7, top-p 0.8, top-k 20, seed 42, one sample per prompt, 1280 new
-  # tokens. temperature=0 is greedy.
-  c.ifeval = ml_collections.ConfigDict(dict(
-      enabled=False,           # IF-Eval at the end of every round (and for the initial model).
-      path="",                 # IF-Eval input_data.jsonl.
-      limit=0,                 # First this many prompts; 0 = all 541.
-      max_new_tokens=1280, enable_thinking=False, batch_size=16, temperature=0.7, top_k=20,
-      top_p=0.8, seed=42))
-
-  c.export = ml_collections.ConfigDict(dict(
-      dtype="",                # "" = model/ is the export; else e.g. "bfloat16" -> export/.
-  ))
-
-  c.logging = ml_collections.ConfigDict(dict(tensorboard=True, plot=True))
-  return c
-
-
-def stage_seed(base: int, round_: int, stage: str, index: int = 0) -> int:
-  """The seed of one stage of one round (a 31-bit integer derived from all four)."""
-  return int(np.random.SeedSequence([int(base), int(round_) + 1, _STAGE_SALT[stage], int(index)])
-             .generate_state(1, np.uint32)[0] >> 1)
-
-
 def _dtype(name: str):
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   return getattr(jnp, name)
 
 
-def _section(config: ml_collections.ConfigDict, name: str, drop: Sequence[str] = ()
-             ) -> dict[str, Any]:
-  data = config[name].to_dict() if hasattr(config[name], "to_dict") else dict(config[name])
-  return {k: v for k, v in data.items() if k not in drop}
-
-
-def _build(cls, section: str, values: Mapping[str, Any], errors: list[str]):
-  """``cls(**values)``, turning unknown keys and invalid values into config errors."""
-  known = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(values) - known)
-  if unknown:
-    errors.append(f"config.{section}.{unknown[0]}: {cls.__name__} has no field "
-                  f"{unknown[0]!r} (fields: {', '.join(sorted(known))})")
-    return None
-  try:
-    return cls(**values)
-  except (TypeError, ValueError) as e:
-    errors.append(f"config.{section}: {e}")
-    return None
+# ---------------------------------------------------------------------------------------------
+# The plan: the config checked against this machine.
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """The config turned into the stages' typed settings (see `plan`)."""
+  """The run's settings checked against what is here: the model, the devices, the files."""
 
-  config: ml_collections.ConfigDict
-  """The ConfigDict it was made from."""
-  rollout: Any
-  """`RolloutConfig` of the consolidation pool's games (its seed is replaced per round)."""
-  extraction_rollout: Any
-  """`RolloutConfig` of the extraction pool's games (its seed is replaced per round)."""
-  extraction: Any
-  """`ExtractionConfig` (its seed is replaced per round)."""
-  consolidation: Any
-  """`ConsolidationConfig` (its seed is replaced per round)."""
-  evaluation: Any
-  """`EvalConfig` of the held-out evaluation."""
-  extraction_boards: int
-  """Boards played for the extraction pool per round."""
-  extraction_plays: int
-  """Plays of each extraction board per round."""
-  consolidation_games: int
-  """Games played for consolidation per round."""
+  config: RunConfig
+  """The run's settings."""
   model_vocab_size: int | None
   """The model's vocabulary rows (None when it could not be read before loading)."""
   mesh_shape: dict[str, int]
   """Mesh axis sizes, resolved against the devices present."""
 
-  def extraction_for(self, round_: int):
+  @property
+  def extraction(self) -> ExtractionConfig:
+    """The extraction settings (seed 0: see `extraction_for`)."""
+    return narrow(ExtractionConfig, self.config.extraction)
+
+  @property
+  def consolidation(self) -> ConsolidationConfig:
+    """The consolidation settings (seed 0: see `consolidation_for`)."""
+    return self.config.consolidation
+
+  @property
+  def evaluation(self) -> EvalConfig:
+    """The held-out evaluation's settings."""
+    return self.config.evaluation_config()
+
+  @property
+  def extraction_boards(self) -> int:
+    """Boards played for the extraction pool per round."""
+    return self.config.extraction_boards
+
+  @property
+  def extraction_plays(self) -> int:
+    """Plays of each extraction board per round."""
+    return self.config.extraction_plays
+
+  @property
+  def consolidation_games(self) -> int:
+    """Games played for consolidation per round."""
+    return self.config.consolidation_games
+
+  def extraction_for(self, round_: int) -> ExtractionConfig:
     """The round's `ExtractionConfig` (seed derived from config.seed and the round)."""
-    return dataclasses.replace(self.extraction,
-                               seed=stage_seed(self.config.seed, round_, "extract"))
+    return self.config.extraction_for(round_)
 
-  def consolidation_for(self, round_: int):
+  def consolidation_for(self, round_: int) -> ConsolidationConfig:
     """The round's `ConsolidationConfig`."""
-    return dataclasses.replace(self.consolidation,
-                               seed=stage_seed(self.config.seed, round_, "consolidate"))
+    return self.config.consolidation_for(round_)
 
-  def rollout_for(self, round_: int, pool: str = "consolidation"):
+  def rollout_for(self, round_: int, pool: str = "consolidation") -> RolloutConfig:
     """The round's `RolloutConfig` for the ``"extraction"`` or ``"consolidation"`` pool."""
-    base = {"extraction": self.extraction_rollout, "consolidation": self.rollout}[pool]
-    return dataclasses.replace(base, seed=stage_seed(self.config.seed, round_, "collect"))
+    return self.config.rollout_for(round_, pool)
 
 
 def _model_vocab(model: str, errors: list[str]) -> int | None:
@@ -299,191 +180,48 @@ def _model_vocab(model: str, errors: list[str]) -> int | None:
     return None
 
 
-def plan(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -> Plan:
-  """Validates ``config`` and builds every stage's settings; nothing is loaded or run.
+def plan(config: ml_collections.ConfigDict | Mapping[str, Any] | RunConfig, *,
+         num_devices: int | None = None) -> Plan:
+  """Validates ``config`` and checks it against the model, the devices and the files named;
+  nothing is loaded or run.
 
   Raises:
     ConfigError: listing every invalid value, each named by its config field.
   """
-  from oel_jax.envs import GAMES, RolloutConfig  # pylint: disable=import-outside-toplevel
-  from oel_jax.evaluate import EvalConfig  # pylint: disable=import-outside-toplevel
-  from oel_jax.experience import ExtractionConfig  # pylint: disable=import-outside-toplevel
-  from oel_jax.train import TrainConfig  # pylint: disable=import-outside-toplevel
-
-  errors: list[str] = []
-  for key in ("name", "model", "tokenizer", "param_dtype", "compute_dtype", "seed", "rounds",
-              "max_seq_len", "env", "rollout", "collect", "extraction", "consolidation",
-              "train", "evaluation", "ifeval", "export", "mesh"):
-    if key not in config:
-      errors.append(f"config.{key}: missing (start from oel_jax.loop.default_config())")
-  if errors:
-    raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
-
-  def check_int(name: str, value: Any, minimum: int):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-      errors.append(f"config.{name} must be an integer >= {minimum}, got {value!r}")
-      return False
-    return True
-
-  check_int("seed", config.seed, 0)
-  check_int("rounds", config.rounds, 1)
-  check_int("max_seq_len", config.max_seq_len, 16)
-  check_int("sampler_buckets_per_doubling", config.get("sampler_buckets_per_doubling", 1), 1)
-  for name in ("param_dtype", "compute_dtype"):
-    if config[name] not in DTYPES:
-      errors.append(f"config.{name} must be one of {DTYPES}, got {config[name]!r}")
-  if config.export.dtype not in ("",) + DTYPES:
-    errors.append(f"config.export.dtype must be '' or one of {DTYPES}, got "
-                  f"{config.export.dtype!r}")
-  if config.env not in GAMES:
-    errors.append(f"config.env: unknown environment {config.env!r}; known: "
-                  f"{', '.join(GAMES)}")
-  env_settings = _section(config, "env_settings")
-  vocab = _model_vocab(config.model, errors) if isinstance(config.model, str) else None
-  if not isinstance(config.model, str):
-    errors.append(f"config.model must be a string, got {config.model!r}")
-
-  rollout = extraction_rollout = None
-  if config.env in GAMES:
-    values = _section(config, "rollout")
-    values["max_batch_size"] = values.get("max_batch_size") or None
-    for key in ("temperature", "top_k", "top_p"):
-      if key in values:
-        errors.append(f"config.rollout.{key}: set per pool, in "
-                      f"config.collect.extraction_sampling.{key} and "
-                      f"config.collect.consolidation_sampling.{key}")
-        values.pop(key)
-    common = dict(env=config.env, env_settings=env_settings, progress=bool(config.progress),
-                  **values)
-    rollout = _build(RolloutConfig, "collect.consolidation_sampling", dict(
-        common, **_section(config.collect, "consolidation_sampling")), errors)
-    extraction_rollout = _build(RolloutConfig, "collect.extraction_sampling", dict(
-        common, **_section(config.collect, "extraction_sampling")), errors)
-
-  values = _section(config, "extraction", drop=("model",))
-  if "seed" in values:
-    errors.append("config.extraction.seed: not settable; every seed derives from config.seed")
-    values.pop("seed")
-  values["max_new_tokens"] = values.get("max_new_tokens") or None
-  extraction = _build(ExtractionConfig, "extraction", values, errors)
-  extractor = config.extraction.get("model", "")
-  if extractor and not os.path.isdir(extractor):
+  run, errors = parse(config)
+  ok = At("config", errors).ok
+  vocab = _model_vocab(run.model, errors) if ok("model") else None
+  if vocab is not None and ok("train.k") and run.train.k > vocab:
+    errors.append(f"config.train.k ({run.train.k}) exceeds the model's vocabulary ({vocab} rows)")
+  extractor = run.extraction.model
+  if ok("extraction.model") and extractor and not os.path.isdir(extractor):
     errors.append(f"config.extraction.model: {extractor!r} is not a checkpoint directory")
+  ifeval = run.ifeval
+  if ok("ifeval.enabled", "ifeval.path") and ifeval.enabled and not os.path.isfile(ifeval.path):
+    errors.append(f"config.ifeval.path: {ifeval.path!r} is not a file (IF-Eval's "
+                  "input_data.jsonl); set it, or config.ifeval.enabled=False")
 
-  train = _build(TrainConfig, "train", _section(config, "train"), errors)
-  if train is not None and vocab is not None and train.k > vocab:
-    errors.append(f"config.train.k ({train.k}) exceeds the model's vocabulary ({vocab} rows)")
-
-  consolidation = None
-  try:
-    consolidate = importlib.import_module("oel_jax.consolidate")
-  except ImportError as e:
-    errors.append(f"oel_jax.consolidate cannot be imported: {e}")
-  else:
-    values = _section(config, "consolidation")
-    for key in ("max_prefixes_per_game", "max_sampling_batch"):
-      if key in values:
-        values[key] = values[key] or None
-    for key in ("seed", "train"):
-      if key in values:
-        errors.append(f"config.consolidation.{key}: not settable here (seed derives from "
-                      "config.seed; the optimizer is config.train)")
-        values.pop(key)
-    if train is not None:
-      consolidation = _build(consolidate.ConsolidationConfig, "consolidation",
-                             dict(values, train=train), errors)
-
-  ev_values = _section(config, "evaluation", drop=_EVAL_LOOP_KEYS)
-  ev_values["max_batch_size"] = ev_values.get("max_batch_size") or None
-  ev_values["sampling_seeds"] = tuple(ev_values.get("sampling_seeds", ()))
-  evaluation = None
-  if config.env in GAMES:
-    evaluation = _build(EvalConfig, "evaluation", dict(
-        env=config.env, env_settings=env_settings, progress=bool(config.progress), **ev_values),
-        errors)
-
-  # Game counts.
-  n = extraction.num_trajectories if extraction else 1
-  k = extraction.num_runs if extraction else 1
-  boards = config.collect.extraction_boards or n
-  plays = config.collect.extraction_plays or k
-  check_int("collect.extraction_boards", boards, 1)
-  check_int("collect.extraction_plays", plays, 1)
-  games = config.collect.consolidation_games
-  if consolidation is not None and not games:
-    games = consolidation.steps * consolidation.games_per_step
-  if consolidation is not None or games:  # else consolidation's own error says why
-    check_int("collect.consolidation_games", games or 0, 1)
-  if extraction is not None and isinstance(boards, int) and isinstance(plays, int):
-    pool = boards * plays
-    if extraction.pool_order == "chunks" and pool < n * k:
-      errors.append(f"config.extraction.pool_order 'chunks' needs num_trajectories x num_runs "
-                    f"= {n * k} trajectories; collect plays {boards} boards x {plays} plays = "
-                    f"{pool} (raise config.collect.extraction_boards or extraction_plays)")
-    if extraction.pool_order == "shuffle" and pool < n:
-      errors.append(f"config.extraction.num_trajectories ({n}) exceeds the extraction pool "
-                    f"({boards} boards x {plays} plays = {pool})")
-
-  # The mesh.
   import jax  # pylint: disable=import-outside-toplevel
   devices = num_devices if num_devices is not None else jax.device_count()
-  sizes = {axis: config.mesh.get(axis, 1) for axis in ("data", "fsdp", "tp")}
   mesh_shape: dict[str, int] = {}
-  if any(isinstance(v, bool) or not isinstance(v, int) or v == 0 or v < -1
-         for v in sizes.values()) or list(sizes.values()).count(-1) > 1:
-    errors.append(f"config.mesh: axis sizes must be positive or -1 (at most one), got {sizes}")
-  else:
-    fixed = int(np.prod([v for v in sizes.values() if v != -1]))
-    if -1 in sizes.values():
-      if devices % fixed:
-        errors.append(f"config.mesh {sizes}: {devices} devices do not divide by the fixed "
-                      f"axes (product {fixed})")
-      else:
-        sizes = {a: (devices // fixed if v == -1 else v) for a, v in sizes.items()}
-    elif fixed != devices:
-      errors.append(f"config.mesh {sizes} needs {fixed} devices; {devices} are present")
-    if -1 not in sizes.values():
-      mesh_shape = sizes
-  if mesh_shape and consolidation is not None and train is not None:
+  if ok("mesh"):
+    try:
+      mesh_shape = run.mesh.resolve(devices)
+    except ValueError as e:
+      errors.append(f"config.mesh: {e}")
+  if mesh_shape and ok("consolidation.games_per_step", "train.micro_batches"):
     shards = mesh_shape["data"] * mesh_shape["fsdp"]
-    per_step = consolidation.games_per_step
-    if per_step % train.micro_batches:
+    per_step, micro = run.consolidation.games_per_step, run.train.micro_batches
+    if per_step % micro:
       errors.append(f"config.consolidation.games_per_step ({per_step}) is not divisible by "
-                    f"config.train.micro_batches ({train.micro_batches})")
-    elif (per_step // train.micro_batches) % shards:
+                    f"config.train.micro_batches ({micro})")
+    elif (per_step // micro) % shards:
       errors.append(f"config.consolidation.games_per_step ({per_step}) / "
-                    f"config.train.micro_batches ({train.micro_batches}) is not divisible by "
+                    f"config.train.micro_batches ({micro}) is not divisible by "
                     f"the mesh's data x fsdp = {shards} devices (config.mesh)")
-
-  ifeval = config.ifeval
-  if ifeval.enabled:
-    if not ifeval.path or not os.path.isfile(ifeval.path):
-      errors.append(f"config.ifeval.path: {ifeval.path!r} is not a file (IF-Eval's "
-                    "input_data.jsonl); set it, or config.ifeval.enabled=False")
-    check_int("ifeval.limit", ifeval.limit, 0)
-    check_int("ifeval.max_new_tokens", ifeval.max_new_tokens, 1)
-    check_int("ifeval.batch_size", ifeval.batch_size, 1)
-    check_int("ifeval.seed", ifeval.seed, 0)
-  if config.evaluation.in_context and extraction is not None:
-    check_int("evaluation.in_context_run", config.evaluation.in_context_run, 0)
-    if config.evaluation.in_context_run >= extraction.num_runs:
-      errors.append(f"config.evaluation.in_context_run ({config.evaluation.in_context_run}) "
-                    f"must be below extraction.num_runs ({extraction.num_runs})")
-  for name, budget in (("rollout.max_new_tokens", config.rollout.max_new_tokens),
-                       ("evaluation.max_new_tokens", config.evaluation.max_new_tokens),
-                       ("consolidation.max_new_tokens",
-                        config.consolidation.get("max_new_tokens", 0))):
-    if isinstance(budget, int) and isinstance(config.max_seq_len, int) and \
-        budget >= config.max_seq_len:
-      errors.append(f"config.{name} ({budget}) leaves no room for a prompt in "
-                    f"config.max_seq_len ({config.max_seq_len})")
   if errors:
     raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
-  return Plan(config=config, rollout=rollout, extraction_rollout=extraction_rollout,
-              extraction=extraction,
-              consolidation=consolidation, evaluation=evaluation, extraction_boards=boards,
-              extraction_plays=plays, consolidation_games=games, model_vocab_size=vocab,
-              mesh_shape=mesh_shape)
+  return Plan(config=run, model_vocab_size=vocab, mesh_shape=mesh_shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,6 +244,13 @@ def round_dir(workdir: str, round_: int | str) -> str:
   return os.path.join(workdir, name)
 
 
+def _recorded_config(data: Any) -> Any:
+  """A workdir's recorded config as `RunConfig.to_dict` writes it now (an older record wrote 0
+  for unset optional integers), or as it is when it no longer parses."""
+  run, errors = parse(data)
+  return data if errors else run.to_dict()
+
+
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
   if isinstance(data, Mapping):
     out = {}
@@ -517,10 +262,6 @@ def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
   return {prefix[:-1]: data}
 
 
-def _config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  return json.loads(config.to_json_best_effort())
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop.
 
@@ -529,16 +270,17 @@ class OnlineLoop:
   """Runs OEL rounds in a workdir, stage by stage, resumably (see the module docstring).
 
   Args:
-    config: the run's ConfigDict (`default_config` plus a config file's changes).
+    config: the run's settings: a ConfigDict (`default_config` plus a config file's changes)
+      or a `RunConfig`; checked by `plan`.
     workdir: where everything is written; a workdir holding an earlier run of the same config
       is continued.
     num_devices: devices to plan the mesh for (default: all JAX devices).
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
+  def __init__(self, config: ml_collections.ConfigDict | RunConfig, workdir: str, *,
                num_devices: int | None = None):
-    self.config = config
     self.plan = plan(config, num_devices=num_devices)
+    self.config: RunConfig = self.plan.config
     self.workdir = os.path.abspath(workdir)
     self._models: dict[str, Any] = {}
     self._tokenizer = None
@@ -557,9 +299,9 @@ class OnlineLoop:
       ConfigError: the workdir holds a run whose config differs (other than `MUTABLE_KEYS`).
     """
     path = os.path.join(self.workdir, CONFIG_FILE)
-    current = _config_json(self.config)
+    current = self.config.to_dict()
     if os.path.exists(path):
-      old = _flatten(_read_json(path))
+      old = _flatten(_recorded_config(_read_json(path)))
       new = _flatten(current)
       differ = sorted(k for k in set(old) | set(new)
                       if old.get(k) != new.get(k) and not any(
@@ -687,7 +429,7 @@ class OnlineLoop:
       sampler = Sampler(model, eos_ids=stops,
                         pad_id=tok.pad_token_id if tok.pad_token_id is not None else stops[0],
                         max_seq_len=int(self.config.max_seq_len),
-                        buckets_per_doubling=int(self.config.get("sampler_buckets_per_doubling", 1)),
+                        buckets_per_doubling=self.config.sampler_buckets_per_doubling,
                         mesh=self.mesh())
       self._samplers[key] = sampler
     elif self._holds.get(key) != path:
@@ -779,7 +521,7 @@ class OnlineLoop:
     from oel_jax.envs import load_trajectories  # pylint: disable=import-outside-toplevel
     from oel_jax.experience import load_knowledge_set  # pylint: disable=import-outside-toplevel
     from oel_jax.models import save_hf  # pylint: disable=import-outside-toplevel
-    consolidate = importlib.import_module("oel_jax.consolidate")
+    consolidate = consolidation_lib
     self._require(round_, "collect")
     self._require(round_, "extract")
     start = time.perf_counter()
@@ -874,11 +616,11 @@ class OnlineLoop:
   def _ifeval(self, path: str, out: str) -> dict[str, Any]:
     from oel_jax.ifeval import evaluate_ifeval  # pylint: disable=import-outside-toplevel
     c = self.config.ifeval
+    params = c.sampling_params
     result = evaluate_ifeval(
-        self.sampler(path), self.tokenizer(), path=c.path, enable_thinking=c.enable_thinking,
-        max_new_tokens=int(c.max_new_tokens), limit=int(c.limit) or None,
-        batch_size=int(c.batch_size), temperature=float(c.temperature), top_k=int(c.top_k),
-        top_p=float(c.top_p), seed=int(c.seed))
+        self.sampler(path), self.tokenizer(), path=c.path, enable_thinking=params.enable_thinking,
+        limit=c.limit or None, batch_size=c.batch_size, seed=c.seed,
+        **params.generate_kwargs())
     data = result.to_dict() if hasattr(result, "to_dict") else dataclasses.asdict(result)
     _atomic_json(os.path.join(out, "ifeval.json"), data)
     s = result.scores
