@@ -56,20 +56,30 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from tqdm.auto import tqdm
 
 from oel_jax import consolidate as consolidation_lib
 from oel_jax import metrics as metrics_lib
+from oel_jax import parallel
 from oel_jax.atomic_write import atomic_write_text
-from oel_jax.config import (DTYPES, ConfigError, RunConfig, default_config, parse,  # noqa: F401  pylint: disable=unused-import
+# DTYPES, default_config and stage_seed are the loop's API too (configs/ import them here).
+from oel_jax.config import (DTYPES, ConfigError, RunConfig, default_config, parse,  # pylint: disable=unused-import
                             stage_seed)
 from oel_jax.consolidate import ConsolidationConfig
+from oel_jax.envs import (ModelInfo, RolloutConfig, game_seeds, load_trajectories, rollout,
+                          write_trajectories)
 from oel_jax.errors import one_line
-from oel_jax.evaluate import EvalConfig
-from oel_jax.experience import ExtractionConfig
-from oel_jax.envs import RolloutConfig
+from oel_jax.evaluate import EvalConfig, evaluate
+from oel_jax.experience import (SNAPSHOT_DIR, STATE_FILE, ExtractionConfig, load_knowledge_set,
+                                load_state, run_extraction)
+from oel_jax.models import check_hf, load_hf, save_hf
+from oel_jax.sampling import Sampler
 from oel_jax.settings import At, narrow
+from oel_jax.train import Trainer
 
 _log = logging.getLogger(__name__)
 
@@ -99,7 +109,6 @@ def default_ifeval_path() -> str:
 
 
 def _dtype(name: str):
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   return getattr(jnp, name)
 
 
@@ -163,7 +172,6 @@ class Plan:
 
 def _model_vocab(model: str, errors: list[str]) -> int | None:
   from oel_jax import tiny  # pylint: disable=import-outside-toplevel
-  from oel_jax.models import check_hf  # pylint: disable=import-outside-toplevel
   if model == "tiny":
     return tiny.tiny_config().vocab_size
   if not os.path.isdir(model):
@@ -201,7 +209,6 @@ def plan(config: ml_collections.ConfigDict | Mapping[str, Any] | RunConfig, *,
     errors.append(f"config.ifeval.path: {ifeval.path!r} is not a file (IF-Eval's "
                   "input_data.jsonl); set it, or config.ifeval.enabled=False")
 
-  import jax  # pylint: disable=import-outside-toplevel
   devices = num_devices if num_devices is not None else jax.device_count()
   mesh_shape: dict[str, int] = {}
   if ok("mesh"):
@@ -390,8 +397,6 @@ class OnlineLoop:
 
   def mesh(self):
     """The device mesh (None on a single device)."""
-    import jax  # pylint: disable=import-outside-toplevel
-    from oel_jax import parallel  # pylint: disable=import-outside-toplevel
     size = int(np.prod(list(self.plan.mesh_shape.values())))
     if self._mesh is None and size > 1:
       self._mesh = parallel.make_mesh(parallel.MeshConfig(**self.plan.mesh_shape),
@@ -403,12 +408,10 @@ class OnlineLoop:
     if path in self._models:
       return self._models[path]
     from oel_jax import tiny  # pylint: disable=import-outside-toplevel
-    from oel_jax.models import load_hf  # pylint: disable=import-outside-toplevel
     param, compute = _dtype(self.config.param_dtype), _dtype(self.config.compute_dtype)
     if path == "tiny":
       model = tiny.tiny_model(param_dtype=param, compute_dtype=compute)
       if self.mesh() is not None:
-        from oel_jax import parallel  # pylint: disable=import-outside-toplevel
         parallel.shard_model(model, self.mesh())
     else:
       model = load_hf(path, dtype=param, compute_dtype=compute, mesh=self.mesh())
@@ -419,7 +422,6 @@ class OnlineLoop:
     """A sampler holding the weights of ``path``: one per architecture, reused (and its
     compiled programs with it) by swapping weights."""
     from oel_jax import chat  # pylint: disable=import-outside-toplevel
-    from oel_jax.sampling import Sampler  # pylint: disable=import-outside-toplevel
     model = self.load_model(path)
     key = model.config
     sampler = self._samplers.get(key)
@@ -438,14 +440,12 @@ class OnlineLoop:
     return sampler
 
   def _model_info(self, round_: int):
-    from oel_jax.envs import ModelInfo  # pylint: disable=import-outside-toplevel
     return ModelInfo(str(self.deployed_path(round_)), round_)
 
   # ---- stages ----
 
   def collect(self, round_: int) -> dict[str, Any]:
     """Plays the round's extraction and consolidation games with the deployed model."""
-    from oel_jax.envs import game_seeds, rollout, write_trajectories  # pylint: disable=import-outside-toplevel
     start = time.perf_counter()
     folder = os.path.join(round_dir(self.workdir, round_), "trajectories")
     os.makedirs(folder, exist_ok=True)
@@ -483,9 +483,6 @@ class OnlineLoop:
 
   def extract(self, round_: int) -> dict[str, Any]:
     """Extracts the round's knowledge set (resumes an interrupted extraction)."""
-    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-    from oel_jax.envs import load_trajectories  # pylint: disable=import-outside-toplevel
-    from oel_jax.experience import run_extraction, STATE_FILE, load_state  # pylint: disable=import-outside-toplevel
     self._require(round_, "collect")
     start = time.perf_counter()
     folder = round_dir(self.workdir, round_)
@@ -518,10 +515,6 @@ class OnlineLoop:
 
   def consolidate(self, round_: int) -> dict[str, Any]:
     """Consolidates the knowledge into the deployed model; writes ``model/``."""
-    from oel_jax.envs import load_trajectories  # pylint: disable=import-outside-toplevel
-    from oel_jax.experience import load_knowledge_set  # pylint: disable=import-outside-toplevel
-    from oel_jax.models import save_hf  # pylint: disable=import-outside-toplevel
-    consolidate = consolidation_lib
     self._require(round_, "collect")
     self._require(round_, "extract")
     start = time.perf_counter()
@@ -531,7 +524,7 @@ class OnlineLoop:
     knowledge = load_knowledge_set(os.path.join(folder, "knowledge")).texts
     config = self.plan.consolidation_for(round_)
     if config.context == "raw_trajectories":  # Baseline: raw trajectories as the context.
-      knowledge = consolidate.raw_trajectory_contexts(
+      knowledge = consolidation_lib.raw_trajectory_contexts(
           load_trajectories(os.path.join(folder, "trajectories", "extraction.jsonl")),
           self.tokenizer(), num_contexts=self.plan.extraction.num_runs,
           max_tokens=self.plan.extraction.max_knowledge_tokens, seed=config.seed)
@@ -541,10 +534,9 @@ class OnlineLoop:
     # (run_consolidation trains a copy and never writes either).
     model = self.load_model(path)
     if self._trainer is None:
-      from oel_jax.train import Trainer  # pylint: disable=import-outside-toplevel
       self._trainer = Trainer(model, config.train, mesh=self.mesh())
     self._holds.pop(model.config, None)  # Consolidation swaps the student's weights in.
-    result = consolidate.run_consolidation(
+    result = consolidation_lib.run_consolidation(
         model, model, self.tokenizer(), trajectories, list(knowledge), config,
         workdir=os.path.join(folder, "consolidation"), mesh=self.mesh(), sampler=sampler,
         trainer=self._trainer, progress=bool(self.config.progress))
@@ -563,8 +555,6 @@ class OnlineLoop:
 
   def evaluate(self, round_: int | str) -> dict[str, Any]:
     """Evaluates the round's consolidated model (or the initial model for ``"initial"``)."""
-    from oel_jax.evaluate import evaluate  # pylint: disable=import-outside-toplevel
-    from oel_jax.envs import ModelInfo  # pylint: disable=import-outside-toplevel
     start = time.perf_counter()
     folder = round_dir(self.workdir, round_)
     out = os.path.join(folder, "evaluation")
@@ -593,8 +583,6 @@ class OnlineLoop:
 
   def _in_context(self, round_: int, out: str) -> list[dict[str, Any]]:
     """Pass rate of the round-start model with the knowledge of each extraction snapshot."""
-    from oel_jax.evaluate import evaluate  # pylint: disable=import-outside-toplevel
-    from oel_jax.experience import SNAPSHOT_DIR, load_knowledge_set  # pylint: disable=import-outside-toplevel
     folder = round_dir(self.workdir, round_)
     config = self.plan.extraction_for(round_)
     n, every = config.num_trajectories, config.snapshot_every
@@ -633,7 +621,6 @@ class OnlineLoop:
 
   def export(self, round_: int) -> dict[str, Any]:
     """Exports the round's model in the serving dtype (or records ``model/`` as the export)."""
-    from oel_jax.models import save_hf  # pylint: disable=import-outside-toplevel
     self._require(round_, "consolidate")
     start = time.perf_counter()
     folder = round_dir(self.workdir, round_)
@@ -682,7 +669,6 @@ class OnlineLoop:
 
   def run(self) -> dict[str, Any]:
     """Runs every round (skipping completed stages); returns the run's summary."""
-    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
     self.check_workdir()
     todo = ([(INITIAL, "evaluate")] if self.config.evaluation.initial else []) + \
         [(r, s) for r in range(int(self.config.rounds)) for s in STAGES]

@@ -104,7 +104,9 @@ def _number_problem(rule: Rule, value: Any) -> str | None:
     return f"must be in {'(' if rule.exclusive else '['}{low}, {high}], got {value!r}"
   if low is not None:
     return f"must be {'>' if rule.exclusive else '>='} {low}, got {value!r}"
-  return f"must be <= {high}, got {value!r}" if high is not None else f"must be a number, got {value!r}"
+  if high is not None:
+    return f"must be <= {high}, got {value!r}"
+  return "must be a number, not NaN"
 
 
 def _seeds_problem(rule: Rule, value: Any) -> str | None:
@@ -416,7 +418,7 @@ def from_dict(cls: type, data: Any, *, path: str, errors: list[str],
   for key, value in data.items():
     where = f"{path}.{key}"
     if key not in fields:
-      errors.append(f"{where}: {cls.__name__} has no field {key!r} (fields: "
+      errors.append(f"{where}: unknown field; {cls.__name__} has no field {key!r} (fields: "
                     f"{', '.join(sorted(n for n in fields if f'{path}.{n}' not in refuse))})")
       continue
     if where in refuse:

@@ -128,7 +128,8 @@ def test_every_error_is_reported_at_once_under_its_path():
       "config.rounds must be an integer >= 1, got 0",
       "config.extraction.num_runs must be an integer >= 1, got 0",
       "config.extraction.seed: not settable here; every seed derives from config.seed",
-      "config.extraction.n: ExtractionSection has no field 'n' (fields: enable_thinking,",
+      "config.extraction.n: unknown field; ExtractionSection has no field 'n' (fields: "
+      "enable_thinking,",
       "config.collect.extraction_sampling.top_p must be in (0, 1], got 0.0",
       "config.train.tail must be a bool, got 1",
       "config.evaluation.sampling_seeds must be one or more distinct integers >= 0",
@@ -170,6 +171,6 @@ def test_the_mesh_resolves_its_free_axis():
 def test_stage_configs_round_trip_with_one_from_dict():
   config = ConsolidationConfig(steps=3, train=TrainConfig(learning_rate=5e-6))
   assert settings.load(ConsolidationConfig, json.loads(json.dumps(config.to_dict()))) == config
-  with pytest.raises(ValueError, match=r"ConsolidationConfig.train.kk: TrainConfig has no "
-                     r"field 'kk' \(fields: b1, b2,"):
+  with pytest.raises(ValueError, match=r"ConsolidationConfig.train.kk: unknown field; "
+                     r"TrainConfig has no field 'kk' \(fields: b1, b2,"):
     settings.load(ConsolidationConfig, {"train": {"kk": 1}})
