@@ -211,21 +211,9 @@ def plan(config: ml_collections.ConfigDict | Mapping[str, Any] | RunConfig, *,
 
   devices = num_devices if num_devices is not None else jax.device_count()
   mesh_shape: dict[str, int] = {}
-  if ok("mesh"):
-    try:
-      mesh_shape = run.mesh.resolve(devices)
-    except ValueError as e:
-      errors.append(f"config.mesh: {e}")
-  if mesh_shape and ok("consolidation.games_per_step", "train.micro_batches"):
-    shards = mesh_shape["data"] * mesh_shape["fsdp"]
-    per_step, micro = run.consolidation.games_per_step, run.train.micro_batches
-    if per_step % micro:
-      errors.append(f"config.consolidation.games_per_step ({per_step}) is not divisible by "
-                    f"config.train.micro_batches ({micro})")
-    elif (per_step // micro) % shards:
-      errors.append(f"config.consolidation.games_per_step ({per_step}) / "
-                    f"config.train.micro_batches ({micro}) is not divisible by "
-                    f"the mesh's data x fsdp = {shards} devices (config.mesh)")
+  if ok("mesh", "consolidation.games_per_step", "train.micro_batches"):
+    mesh_shape, found = run.resolve_mesh(devices)
+    errors.extend(found)
   if errors:
     raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
   return Plan(config=run, model_vocab_size=vocab, mesh_shape=mesh_shape)

@@ -388,8 +388,7 @@ def normalize(value: Any, rule: Rule | None, *, zero_is_none: bool) -> Any:
 
 
 def from_dict(cls: type, data: Any, *, path: str, errors: list[str],
-              refuse: Mapping[str, str] | None = None, zero_is_none: bool = False,
-              fill: Callable[[str, dict[str, Any]], None] | None = None) -> Any:
+              refuse: Mapping[str, str] | None = None, zero_is_none: bool = False) -> Any:
   """Builds ``cls`` from JSON-like data without checking rules; appends structure errors.
 
   Args:
@@ -401,8 +400,6 @@ def from_dict(cls: type, data: Any, *, path: str, errors: list[str],
       reported.
     refuse: full path -> why a key that the dataclass has is not settable here.
     zero_is_none: 0 in an optional integer field means None (the config files' convention).
-    fill: called with each dataclass's path and its keyword arguments before it is built (to
-      set fields from elsewhere in the tree).
 
   Returns:
     The dataclass (built inside `deferred`: check it with `problems`).
@@ -427,11 +424,9 @@ def from_dict(cls: type, data: Any, *, path: str, errors: list[str],
     rule = fields[key].metadata.get(RULE)
     if rule is not None and rule.kind == "section":
       values[key] = from_dict(rule.section, value, path=where, errors=errors, refuse=refuse,
-                              zero_is_none=zero_is_none, fill=fill)
+                              zero_is_none=zero_is_none)
     else:
       values[key] = normalize(value, rule, zero_is_none=zero_is_none)
-  if fill is not None:
-    fill(path, values)
   with deferred():
     return cls(**values)
 
