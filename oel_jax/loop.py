@@ -1,7 +1,8 @@
 """The online OEL loop: rounds of deploy -> collect -> extract -> consolidate -> evaluate -> export.
 
     config = configs.tiny.get_config()          # an ml_collections ConfigDict
-    run = OnlineLoop(config, "runs/tiny")        # validates the config before any work
+    run = OnlineLoop(config, "runs/tiny")        # validates it before any work
+    run.config                                   # the settings as a typed oel_jax.config.RunConfig
     run.run()                                    # every round; resumes where it stopped
 
 Round ``r`` (arXiv:2603.16856 section 3; DESIGN.md section 5.4), in ``workdir/round_{r:03d}/``:
@@ -67,8 +68,8 @@ from oel_jax import metrics as metrics_lib
 from oel_jax import parallel
 from oel_jax.atomic_write import atomic_write_text
 # DTYPES, default_config and stage_seed are the loop's API too (configs/ import them here).
-from oel_jax.config import (DTYPES, ConfigError, RunConfig, default_config, parse,  # pylint: disable=unused-import
-                            stage_seed)
+from oel_jax.config import (  # pylint: disable=unused-import
+    DTYPES, ConfigError, RunConfig, default_config, parse, stage_seed)
 from oel_jax.consolidate import ConsolidationConfig
 from oel_jax.envs import (ModelInfo, RolloutConfig, game_seeds, load_trajectories, rollout,
                           write_trajectories)

@@ -278,7 +278,7 @@ def problems(obj: Any, path: str, *, skip: Callable[[str], bool] = lambda p: Fal
 def check(obj: Any) -> None:
   """Raises ValueError listing every error of ``obj`` (paths under its class name); a no-op
   while `from_dict` builds a tree (it checks the whole tree itself)."""
-  if _DEFERRED.get():
+  if is_deferred():
     return
   found = problems(obj, type(obj).__name__)
   if found:
