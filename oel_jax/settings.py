@@ -253,7 +253,10 @@ def _rule_problems(obj: Any, path: str, skip: Callable[[str], bool], errors: lis
 def _cross_problems(obj: Any, at: At, skip: Callable[[str], bool], out: list[str]) -> None:
   for f in dataclasses.fields(obj):
     rule, where = f.metadata.get(RULE), f"{at.path}.{f.name}"
-    if rule is not None and rule.kind == "section" and not skip(where) and at.ok(f.name):
+    # A section that is not a dataclass at all has its rule error; one with invalid fields
+    # still runs its cross-checks, which skip those fields (`At.ok`).
+    if rule is not None and rule.kind == "section" and not skip(where) and \
+        dataclasses.is_dataclass(getattr(obj, f.name)):
       _cross_problems(getattr(obj, f.name), dataclasses.replace(at, path=where), skip, out)
   cross = getattr(obj, "cross_checks", None)
   if cross is not None:

@@ -122,7 +122,7 @@ def test_every_error_is_reported_at_once_under_its_path():
         "rounds": 0, "extraction": {"num_runs": 0, "seed": 3, "n": 2},
         "collect": {"extraction_sampling": {"top_p": 0.0}},
         "train": {"temperature": 0.5, "tail": 1}, "evaluation": {"sampling_seeds": [1, 1]},
-        "mesh": {"tp": 0}})
+        "mesh": {"tp": 0}, "consolidation": {"steps": 0}})
   message = str(e.value)
   for line in [
       "config.rounds must be an integer >= 1, got 0",
@@ -134,6 +134,8 @@ def test_every_error_is_reported_at_once_under_its_path():
       "config.train.tail must be a bool, got 1",
       "config.evaluation.sampling_seeds must be one or more distinct integers >= 0",
       "config.mesh: axis sizes must be positive or -1 (at most one)",
+      # A section with an invalid field still runs the cross-checks that do not read it.
+      "config.consolidation.steps must be an integer >= 1, got 0",
       "config.consolidation.temperature (0.7) differs from config.train.temperature (0.5)",
   ]:
     assert line in message, (line, message)
