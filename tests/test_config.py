@@ -176,3 +176,17 @@ def test_stage_configs_round_trip_with_one_from_dict():
   with pytest.raises(ValueError, match=r"ConsolidationConfig.train.kk: unknown field; "
                      r"TrainConfig has no field 'kk' \(fields: b1, b2,"):
     settings.load(ConsolidationConfig, {"train": {"kk": 1}})
+
+
+def test_a_workdir_recorded_with_zero_for_unset_integers_still_resumes(tmp_path):
+  """Before the tree, config.json held 0 for an unset optional integer; now it holds null."""
+  from oel_jax import loop  # pylint: disable=import-outside-toplevel
+  config = _load(os.path.join(ROOT, "configs", "tiny.py"))
+  old = config_lib.RunConfig.from_dict(config).to_dict()
+  assert old["rollout"]["max_batch_size"] is None
+  old["rollout"]["max_batch_size"] = old["evaluation"]["max_batch_size"] = 0
+  (tmp_path / loop.CONFIG_FILE).write_text(json.dumps(old))
+  loop.OnlineLoop(config, str(tmp_path), num_devices=1).check_workdir()
+  config.rollout.max_batch_size = 4
+  with pytest.raises(config_lib.ConfigError, match=r"rollout.max_batch_size: None -> 4"):
+    loop.OnlineLoop(config, str(tmp_path), num_devices=1).check_workdir()
