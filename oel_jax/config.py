@@ -23,6 +23,10 @@ invalid value at once (`ConfigError`). ``workdir/config.json`` is `RunConfig.to_
 
 Optional integers (None = unset) are ``placeholder(int)`` in the ConfigDict, so
 ``--config.extraction.max_new_tokens=80`` works; 0 also means None there, as it always has.
+
+Adding a setting is one edit: declare the field (default, rule, docstring) in its section's
+dataclass. `default_config`, ``--config.<section>.<field>``, ``config.json`` and the checks
+follow; a check between fields goes in the owning dataclass's ``cross_checks``.
 """
 
 from __future__ import annotations
