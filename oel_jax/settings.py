@@ -17,9 +17,10 @@ dataclass that owns them, ``cross_checks(self, at)``, which returns messages; ``
 names a field by its path, and ``at.ok(*names)`` tells whether those fields passed their own
 rules (a cross-check reads only valid values).
 
-`from_dict` builds a dataclass tree from JSON-like data (unknown keys are an error naming the
-key and the known fields) and collects every error of the tree at once, paths from the root
-(``config.extraction.num_runs must be an integer >= 1, got 0``); `to_dict` is its inverse.
+`from_dict` builds a dataclass tree from JSON-like data (an unknown key is an error naming
+the key and the known fields) without the dataclasses' own checks, and `problems` then lists
+every error of the tree at once, paths from the root (``config.extraction.num_runs must be an
+integer >= 1, got 0``); `to_dict` is the inverse of `from_dict`, `load` both steps.
 
 `SamplingParams` holds the settings every sampler call takes; its rules are the ones every
 sampling field of every stage is declared with (`temperature`, `top_k`, `top_p`,
