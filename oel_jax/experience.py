@@ -95,7 +95,7 @@ from oel_jax.envs.trajectory import Trajectory, load_trajectories
 
 _log = logging.getLogger(__name__)
 
-MARKER = "- EXPERIENCE ITEM:"
+ITEM_PREFIX = "- EXPERIENCE ITEM:"
 """What starts an item of structured knowledge."""
 
 NO_PREVIOUS = "No previous experience."
@@ -270,11 +270,11 @@ def parse_items(answer: str) -> list[str]:
   """The ``- EXPERIENCE ITEM:`` items of a structured answer, in order (see module docstring)."""
   items = []
   for line in answer.split("\n"):
-    if MARKER not in line:
+    if ITEM_PREFIX not in line:
       continue
-    for part in line.split(MARKER)[1:]:
+    for part in line.split(ITEM_PREFIX)[1:]:
       if part.strip():
-        items.append(MARKER + part.rstrip())
+        items.append(ITEM_PREFIX + part.rstrip())
   return items
 
 
@@ -304,7 +304,7 @@ def accumulate(knowledge: str, new: str) -> str:
 
 
 def _is_marker_line(line: str) -> bool:
-  return line.strip().startswith(MARKER)
+  return line.strip().startswith(ITEM_PREFIX)
 
 
 def split_items(knowledge: str, knowledge_format: str) -> list[str]:

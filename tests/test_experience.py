@@ -54,7 +54,7 @@ FIG11 = (
     'game. The experience should be generally useful rather than only applicable for the current '
     'map (board). After careful reasoning step by step, output the final additional experience.')
 
-M = ex.MARKER
+M = ex.ITEM_PREFIX
 
 
 @pytest.fixture(scope="module")
