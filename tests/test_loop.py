@@ -302,3 +302,17 @@ def test_a_stage_needs_the_stages_before_it(tmp_path):
     run.run_stage("extract", 0)
   with pytest.raises(RuntimeError, match=r"round 0: stage 'consolidate' has not completed"):
     run.run_stage("collect", 1)
+
+
+def test_the_loop_serves_scripts_the_run_s_models_and_paths(tmp_path):
+  """What scripts/demo_experiments.py and main.py's probe call on a loop, in process."""
+  run = loop.OnlineLoop(_tiny_config(), str(tmp_path), num_devices=1)
+  assert run.workdir == str(tmp_path) and run.files.path == run.workdir
+  assert run.deployed_path(0) == "tiny"
+  assert run.deployed_path(2) == os.path.join(str(tmp_path), "round_001", "model")
+  assert run.plan.evaluation.num_games == 8
+  sampler = run.sampler("tiny")
+  assert run.sampler(run.deployed_path(0)) is sampler
+  assert run.load_model("tiny") is run.load_model(run.config.model)
+  assert run.tokenizer() is run.pool.tokenizer()
+  assert not run.done(0, "collect") and run.markers() == []
