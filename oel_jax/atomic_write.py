@@ -14,6 +14,11 @@ temporary file is deleted and the destination is left as it was.
 `AtomicFile` is the same thing without a ``with`` block, for a writer object that commits or
 aborts later (e.g. `oel_jax.envs.TrajectoryWriter`).
 
+`replace_folder` does the same for a folder a writer fills (a model checkpoint): it is written
+under ``<path>.tmp`` and then takes the place of ``path``. Two renames cannot be one, so a crash
+between them leaves no ``path``; callers record completion elsewhere afterwards (the loop's
+done-files) and rerun the write when it is missing.
+
 The new file gets the permission bits of the file it replaces, or, when there is none, the
 bits a plain ``open(path, "w")`` would give it (0666 less the umask), since a private temp
 file (what `tempfile.mkstemp` makes) would turn checkpoints and logs unreadable to others.
@@ -28,7 +33,8 @@ import contextlib
 import errno
 import os
 import secrets
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from typing import IO, Any
 
 # Temporary files are hidden (leading dot) and end in this, so a listing or glob for the
@@ -156,6 +162,32 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, *,
   """Replaces ``path`` with ``text``, atomically."""
   with atomic_open(path, "w", encoding=encoding) as f:
     f.write(text)
+
+
+def replace_folder(path: str | os.PathLike[str], write: Callable[[str], None]) -> str:
+  """Has ``write`` fill a fresh ``<path>.tmp`` folder, then puts it in the place of ``path``.
+
+  A leftover ``<path>.tmp`` of a killed earlier call is deleted first; an old ``path`` only
+  once ``write`` has returned.
+
+  Args:
+    path: the folder to (re)place; its parent must exist.
+    write: called with the temporary folder's path (not yet created: writers such as
+      `oel_jax.models.save_hf` make it).
+
+  Returns:
+    ``path``.
+  """
+  path = os.fspath(path)
+  tmp = path + TEMP_SUFFIX
+  if os.path.exists(tmp):
+    shutil.rmtree(tmp)
+  write(tmp)
+  if os.path.exists(path):
+    shutil.rmtree(path)
+  os.replace(tmp, path)
+  _fsync_folder(os.path.dirname(os.path.abspath(path)))
+  return path
 
 
 def _remove(path: str) -> None:

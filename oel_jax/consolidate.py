@@ -56,7 +56,9 @@ Baselines (DESIGN.md 5.3, issue 6 part 4):
   its prompt, samples the replies, and the loss is the forward KL (`oel_jax.losses.FORWARD_KL`,
   set in ``train.divergence``) on them (the official opcd ``generate_off_policy``, which plays
   the games with the knowledge-prompted teacher; here, with no environment on the server side,
-  the teacher answers the recorded prefixes).
+  the teacher answers the recorded prefixes). The two modes differ only in who samples, so
+  each is a small strategy object (`OnPolicy`, `OffPolicy`, by name in `POLICIES`): which
+  prompts the sampler answers and whose weights it holds when.
 - ``context="raw_trajectories"``: the context texts are raw trajectories instead of extracted
   knowledge (paper Table 1); build them with `raw_trajectory_contexts` and pass them as
   ``knowledge``. They go in the same knowledge block.
@@ -71,6 +73,10 @@ and a fingerprint of the config and inputs) are written to ``workdir/checkpoints
 from the latest checkpoint: ``metrics.jsonl`` is rewritten to the checkpoint's steps (lines
 written after it are dropped) and the run goes on. The final weights and the (non-timing)
 metrics equal those of an uninterrupted run, bit for bit on the same machine.
+
+Code layout: `run_consolidation` checks and renders its inputs once (`_inputs`), restores the
+latest checkpoint or makes a fresh train state (`_restore`), and runs the steps (`_run_steps`),
+each one `_Stepper` call (sample, batch, train step) and a metrics line.
 
 Shapes. The jitted train step compiles once per batch shape, so the rows and the three lengths
 of the `DistillBatch` (student sequence, teacher sequence, response) are padded up to buckets
@@ -99,12 +105,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
-from oel_jax import losses
+from oel_jax import losses, settings
 from oel_jax.atomic_write import atomic_write_text
 from oel_jax.envs import Trajectory, insert_knowledge
 from oel_jax.models.qwen3 import Qwen3
-from oel_jax.sampling import bucket_size
+from oel_jax.sampling import Sampler, bucket_size
 from oel_jax.train import (DistillBatch, NonFiniteLossError, TrainConfig, Trainer, TrainState,
                            make_batch)
 
@@ -138,164 +145,127 @@ def _seed(*parts: int) -> np.random.SeedSequence:
 # Configuration.
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise ValueError(f"ConsolidationConfig.{name} must be an integer, got {value!r}")
-  if value < minimum:
-    raise ValueError(f"ConsolidationConfig.{name} must be >= {minimum}, got {value}")
-
-
-def _check_number(name: str, value: Any) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-    raise ValueError(f"ConsolidationConfig.{name} must be a number, got {value!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class ConsolidationConfig:
   """Settings of the consolidation stage (defaults: the official scripts, paper Table 4)."""
 
-  steps: int = 20
+  steps: int = settings.integer(20, minimum=1)
   """Optimizer steps (paper: 20 for Qwen3-1.7B/4B FrozenLake, 100 otherwise)."""
 
-  games_per_step: int = 64
+  games_per_step: int = settings.integer(64, minimum=1)
   """Games whose prefixes make one batch (official ``data.train_batch_size=64``)."""
 
-  max_prefixes_per_game: int | None = 5
+  max_prefixes_per_game: int | None = settings.integer(5, minimum=1, optional=True)
   """Most prefixes taken from one game (a seeded subset of its turns beyond that); None for all
   turns. Our games stop after 5 turns, so 5 takes every turn, as officially."""
 
-  max_new_tokens: int = 1024
+  max_new_tokens: int = settings.max_new_tokens(1024)
   """Token budget of a sampled reply, reasoning included (official ``max_response_length``)."""
 
-  temperature: float = 0.7
+  temperature: float = settings.temperature(0.7)
   """Sampling temperature (official 0.7). Must equal ``train.temperature``, which the loss
   applies to both models' logits."""
 
-  top_p: float = 1.0
+  top_p: float = settings.top_p(1.0)
   """Nucleus sampling mass in (0, 1] (official: 1, off)."""
 
-  top_k: int = 0
+  top_k: int = settings.top_k(0)
   """Top-k sampling cut, 0 for none (official: none)."""
 
-  enable_thinking: bool = True
+  enable_thinking: bool = settings.boolean(True)
   """Render student and teacher prompts with thinking on (Qwen3 thinking models; the official
   ``not textgame_no_think``). Templates without the flag ignore it."""
 
-  mode: str = "on_policy"
+  mode: str = settings.choice("on_policy", MODES)
   """``"on_policy"``: the student samples, loss reverse top-k KL (OEL). ``"off_policy"``: the
   knowledge-prompted teacher samples, loss forward KL (``train.divergence`` must be
   `oel_jax.losses.FORWARD_KL`); the paper's baseline."""
 
-  context: str = "knowledge"
+  context: str = settings.choice("knowledge", CONTEXTS)
   """What the teacher's context texts are: ``"knowledge"`` (the extracted knowledge set) or
   ``"raw_trajectories"`` (the paper's raw-trajectory baseline: texts from
   `raw_trajectory_contexts`). Recorded with the run; the texts are used the same way."""
 
-  train: TrainConfig = TrainConfig()
+  train: TrainConfig = settings.section(TrainConfig)
   """Optimizer and loss settings (learning rate, k, divergence, micro-batches, ...)."""
 
-  seed: int = 0
+  seed: int = settings.integer(0, minimum=0)
   """Base seed: each step's games, turns, knowledge draws and sampling seed derive from
   ``(seed, step)``."""
 
-  shuffle: bool = True
+  shuffle: bool = settings.boolean(True)
   """Games are taken in a seeded permutation per pass over the trajectories (True) or in the
   given order (False)."""
 
-  checkpoint_every: int = 5
+  checkpoint_every: int = settings.integer(5, minimum=0)
   """With a workdir, save a checkpoint every this-many steps (and always after the last);
   0: only after the last."""
 
-  keep_checkpoints: int = 1
+  keep_checkpoints: int = settings.integer(1, minimum=1)
   """Checkpoints kept in ``workdir/checkpoints`` (older ones are deleted after a newer one is
   complete)."""
 
-  min_length_bucket: int = 64
+  min_length_bucket: int = settings.integer(64, minimum=1)
   """Smallest padded length of the batch's student and teacher sequences (and of its
   responses, unless `max_new_tokens` is smaller)."""
 
-  length_buckets_per_doubling: int = 2
+  length_buckets_per_doubling: int = settings.integer(2, minimum=1)
   """Padded sizes per power of two (1: powers of two, at most 2x padding; 2: also 1.5x
   powers, at most 1.5x; more sizes waste less compute and compile more programs). Also used
   for the rows."""
 
-  min_row_bucket: int = 1
+  min_row_bucket: int = settings.integer(1, minimum=1)
   """Smallest padded number of rows in a batch."""
 
-  max_sampling_batch: int | None = None
+  max_sampling_batch: int | None = settings.integer(None, minimum=1, optional=True)
   """Most prompts per sampler call (the step's prompts are split into several calls); None:
   all in one call."""
 
-  max_consecutive_skipped_steps: int = 3
+  max_consecutive_skipped_steps: int = settings.integer(3, minimum=1)
   """A step whose loss or gradient is not finite is skipped (the train state is left exactly
   as it was, as officially; the step still counts and its metrics line says
   ``skipped: true``); this many skipped steps in a row stop the round with
   `oel_jax.train.NonFiniteLossError`. May change when a run is resumed."""
 
   def __post_init__(self):
-    for name in ("steps", "games_per_step", "max_new_tokens", "keep_checkpoints",
-                 "min_length_bucket", "length_buckets_per_doubling", "min_row_bucket",
-                 "max_consecutive_skipped_steps"):
-      _check_int(name, getattr(self, name), 1)
-    for name in ("top_k", "seed", "checkpoint_every"):
-      _check_int(name, getattr(self, name), 0)
-    for name in ("max_prefixes_per_game", "max_sampling_batch"):
-      if getattr(self, name) is not None:
-        _check_int(name, getattr(self, name), 1)
-    for name in ("enable_thinking", "shuffle"):
-      if not isinstance(getattr(self, name), bool):
-        raise ValueError(f"ConsolidationConfig.{name} must be a bool, got "
-                         f"{getattr(self, name)!r}")
-    _check_number("temperature", self.temperature)
-    _check_number("top_p", self.top_p)
-    if not self.temperature > 0:
-      raise ValueError(f"ConsolidationConfig.temperature must be > 0 (the loss divides "
-                       f"logits by it), got {self.temperature}")
-    if not 0 < self.top_p <= 1:
-      raise ValueError(f"ConsolidationConfig.top_p must be in (0, 1], got {self.top_p}")
-    if self.mode not in MODES:
-      raise ValueError(f"ConsolidationConfig.mode must be one of {MODES}, got {self.mode!r}")
-    if self.context not in CONTEXTS:
-      raise ValueError(f"ConsolidationConfig.context must be one of {CONTEXTS}, got "
-                       f"{self.context!r}")
-    if not isinstance(self.train, TrainConfig):
-      raise ValueError(f"ConsolidationConfig.train must be a TrainConfig, got "
-                       f"{type(self.train).__name__}")
-    if not math.isclose(self.train.temperature, self.temperature, rel_tol=0, abs_tol=1e-12):
-      raise ValueError(
-          f"ConsolidationConfig.temperature ({self.temperature}) differs from "
-          f"train.temperature ({self.train.temperature}): the loss scores the replies at the "
-          "temperature they were sampled at; set both to the same value")
-    if self.mode == "off_policy" and self.train.divergence != losses.FORWARD_KL:
-      raise ValueError(f"mode='off_policy' trains with the forward KL on teacher samples: set "
-                       f"train.divergence={losses.FORWARD_KL!r} (got "
-                       f"{self.train.divergence!r})")
-    if self.mode == "on_policy" and self.train.divergence == losses.FORWARD_KL:
-      raise ValueError(f"mode='on_policy' trains with a reverse KL on student samples; "
-                       f"train.divergence={losses.FORWARD_KL!r} belongs to mode='off_policy'")
+    settings.check(self)
+
+  def cross_checks(self, at: settings.At) -> list[str]:
+    """The sampling temperature is the loss's, and the mode fixes the divergence's family."""
+    out = []
+    # Temperature 0 (greedy) is a valid sampling setting; here it is refused through
+    # train.temperature (> 0), the loss's own rule.
+    if at.ok("temperature", "train.temperature") and not math.isclose(
+        self.train.temperature, self.temperature, rel_tol=0, abs_tol=1e-12):
+      out.append(f"{at('temperature')} ({self.temperature}) differs from "
+                 f"{at('train.temperature')} ({self.train.temperature}): the loss scores the "
+                 "replies at the temperature they were sampled at; set both to the same value")
+    if at.ok("mode", "train.divergence"):
+      divergence = self.train.divergence
+      if self.mode == "off_policy" and divergence != losses.FORWARD_KL:
+        out.append(f"{at('mode')}='off_policy' trains with the forward KL on teacher samples: "
+                   f"set {at('train.divergence')}={losses.FORWARD_KL!r} (got {divergence!r})")
+      if self.mode == "on_policy" and divergence == losses.FORWARD_KL:
+        out.append(f"{at('mode')}='on_policy' trains with a reverse KL on student samples; "
+                   f"{at('train.divergence')}={losses.FORWARD_KL!r} belongs to "
+                   "mode='off_policy'")
+    return out
+
+  @property
+  def sampling_params(self) -> settings.SamplingParams:
+    """The settings of each sampler call (student or, off-policy, teacher)."""
+    return settings.SamplingParams(temperature=self.temperature, top_k=self.top_k,
+                                   top_p=self.top_p, max_new_tokens=self.max_new_tokens,
+                                   enable_thinking=self.enable_thinking)
 
   def to_dict(self) -> dict[str, Any]:
     """The settings as JSON data (``train`` as a nested object)."""
-    return dataclasses.asdict(self)
+    return settings.to_dict(self)
 
   @classmethod
   def from_dict(cls, data: Mapping[str, Any]) -> ConsolidationConfig:
-    """Builds a config from JSON data; unknown keys are an error."""
-    if not isinstance(data, Mapping):
-      raise ValueError(f"consolidation config must be an object, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-      raise ValueError(f"unknown consolidation config field(s) {unknown}; known: "
-                       f"{sorted(known)}")
-    data = dict(data)
-    if isinstance(data.get("train"), Mapping):
-      train_known = {f.name for f in dataclasses.fields(TrainConfig)}
-      bad = sorted(set(data["train"]) - train_known)
-      if bad:
-        raise ValueError(f"unknown train config field(s) {bad}; known: {sorted(train_known)}")
-      data["train"] = TrainConfig(**data["train"])
-    return cls(**data)
+    """Builds a config from `to_dict` data; unknown keys are an error."""
+    return settings.load(cls, data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -666,6 +636,296 @@ def _copy_params(params: Any) -> Any:
   return jax.tree.map(jnp.copy, params)
 
 
+# ---------------------------------------------------------------------------------------------
+# Who samples the replies: the two modes.
+
+
+@dataclasses.dataclass(frozen=True)
+class OnPolicy:
+  """The student samples the replies (OEL): the sampler holds its weights, synced after every
+  optimizer step that changed them."""
+
+  def prompts(self, inputs: StepInputs) -> tuple[tuple[int, ...], ...]:
+    """The prompts the sampler answers: the student's (no knowledge)."""
+    return inputs.student_prompts
+
+  def longest_prompt(self, tokenizer: Any, prefix: Prefix, student_ids: Sequence[int],
+                     knowledge: Sequence[str], config: ConsolidationConfig) -> int:
+    """Tokens of the longest prompt the sampler will be given (``prefix`` is the longest)."""
+    del tokenizer, prefix, knowledge, config
+    return len(student_ids)
+
+  def start(self, sampler: Any, state: TrainState, teacher_params: Any) -> None:
+    """Puts the weights that sample the first step into the sampler."""
+    del teacher_params
+    sampler.update_weights(_copy_params(state.params))
+
+  def stepped(self, sampler: Any, state: TrainState) -> None:
+    """After an optimizer step that was taken (not skipped)."""
+    sampler.update_weights(_copy_params(state.params))
+
+  def finish(self, sampler: Any, state: TrainState) -> None:
+    """At the end: the sampler holds the final student already."""
+    del sampler, state
+
+
+@dataclasses.dataclass(frozen=True)
+class OffPolicy:
+  """The knowledge-prompted teacher samples the replies (the paper's off-policy baseline): the
+  sampler holds the teacher's weights until the end, then the final student's."""
+
+  def prompts(self, inputs: StepInputs) -> tuple[tuple[int, ...], ...]:
+    """The prompts the sampler answers: the teacher's (with knowledge)."""
+    return inputs.teacher_prompts
+
+  def longest_prompt(self, tokenizer: Any, prefix: Prefix, student_ids: Sequence[int],
+                     knowledge: Sequence[str], config: ConsolidationConfig) -> int:
+    """Tokens of the longest prompt: the longest prefix with the longest knowledge text."""
+    del student_ids
+    widest = max(knowledge, key=len)
+    return len(encode_prompt(tokenizer, insert_knowledge(prefix.prompt, widest),
+                             enable_thinking=config.enable_thinking))
+
+  def start(self, sampler: Any, state: TrainState, teacher_params: Any) -> None:
+    """Puts the teacher's weights into the sampler."""
+    del state
+    sampler.update_weights(teacher_params)
+
+  def stepped(self, sampler: Any, state: TrainState) -> None:
+    """The teacher keeps sampling: nothing changes."""
+    del sampler, state
+
+  def finish(self, sampler: Any, state: TrainState) -> None:
+    """The sampler ends holding the final student, as on-policy."""
+    sampler.update_weights(_copy_params(state.params))
+
+
+POLICIES = {"on_policy": OnPolicy(), "off_policy": OffPolicy()}
+"""The sampling strategy of each `ConsolidationConfig.mode`."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: inputs checked, a train state restored or made, then steps.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+  """A run's data, checked and rendered once."""
+
+  prefixes: list[Prefix]
+  """Every turn of every trajectory."""
+  games: list[list[int]]
+  """Prefix indices per game."""
+  knowledge: tuple[str, ...]
+  """The context texts."""
+  student_ids: dict[int, tuple[int, ...]]
+  """Each prefix's student prompt, rendered."""
+  longest: int
+  """Tokens of the longest prompt the sampler will answer."""
+  fingerprint: dict[str, Any]
+  """What a checkpoint must match to be resumed from."""
+
+
+def _check_inputs(student: Qwen3, teacher: Qwen3, trajectories: Any, knowledge: Any,
+                  config: Any) -> tuple[list[Prefix], tuple[str, ...]]:
+  if not isinstance(config, ConsolidationConfig):
+    raise TypeError(f"config must be a ConsolidationConfig, got {type(config).__name__}")
+  if isinstance(trajectories, (str, bytes)):
+    raise TypeError("trajectories must be a sequence of Trajectory records (read a file with "
+                    "oel_jax.envs.load_trajectories)")
+  trajectories = list(trajectories)
+  if not trajectories:
+    raise ValueError("no consolidation trajectories: consolidation needs at least one "
+                     "trajectory with a turn")
+  prefixes = build_prefixes(trajectories)
+  if not prefixes:
+    raise ValueError(f"the {len(trajectories)} consolidation trajectories have no turns: "
+                     "there is no prefix to train on")
+  knowledge = _check_knowledge(knowledge)
+  _check_prefixes(prefixes)
+  if not isinstance(student, Qwen3) or not isinstance(teacher, Qwen3):
+    raise TypeError("student and teacher must be oel_jax.models.Qwen3 models")
+  if teacher.config != student.config:
+    raise ValueError(f"teacher and student architectures differ: {teacher.config} vs "
+                     f"{student.config}")
+  return prefixes, knowledge
+
+
+def _inputs(student: Qwen3, teacher: Qwen3, tokenizer: Any, trajectories: Any, knowledge: Any,
+            config: ConsolidationConfig) -> _Inputs:
+  """Checks the inputs (raising before any work) and renders the student prompts."""
+  prefixes, knowledge = _check_inputs(student, teacher, trajectories, knowledge, config)
+  student_ids: dict[int, tuple[int, ...]] = {}
+  longest = 0
+  for i, p in enumerate(prefixes):
+    student_ids[i] = tuple(encode_prompt(tokenizer, p.prompt,
+                                         enable_thinking=config.enable_thinking))
+    if len(student_ids[i]) > len(student_ids[longest]):
+      longest = i
+  need = POLICIES[config.mode].longest_prompt(tokenizer, prefixes[longest], student_ids[longest],
+                                              knowledge, config)
+  fingerprint = {
+      "config": {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_FIELDS},
+      "model": repr(student.config),
+      "prefixes": _prefix_digest(prefixes, student_ids),
+      "knowledge": _digest(list(knowledge)),
+  }
+  return _Inputs(prefixes=prefixes, games=group_by_game(prefixes), knowledge=knowledge,
+                 student_ids=student_ids, longest=need,
+                 fingerprint=json.loads(json.dumps(fingerprint)))
+
+
+def _restore(checkpoints: _Checkpoints, fingerprint: Mapping[str, Any],
+             config: ConsolidationConfig, abstract: Callable[[], TrainState]
+             ) -> tuple[TrainState | None, list[dict[str, Any]], int]:
+  """The latest checkpoint's (state, metrics history, step), or (None, [], 0) with none.
+
+  Raises:
+    ValueError: the checkpoint is not ours, is of other inputs or settings, or is beyond
+      ``config.steps``.
+  """
+  latest = checkpoints.latest_step()
+  if latest is None:
+    return None, [], 0
+  meta = checkpoints.read_meta(latest)
+  if meta.get("kind") != META_KIND or meta.get("version") != META_VERSION:
+    raise ValueError(f"{checkpoints.folder}/{latest}: not an oel_jax consolidation checkpoint")
+  old_fingerprint = dict(meta["fingerprint"])
+  if isinstance(old_fingerprint.get("config"), Mapping):
+    old_fingerprint["config"] = _with_defaults(old_fingerprint["config"],
+                                               _default_fingerprint_config())
+  if old_fingerprint != fingerprint:
+    diff = sorted(k for k in fingerprint if old_fingerprint.get(k) != fingerprint[k])
+    if "config" in diff:
+      old = old_fingerprint["config"]
+      diff += [f"config.{k}" for k in fingerprint["config"]
+               if old.get(k) != fingerprint["config"][k]]
+    raise ValueError(f"{checkpoints.folder} holds a consolidation of other inputs or "
+                     f"settings (differing: {', '.join(diff)}); use the same ones to "
+                     "resume, or another workdir")
+  if latest > config.steps:
+    raise ValueError(f"{checkpoints.folder} is at step {latest}, beyond "
+                     f"config.steps={config.steps}")
+  state = checkpoints.restore_state(latest, abstract())
+  _log.info("consolidation: resuming from step %d (%s)", latest, checkpoints.folder)
+  return state, [dict(m) for m in meta["metrics"]], latest
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepResult:
+  """One step's new state and what its metrics line reports."""
+
+  state: TrainState
+  """The train state after the step (unchanged when skipped)."""
+  metrics: dict[str, Any]
+  """`Trainer.train_step`'s metrics."""
+  batch: DistillBatch
+  """The step's padded batch."""
+  responses: list[list[int]]
+  """The sampled replies."""
+  reasons: list[str]
+  """Their finish reasons."""
+  sampling_time: float
+  """Seconds spent sampling."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stepper:
+  """What every step uses: the data, the models' programs and the sampling strategy."""
+
+  inputs: _Inputs
+  """The run's data."""
+  tokenizer: Any
+  """The models' tokenizer."""
+  config: ConsolidationConfig
+  """The stage's settings."""
+  sampler: Any
+  """The sampler (weights per `policy`)."""
+  trainer: Trainer
+  """The train step."""
+  teacher_params: Any
+  """The frozen teacher's parameters."""
+  pad_id: int
+  """The padding token."""
+  row_multiple: int
+  """Rows per batch are a multiple of this (micro-batches x data-parallel devices)."""
+  policy: OnPolicy | OffPolicy
+  """Who samples the replies."""
+
+  def __call__(self, state: TrainState, step: int) -> _StepResult:
+    """Step ``step`` (1-based): sample the replies, build the batch, take the train step."""
+    d, config = self.inputs, self.config
+    inputs = step_inputs(d.prefixes, d.games, d.knowledge, self.tokenizer, config, step,
+                         d.student_ids)
+    prompts = self.policy.prompts(inputs)
+    size = config.max_sampling_batch or len(prompts)
+    responses, reasons = [], []
+    t0 = time.perf_counter()
+    for chunk, lo in enumerate(range(0, len(prompts), size)):
+      out = self.sampler.generate([list(p) for p in prompts[lo:lo + size]],
+                                  **config.sampling_params.generate_kwargs(),
+                                  seed=sampling_seed(config.seed, step, chunk))
+      responses.extend([int(t) for t in toks] for toks in out.tokens)
+      reasons.extend(out.finish_reasons)
+    sampling_time = time.perf_counter() - t0
+    batch = build_batch(inputs.student_prompts, inputs.teacher_prompts, responses,
+                        pad_id=self.pad_id, config=config, row_multiple=self.row_multiple)
+    state, m = self.trainer.train_step(state, self.teacher_params, batch, skip_non_finite=True)
+    if m["finite"]:  # else the weights are as before, the sampler's too
+      self.policy.stepped(self.sampler, state)
+    return _StepResult(state=state, metrics=m, batch=batch, responses=responses,
+                       reasons=reasons, sampling_time=sampling_time)
+
+
+def _step_line(r: _StepResult, step: int, skipped_steps: int, num_games: int,
+               config: ConsolidationConfig, t_step: float) -> dict[str, Any]:
+  """The metrics line of a step."""
+  m, batch, responses, reasons = r.metrics, r.batch, r.responses, r.reasons
+  generated = sum(len(x) for x in responses)
+  position = step * config.games_per_step
+  line = {
+      "step": step,
+      "loss": m["loss"], "grad_norm": m["grad_norm"],
+      "student_entropy": m["student_entropy"], "teacher_entropy": m["teacher_entropy"],
+      "student_topk_mass": m["student_topk_mass"],
+      "teacher_topk_mass": m["teacher_topk_mass"],
+      "tokens": m["tokens"], "skipped": not m["finite"], "skipped_steps": skipped_steps,
+      "rows": len(responses), "padded_rows": int(batch.batch_size),
+      "games": config.games_per_step, "epoch": (position - 1) // num_games,
+      "games_consumed": position,
+      "student_len": int(batch.student_ids.shape[1]),
+      "teacher_len": int(batch.teacher_ids.shape[1]),
+      "response_len": int(batch.response_mask.shape[1]),
+      "mean_response_tokens": generated / len(responses),
+      "truncated_fraction": sum(x == "length" for x in reasons) / len(reasons),
+      "sampling_time": r.sampling_time, "train_time": m["step_time"],
+      "tokens_per_second": m["tokens_per_second"],
+      "sampled_tokens_per_second": generated / max(r.sampling_time, 1e-9),
+      "step_time": time.perf_counter() - t_step,
+  }
+  return {k: _json_number(v) for k, v in line.items()}
+
+
+def _make_trainer(trainer: Trainer | None, student: Qwen3, config: ConsolidationConfig,
+                  mesh: jax.sharding.Mesh | None) -> Trainer:
+  if trainer is None:
+    return Trainer(student, config.train, mesh=mesh)
+  if trainer.config != config.train or trainer.model_config != student.config:
+    raise ValueError("the trainer given was built for another TrainConfig or architecture "
+                     "than config.train and the student's")
+  return trainer
+
+
+def _checkpoints_and_metrics(workdir: str | os.PathLike[str] | None, config: ConsolidationConfig
+                             ) -> tuple[_Checkpoints | None, str | None]:
+  if workdir is None:
+    return None, None
+  workdir = os.fspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  return (_Checkpoints(os.path.join(workdir, CHECKPOINT_DIR), config.keep_checkpoints),
+          os.path.join(workdir, METRICS_FILE))
+
+
 def run_consolidation(student: Qwen3, teacher: Qwen3, tokenizer: Any,
                       trajectories: Sequence[Trajectory], knowledge: Sequence[str],
                       config: ConsolidationConfig, *, workdir: str | os.PathLike[str] | None = None,
@@ -706,111 +966,19 @@ def run_consolidation(student: Qwen3, teacher: Qwen3, tokenizer: Any,
       had a non-finite loss or gradient (each was skipped; the last one's metrics line is
       written, no checkpoint of it; the error's ``.state`` is the unchanged train state).
   """
-  from oel_jax import chat  # pylint: disable=import-outside-toplevel
-  from oel_jax.sampling import Sampler  # pylint: disable=import-outside-toplevel
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-
-  # ---- inputs, checked before any work ----
-  if not isinstance(config, ConsolidationConfig):
-    raise TypeError(f"config must be a ConsolidationConfig, got {type(config).__name__}")
-  if isinstance(trajectories, (str, bytes)):
-    raise TypeError("trajectories must be a sequence of Trajectory records (read a file with "
-                    "oel_jax.envs.load_trajectories)")
-  trajectories = list(trajectories)
-  if not trajectories:
-    raise ValueError("no consolidation trajectories: consolidation needs at least one "
-                     "trajectory with a turn")
-  prefixes = build_prefixes(trajectories)
-  if not prefixes:
-    raise ValueError(f"the {len(trajectories)} consolidation trajectories have no turns: "
-                     "there is no prefix to train on")
-  knowledge = _check_knowledge(knowledge)
-  _check_prefixes(prefixes)
-  if not isinstance(student, Qwen3) or not isinstance(teacher, Qwen3):
-    raise TypeError("student and teacher must be oel_jax.models.Qwen3 models")
-  if teacher.config != student.config:
-    raise ValueError(f"teacher and student architectures differ: {teacher.config} vs "
-                     f"{student.config}")
-  games = group_by_game(prefixes)
-  if trainer is None:
-    trainer = Trainer(student, config.train, mesh=mesh)
-  elif trainer.config != config.train or trainer.model_config != student.config:
-    raise ValueError("the trainer given was built for another TrainConfig or architecture "
-                     "than config.train and the student's")
-  stop_ids = chat.stop_token_ids(tokenizer)
-  pad_id = tokenizer.pad_token_id
-  pad_id = stop_ids[0] if pad_id is None else int(pad_id)
-  row_multiple = config.train.micro_batches
-  if trainer.mesh is not None:
-    row_multiple *= trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
-
-  student_cache: dict[int, tuple[int, ...]] = {}
-  longest = 0
-  for i, p in enumerate(prefixes):
-    student_cache[i] = tuple(encode_prompt(tokenizer, p.prompt,
-                                           enable_thinking=config.enable_thinking))
-    if len(student_cache[i]) > len(student_cache[longest]):
-      longest = i
-  need = len(student_cache[longest])
-  if config.mode == "off_policy":  # the teacher samples from prompts with knowledge
-    widest = max(knowledge, key=len)
-    need = len(encode_prompt(tokenizer, insert_knowledge(prefixes[longest].prompt, widest),
-                             enable_thinking=config.enable_thinking))
-  if sampler is not None and need + config.max_new_tokens > getattr(sampler, "max_seq_len",
-                                                                     math.inf):
+  data = _inputs(student, teacher, tokenizer, trajectories, knowledge, config)
+  trainer = _make_trainer(trainer, student, config, mesh)
+  if sampler is not None and data.longest + config.max_new_tokens > getattr(
+      sampler, "max_seq_len", math.inf):
     raise ValueError(f"the sampler's max_seq_len ({sampler.max_seq_len}) cannot hold the "
-                     f"longest prompt ({need} tokens) plus max_new_tokens "
+                     f"longest prompt ({data.longest} tokens) plus max_new_tokens "
                      f"({config.max_new_tokens})")
-
-  fingerprint = {
-      "config": {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_FIELDS},
-      "model": repr(student.config),
-      "prefixes": _prefix_digest(prefixes, student_cache),
-      "knowledge": _digest(list(knowledge)),
-  }
-  fingerprint = json.loads(json.dumps(fingerprint))
-
-  # ---- resume ----
-  checkpoints = None
-  metrics_path = None
-  history: list[dict[str, Any]] = []
-  skipped_steps = consecutive = 0  # skipped steps in the round, and the latest run of them
-  start = 0
-  state = None
-  if workdir is not None:
-    workdir = os.fspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    metrics_path = os.path.join(workdir, METRICS_FILE)
-    checkpoints = _Checkpoints(os.path.join(workdir, CHECKPOINT_DIR), config.keep_checkpoints)
+  checkpoints, metrics_path = _checkpoints_and_metrics(workdir, config)
   try:
+    state, history, start = None, [], 0
     if checkpoints is not None:
-      latest = checkpoints.latest_step()
-      if latest is not None:
-        meta = checkpoints.read_meta(latest)
-        if meta.get("kind") != META_KIND or meta.get("version") != META_VERSION:
-          raise ValueError(f"{checkpoints.folder}/{latest}: not an oel_jax consolidation "
-                           "checkpoint")
-        old_fingerprint = dict(meta["fingerprint"])
-        if isinstance(old_fingerprint.get("config"), Mapping):
-          old_fingerprint["config"] = _with_defaults(old_fingerprint["config"],
-                                                     _default_fingerprint_config())
-        if old_fingerprint != fingerprint:
-          diff = sorted(k for k in fingerprint if old_fingerprint.get(k) != fingerprint[k])
-          if "config" in diff:
-            old = old_fingerprint["config"]
-            diff += [f"config.{k}" for k in fingerprint["config"]
-                     if old.get(k) != fingerprint["config"][k]]
-          raise ValueError(f"{checkpoints.folder} holds a consolidation of other inputs or "
-                           f"settings (differing: {', '.join(diff)}); use the same ones to "
-                           "resume, or another workdir")
-        if latest > config.steps:
-          raise ValueError(f"{checkpoints.folder} is at step {latest}, beyond "
-                           f"config.steps={config.steps}")
-        state = checkpoints.restore_state(latest, abstract_state(trainer, student))
-        history = [dict(m) for m in meta["metrics"]]
-        skipped_steps, consecutive = _skip_counts(history)
-        start = latest
-        _log.info("consolidation: resuming from step %d (%s)", latest, checkpoints.folder)
+      state, history, start = _restore(checkpoints, data.fingerprint, config,
+                                       lambda: abstract_state(trainer, student))
       atomic_write_text(metrics_path, "".join(_metrics_line(m) for m in history))
     if state is None:
       state = trainer.init_state(student)
@@ -818,104 +986,84 @@ def run_consolidation(student: Qwen3, teacher: Qwen3, tokenizer: Any,
       # Committed like a restored state, so that a fresh and a resumed run share one compiled
       # step (jit keys its programs on whether the arguments are committed to a device).
       state = jax.device_put(state, jax.devices()[0])
-    teacher_params = trainer.teacher_params(teacher)
-    if sampler is None:
-      # Built on the train state's arrays, so its weights sit where the trainer's do (on the
-      # mesh); they are replaced by copies right below.
-      sampler = Sampler(trainer.student(state), eos_ids=stop_ids, pad_id=pad_id,
-                        max_seq_len=bucket_size(need + 64) + config.max_new_tokens,
-                        mesh=trainer.mesh)
-    if config.mode == "on_policy":
-      sampler.update_weights(_copy_params(state.params))
-    else:
-      sampler.update_weights(teacher_params)
-
-    # ---- the steps ----
-    bar = tqdm(total=config.steps, initial=start, unit="step", desc="consolidate",
-               disable=not progress, leave=False)
-    try:
-      for step in range(start + 1, config.steps + 1):
-        t_step = time.perf_counter()
-        inputs = step_inputs(prefixes, games, knowledge, tokenizer, config, step,
-                             student_cache)
-        prompts = (inputs.student_prompts if config.mode == "on_policy"
-                   else inputs.teacher_prompts)
-        size = config.max_sampling_batch or len(prompts)
-        responses, reasons = [], []
-        t0 = time.perf_counter()
-        for chunk, lo in enumerate(range(0, len(prompts), size)):
-          out = sampler.generate([list(p) for p in prompts[lo:lo + size]],
-                                 max_new_tokens=config.max_new_tokens,
-                                 temperature=config.temperature, top_k=config.top_k,
-                                 top_p=config.top_p, seed=sampling_seed(config.seed, step, chunk))
-          responses.extend([int(t) for t in toks] for toks in out.tokens)
-          reasons.extend(out.finish_reasons)
-        sampling_time = time.perf_counter() - t0
-        batch = build_batch(inputs.student_prompts, inputs.teacher_prompts, responses,
-                            pad_id=pad_id, config=config, row_multiple=row_multiple)
-        state, m = trainer.train_step(state, teacher_params, batch, skip_non_finite=True)
-        skipped = not m["finite"]
-        if skipped:  # the weights are as before, the sampler's too
-          skipped_steps += 1
-          consecutive += 1
-          _log.warning(
-              "consolidation step %d skipped: non-finite loss %s / grad norm %s; the train "
-              "state is unchanged (%d skipped in a row, %d this round; the round stops at %d "
-              "in a row)", step, m["loss"], m["grad_norm"], consecutive, skipped_steps,
-              config.max_consecutive_skipped_steps)
-        else:
-          consecutive = 0
-          if config.mode == "on_policy":
-            sampler.update_weights(_copy_params(state.params))
-        generated = sum(len(r) for r in responses)
-        position = step * config.games_per_step
-        line = {
-            "step": step,
-            "loss": m["loss"], "grad_norm": m["grad_norm"],
-            "student_entropy": m["student_entropy"], "teacher_entropy": m["teacher_entropy"],
-            "student_topk_mass": m["student_topk_mass"],
-            "teacher_topk_mass": m["teacher_topk_mass"],
-            "tokens": m["tokens"], "skipped": skipped, "skipped_steps": skipped_steps,
-            "rows": len(responses), "padded_rows": int(batch.batch_size),
-            "games": config.games_per_step, "epoch": (position - 1) // len(games),
-            "games_consumed": position,
-            "student_len": int(batch.student_ids.shape[1]),
-            "teacher_len": int(batch.teacher_ids.shape[1]),
-            "response_len": int(batch.response_mask.shape[1]),
-            "mean_response_tokens": generated / len(responses),
-            "truncated_fraction": sum(r == "length" for r in reasons) / len(reasons),
-            "sampling_time": sampling_time, "train_time": m["step_time"],
-            "tokens_per_second": m["tokens_per_second"],
-            "sampled_tokens_per_second": generated / max(sampling_time, 1e-9),
-            "step_time": time.perf_counter() - t_step,
-        }
-        line = {k: _json_number(v) for k, v in line.items()}
-        history.append(line)
-        if metrics_path is not None:
-          with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(_metrics_line(line))
-        if consecutive >= config.max_consecutive_skipped_steps:
-          # Before the checkpoint: running again resumes before these steps and meets them
-          # again, unless the limit was raised.
-          raise NonFiniteLossError(_too_many_skipped(step, consecutive, m, config), state)
-        if checkpoints is not None and (
-            step == config.steps or (config.checkpoint_every and
-                                     step % config.checkpoint_every == 0)):
-          checkpoints.save(step, state, {
-              "kind": META_KIND, "version": META_VERSION, "step": step,
-              "games_consumed": position, "seed": config.seed,
-              "fingerprint": fingerprint, "metrics": history})
-        bar.update(1)
-        bar.set_postfix(loss="skipped" if skipped else f"{m['loss']:.4g}",
-                        tok_s=f"{m['tokens_per_second']:.0f}")
-        if on_step is not None:
-          on_step(step, dict(line))
-    finally:
-      bar.close()
+    stepper = _stepper(data, tokenizer, config, sampler, trainer, teacher, state)
+    stepper.policy.start(stepper.sampler, state, stepper.teacher_params)
+    state, history = _run_steps(stepper, state, history, start, checkpoints, metrics_path,
+                                progress, on_step)
   finally:
     if checkpoints is not None:
       checkpoints.close()
-  if config.mode == "off_policy":
-    sampler.update_weights(_copy_params(state.params))
+  stepper.policy.finish(stepper.sampler, state)
   return ConsolidationResult(model=trainer.student(state), metrics=tuple(history), state=state,
-                             resumed_from=start, skipped_steps=skipped_steps)
+                             resumed_from=start, skipped_steps=_skip_counts(history)[0])
+
+
+def _stepper(data: _Inputs, tokenizer: Any, config: ConsolidationConfig, sampler: Any,
+             trainer: Trainer, teacher: Qwen3, state: TrainState) -> _Stepper:
+  """The step function of a run; makes the sampler when none was given."""
+  from oel_jax import chat  # pylint: disable=import-outside-toplevel  (transformers: slow)
+
+  stop_ids = chat.stop_token_ids(tokenizer)
+  pad_id = stop_ids[0] if tokenizer.pad_token_id is None else int(tokenizer.pad_token_id)
+  row_multiple = config.train.micro_batches
+  if trainer.mesh is not None:
+    row_multiple *= trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
+  teacher_params = trainer.teacher_params(teacher)
+  if sampler is None:
+    # Built on the train state's arrays, so its weights sit where the trainer's do (on the
+    # mesh); the policy's start replaces them by copies.
+    sampler = Sampler(trainer.student(state), eos_ids=stop_ids, pad_id=pad_id,
+                      max_seq_len=bucket_size(data.longest + 64) + config.max_new_tokens,
+                      mesh=trainer.mesh)
+  return _Stepper(inputs=data, tokenizer=tokenizer, config=config, sampler=sampler,
+                  trainer=trainer, teacher_params=teacher_params, pad_id=pad_id,
+                  row_multiple=row_multiple, policy=POLICIES[config.mode])
+
+
+def _run_steps(stepper: _Stepper, state: TrainState, history: list[dict[str, Any]], start: int,
+               checkpoints: _Checkpoints | None, metrics_path: str | None, progress: bool,
+               on_step: Callable[[int, dict[str, Any]], None] | None
+               ) -> tuple[TrainState, list[dict[str, Any]]]:
+  """Steps ``start + 1 .. config.steps``: each one's metrics line, checkpoint and callback."""
+  config = stepper.config
+  skipped_steps, consecutive = _skip_counts(history)
+  bar = tqdm(total=config.steps, initial=start, unit="step", desc="consolidate",
+             disable=not progress, leave=False)
+  try:
+    for step in range(start + 1, config.steps + 1):
+      t_step = time.perf_counter()
+      result = stepper(state, step)
+      state, m = result.state, result.metrics
+      if m["finite"]:
+        consecutive = 0
+      else:
+        skipped_steps += 1
+        consecutive += 1
+        _log.warning(
+            "consolidation step %d skipped: non-finite loss %s / grad norm %s; the train "
+            "state is unchanged (%d skipped in a row, %d this round; the round stops at %d "
+            "in a row)", step, m["loss"], m["grad_norm"], consecutive, skipped_steps,
+            config.max_consecutive_skipped_steps)
+      line = _step_line(result, step, skipped_steps, len(stepper.inputs.games), config, t_step)
+      history.append(line)
+      if metrics_path is not None:
+        with open(metrics_path, "a", encoding="utf-8") as f:
+          f.write(_metrics_line(line))
+      if consecutive >= config.max_consecutive_skipped_steps:
+        # Before the checkpoint: running again resumes before these steps and meets them
+        # again, unless the limit was raised.
+        raise NonFiniteLossError(_too_many_skipped(step, consecutive, m, config), state)
+      if checkpoints is not None and (step == config.steps or (
+          config.checkpoint_every and step % config.checkpoint_every == 0)):
+        checkpoints.save(step, state, {
+            "kind": META_KIND, "version": META_VERSION, "step": step,
+            "games_consumed": step * config.games_per_step, "seed": config.seed,
+            "fingerprint": stepper.inputs.fingerprint, "metrics": history})
+      bar.update(1)
+      bar.set_postfix(loss="skipped" if not m["finite"] else f"{m['loss']:.4g}",
+                      tok_s=f"{m['tokens_per_second']:.0f}")
+      if on_step is not None:
+        on_step(step, dict(line))
+  finally:
+    bar.close()
+  return state, history

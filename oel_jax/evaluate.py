@@ -36,74 +36,61 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
+from oel_jax import settings
 from oel_jax.envs.lockstep import Generator, RolloutConfig, game_seeds, rollout
 from oel_jax.envs.textarena_games import GAMES
 from oel_jax.envs.trajectory import ModelInfo, Trajectory, write_trajectories
-
-
-def _bad_int(value: Any, minimum: int) -> bool:
-  return isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
   """What to evaluate on and how to sample. Defaults: the paper's evaluation."""
 
-  env: str = "frozenlake"
+  env: str = settings.choice("frozenlake", GAMES)
   """The game (``"frozenlake"`` or ``"sokoban"``)."""
 
-  env_settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  env_settings: Mapping[str, Any] = settings.mapping()
   """Overrides of the game's settings; empty = the paper's settings."""
 
-  num_games: int = 128
+  num_games: int = settings.integer(128, minimum=1)
   """Held-out maps per sampling seed (the paper: 128)."""
 
-  base_seed: int = 0
+  base_seed: int = settings.integer(0, minimum=0)
   """Selects the held-out set: ``game_seeds("eval", base_seed, 0, num_games)``."""
 
-  sampling_seeds: tuple[int, ...] = (0, 1, 2)
-  """One full pass over the maps per seed; the pass rate's spread is taken over them."""
+  sampling_seeds: tuple[int, ...] = settings.seeds(range(10))
+  """One full pass over the maps per seed; the pass rate's spread is taken over them (the
+  paper's protocol: 10 seeds)."""
 
-  temperature: float = 0.7
+  temperature: float = settings.temperature(0.7)
   """Sampling temperature (paper and official ``val_kwargs``: 0.7)."""
 
-  top_k: int = 20
+  top_k: int = settings.top_k(20)
   """Top-k (paper: 20)."""
 
-  top_p: float = 0.8
+  top_p: float = settings.top_p(0.8)
   """Top-p (paper: 0.8)."""
 
-  max_new_tokens: int = 1024
+  max_new_tokens: int = settings.max_new_tokens(1024)
   """Token budget of one reply, reasoning included (paper: 1024)."""
 
-  enable_thinking: bool = True
+  enable_thinking: bool = settings.boolean(True)
   """Chat-template thinking mode (see `RolloutConfig.enable_thinking`)."""
 
-  keep_reasoning: bool = True
+  keep_reasoning: bool = settings.boolean(True)
   """Keep the reasoning in the reply that is parsed (official evaluation: kept)."""
 
-  max_batch_size: int | None = None
+  max_batch_size: int | None = settings.integer(None, minimum=1, optional=True)
   """Most prompts per sampler call (None: every running game at once)."""
 
-  progress: bool = True
+  progress: bool = settings.boolean(True)
   """Show progress bars."""
 
   def __post_init__(self):
-    if self.env not in GAMES:
-      raise ValueError(f"unknown environment {self.env!r}; known: {', '.join(GAMES)}")
     object.__setattr__(self, "env_settings", dict(self.env_settings))
-    if _bad_int(self.num_games, 1):
-      raise ValueError(f"num_games must be an integer >= 1, got {self.num_games!r}")
-    if _bad_int(self.base_seed, 0):
-      raise ValueError(f"base_seed must be an integer >= 0, got {self.base_seed!r}")
-    seeds = tuple(self.sampling_seeds)
-    if not seeds or any(_bad_int(s, 0) for s in seeds) or len(set(seeds)) != len(seeds):
-      raise ValueError("sampling_seeds must be one or more distinct integers >= 0, got "
-                       f"{self.sampling_seeds!r}")
-    object.__setattr__(self, "sampling_seeds", tuple(int(s) for s in seeds))
-    self.rollout_config(self.sampling_seeds[0])  # Checks the sampling settings.
+    if isinstance(self.sampling_seeds, (list, range)):
+      object.__setattr__(self, "sampling_seeds", tuple(self.sampling_seeds))
+    settings.check(self)
 
   def rollout_config(self, seed: int) -> RolloutConfig:
     """The rollout settings of the pass with sampling seed ``seed``."""

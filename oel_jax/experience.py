@@ -89,13 +89,13 @@ from typing import Any
 
 import numpy as np
 
-from oel_jax import prompts
+from oel_jax import prompts, settings
 from oel_jax.atomic_write import atomic_write_text
 from oel_jax.envs.trajectory import Trajectory, load_trajectories
 
 _log = logging.getLogger(__name__)
 
-MARKER = "- EXPERIENCE ITEM:"
+ITEM_PREFIX = "- EXPERIENCE ITEM:"
 """What starts an item of structured knowledge."""
 
 NO_PREVIOUS = "No previous experience."
@@ -133,119 +133,85 @@ Generate = Callable[..., Sequence[Any]]
 # Configuration.
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise ValueError(f"ExtractionConfig.{name} must be an integer, got {value!r}")
-  if value < minimum:
-    raise ValueError(f"ExtractionConfig.{name} must be >= {minimum}, got {value}")
-
-
 @dataclasses.dataclass(frozen=True)
 class ExtractionConfig:
   """Settings of the extraction stage (defaults: the paper's Qwen3-4B FrozenLake row, Table 4)."""
 
-  knowledge_format: str = "structured"
+  knowledge_format: str = settings.choice("structured", FORMATS)
   """``"structured"`` (Fig. 10 prompt; keep ``- EXPERIENCE ITEM:`` items) or ``"unstructured"``
   (Fig. 11 prompt; keep the whole answer). Paper: unstructured for Qwen3-1.7B, else structured."""
 
-  with_previous: bool = True
+  with_previous: bool = settings.boolean(True)
   """Show the knowledge accumulated so far in each extraction prompt (else the prompt says
   ``No previous experience.``). Paper: off for Qwen3-1.7B, on otherwise."""
 
-  num_trajectories: int = 25
+  num_trajectories: int = settings.integer(25, minimum=1)
   """n: accumulation steps per run, one trajectory each (paper: 15, 25 or 50)."""
 
-  num_runs: int = 10
+  num_runs: int = settings.integer(10, minimum=1)
   """K: independent accumulation runs, one knowledge text each (paper: 10)."""
 
-  max_knowledge_tokens: int = 8192
+  max_knowledge_tokens: int = settings.integer(8192, minimum=1)
   """L_max: most tokens the accumulated knowledge may hold, counted with the extractor's
   tokenizer; older whole items are dropped beyond it (paper: 8192 structured, 2048
   unstructured)."""
 
-  max_new_tokens: int | None = None
+  max_new_tokens: int | None = settings.max_new_tokens(None, optional=True)
   """Most tokens the extractor may generate per call (reasoning included); None means
   `max_knowledge_tokens`, as officially."""
 
-  temperature: float = 0.7
+  temperature: float = settings.temperature(0.7)
   """Extractor sampling temperature (official extraction scripts: 0.7)."""
 
-  top_p: float = 0.8
+  top_p: float = settings.top_p(0.8)
   """Extractor nucleus sampling mass (official extraction scripts: 0.8)."""
 
-  top_k: int = 20
+  top_k: int = settings.top_k(20)
   """Extractor top-k sampling cut, 0 for none (official extraction scripts: 20)."""
 
-  enable_thinking: bool = True
+  enable_thinking: bool = settings.boolean(True)
   """Render extraction prompts with thinking on (Qwen3 thinking models: the paper's 1.7B, 4B
   and 8B; the official ``not textgame_no_think``). Templates without the flag ignore it."""
 
-  seed: int = 0
+  seed: int = settings.integer(0, minimum=0)
   """Base seed: each run's trajectory order and each step's sampling seed derive from it."""
 
-  prompt_variant: str = "paper"
+  prompt_variant: str = settings.choice("paper", PROMPT_VARIANTS)
   """``"paper"``: the templates worded as Figures 10 and 11; ``"official"``: as the official
   code words them (one phrase differs per prompt; see ``oel_jax/prompts/README.md``)."""
 
-  pool_order: str = "shuffle"
-  """How each run draws its n trajectories from the pool: ``"shuffle"`` (a seeded permutation
-  of the pool per run, first n) or ``"chunks"`` (run k reads trajectories k*n .. k*n+n-1 in file
-  order; the pool must hold K*n)."""
+  pool_order: str = settings.choice("chunks", POOL_ORDERS)
+  """How each run draws its n trajectories from the pool: ``"chunks"`` (run k reads
+  trajectories k*n .. k*n+n-1 in file order, the official way; the pool must hold K*n) or
+  ``"shuffle"`` (a seeded permutation of the pool per run, first n)."""
 
-  snapshot_every: int = 0
+  snapshot_every: int = settings.integer(0, minimum=0)
   """`run_extraction` also writes the knowledge set as of every this-many steps to
   ``out_dir/step_XXXX/`` (for pass rate by accumulation step); 0 for none."""
 
   def __post_init__(self):
-    if self.knowledge_format not in FORMATS:
-      raise ValueError(f"ExtractionConfig.knowledge_format must be one of {FORMATS}, got "
-                       f"{self.knowledge_format!r}")
-    if self.prompt_variant not in PROMPT_VARIANTS:
-      raise ValueError(f"ExtractionConfig.prompt_variant must be one of {PROMPT_VARIANTS}, got "
-                       f"{self.prompt_variant!r}")
-    if self.pool_order not in POOL_ORDERS:
-      raise ValueError(f"ExtractionConfig.pool_order must be one of {POOL_ORDERS}, got "
-                       f"{self.pool_order!r}")
-    for name in ("with_previous", "enable_thinking"):
-      if not isinstance(getattr(self, name), bool):
-        raise ValueError(f"ExtractionConfig.{name} must be a bool, got {getattr(self, name)!r}")
-    _check_int("num_trajectories", self.num_trajectories, 1)
-    _check_int("num_runs", self.num_runs, 1)
-    _check_int("max_knowledge_tokens", self.max_knowledge_tokens, 1)
-    if self.max_new_tokens is not None:
-      _check_int("max_new_tokens", self.max_new_tokens, 1)
-    _check_int("top_k", self.top_k, 0)
-    _check_int("seed", self.seed, 0)
-    _check_int("snapshot_every", self.snapshot_every, 0)
-    if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
-      raise ValueError(f"ExtractionConfig.temperature must be a number, got "
-                       f"{self.temperature!r}")
-    if not self.temperature >= 0:
-      raise ValueError(f"ExtractionConfig.temperature must be >= 0, got {self.temperature}")
-    if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)):
-      raise ValueError(f"ExtractionConfig.top_p must be a number, got {self.top_p!r}")
-    if not 0 < self.top_p <= 1:
-      raise ValueError(f"ExtractionConfig.top_p must be in (0, 1], got {self.top_p}")
+    settings.check(self)
 
   @property
   def generation_tokens(self) -> int:
     """The extractor's token budget per call (`max_new_tokens`, else `max_knowledge_tokens`)."""
     return self.max_knowledge_tokens if self.max_new_tokens is None else self.max_new_tokens
 
+  @property
+  def sampling_params(self) -> settings.SamplingParams:
+    """The settings of each extractor call."""
+    return settings.SamplingParams(temperature=self.temperature, top_k=self.top_k,
+                                   top_p=self.top_p, max_new_tokens=self.generation_tokens,
+                                   enable_thinking=self.enable_thinking)
+
   def to_dict(self) -> dict[str, Any]:
     """The settings as JSON data."""
-    return dataclasses.asdict(self)
+    return settings.to_dict(self)
 
   @classmethod
   def from_dict(cls, data: Mapping[str, Any]) -> ExtractionConfig:
-    """Builds a config from JSON data; unknown keys are an error."""
-    if not isinstance(data, Mapping):
-      raise ValueError(f"extraction config must be an object, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-      raise ValueError(f"unknown extraction config field(s) {unknown}; known: {sorted(known)}")
-    return cls(**data)
+    """Builds a config from `to_dict` data; unknown keys are an error."""
+    return settings.load(cls, data)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,11 +270,11 @@ def parse_items(answer: str) -> list[str]:
   """The ``- EXPERIENCE ITEM:`` items of a structured answer, in order (see module docstring)."""
   items = []
   for line in answer.split("\n"):
-    if MARKER not in line:
+    if ITEM_PREFIX not in line:
       continue
-    for part in line.split(MARKER)[1:]:
+    for part in line.split(ITEM_PREFIX)[1:]:
       if part.strip():
-        items.append(MARKER + part.rstrip())
+        items.append(ITEM_PREFIX + part.rstrip())
   return items
 
 
@@ -338,7 +304,7 @@ def accumulate(knowledge: str, new: str) -> str:
 
 
 def _is_marker_line(line: str) -> bool:
-  return line.strip().startswith(MARKER)
+  return line.strip().startswith(ITEM_PREFIX)
 
 
 def split_items(knowledge: str, knowledge_format: str) -> list[str]:
@@ -629,11 +595,11 @@ def extraction_step(state: ExtractionState, pool: Sequence[Trajectory], generate
 def sampler_generate(sampler: Any, tokenizer: Any, config: ExtractionConfig) -> Generate:
   """A `Generate` over `oel_jax.sampling.Sampler.generate_chat` with the config's settings."""
 
+  params = config.sampling_params
+
   def generate(conversations: Sequence[Conversation], *, seed: int) -> list[Any]:
-    return sampler.generate_chat(
-        tokenizer, conversations, enable_thinking=config.enable_thinking,
-        max_new_tokens=config.generation_tokens, temperature=config.temperature,
-        top_k=config.top_k, top_p=config.top_p, seed=seed)
+    return sampler.generate_chat(tokenizer, conversations, enable_thinking=params.enable_thinking,
+                                 **params.generate_kwargs(), seed=seed)
 
   return generate
 

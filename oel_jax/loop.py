@@ -1,35 +1,35 @@
 """The online OEL loop: rounds of deploy -> collect -> extract -> consolidate -> evaluate -> export.
 
     config = configs.tiny.get_config()          # an ml_collections ConfigDict
-    run = OnlineLoop(config, "runs/tiny")        # validates the config before any work
+    run = OnlineLoop(config, "runs/tiny")        # validates it before any work
+    run.config                                   # the settings as a typed oel_jax.config.RunConfig
     run.run()                                    # every round; resumes where it stopped
 
-Round ``r`` (arXiv:2603.16856 section 3; DESIGN.md section 5.4), in ``workdir/round_{r:03d}/``:
+Round ``r`` (arXiv:2603.16856 section 3; DESIGN.md section 5.4), in ``workdir/round_{r:03d}/``,
+runs the stages of `oel_jax.stages`, one module each:
 
 1. ``collect``: the round's deployed model (the initial model for round 0, else round
-   ``r - 1``'s ``model/``) plays the extraction games and the consolidation games
-   (training board seeds ``game_seeds("train", config.seed, r, ...)``, all in one lockstep
-   rollout) -> ``trajectories/extraction.jsonl`` and ``trajectories/consolidation.jsonl``.
+   ``r - 1``'s ``model/``) plays the extraction and consolidation games
+   -> ``trajectories/extraction.jsonl`` and ``trajectories/consolidation.jsonl``.
 2. ``extract``: the deployed model (or ``config.extraction.model``) extracts K knowledge
-   texts from the extraction pool (`oel_jax.experience.run_extraction`, resumable inside
-   itself) -> ``knowledge/`` (``knowledge_{k}.txt``, ``manifest.json``, snapshots).
+   texts from the extraction pool -> ``knowledge/``.
 3. ``consolidate``: on-policy context distillation of the knowledge into a copy of the
-   deployed model against the frozen deployed model as teacher
-   (`oel_jax.consolidate.run_consolidation`, orbax checkpoints in ``consolidation/``, resumable
-   inside itself); the result is written as a Hugging Face checkpoint to ``model/``, with the
-   tokenizer: the model the next round deploys.
-4. ``evaluate``: pass rate and response length of ``model/`` on the held-out maps
-   (``evaluation/pass_rate.json``), optionally IF-Eval (``evaluation/ifeval.json``) and the
-   in-context pass rate of the round-start model with the knowledge in its prompt, after each
-   extraction snapshot (``evaluation/in_context.json``).
-5. ``export``: ``model/`` again in a serving dtype (``config.export.dtype``, e.g. bfloat16)
-   at ``export/``; with no dtype set, ``model/`` is the export and nothing is copied.
+   deployed model against the frozen deployed model as teacher -> ``model/``, the model the
+   next round deploys.
+4. ``evaluate``: pass rate and response length of ``model/`` on the held-out maps, optionally
+   IF-Eval and the in-context pass rate of the round-start model -> ``evaluation/``.
+5. ``export``: ``model/`` again in a serving dtype (``config.export.dtype``) at ``export/``.
 
 Before round 0 the initial model is evaluated the same way (``workdir/initial/``) when
 ``config.evaluation.initial`` is set, so that the plot starts from the model as it was.
 
+Who does what: this module checks the config against the machine (`plan`) and drives the
+rounds (`OnlineLoop`); `oel_jax.workdir.Workdir` owns the paths, the done-files, config.json
+and the reports; `oel_jax.model_pool.ModelPool` owns the tokenizer, the models and one sampler
+per architecture. docs/architecture.md draws the layers.
+
 Resuming. Every stage ends by writing ``<stage>.done.json`` (atomically) in its folder, with
-its metrics; a stage whose marker exists is skipped, so running the same command again
+its metrics; a stage whose done-file exists is skipped, so running the same command again
 continues where the run stopped. Extraction and consolidation resume inside themselves from
 their own state files. Every random choice derives from ``config.seed`` (board seeds,
 sampling seeds per stage and round), and each stage reads its inputs from the files earlier
@@ -39,7 +39,7 @@ different one fails, naming the fields that differ (``rounds`` and the logging s
 change).
 
 Watching a run: progress bars (rollouts, extraction steps, consolidation), absl log lines
-per stage, ``workdir/metrics.jsonl`` (rebuilt from the markers after every stage, so it never
+per stage, ``workdir/metrics.jsonl`` (rebuilt from the done-files after every stage, so it never
 holds a record twice), TensorBoard event files in ``workdir/tensorboard/`` (tensorboardX) and
 ``workdir/plots/rounds.png`` (`oel_jax.plots`).
 """
@@ -47,42 +47,33 @@ holds a record twice), TensorBoard event files in ``workdir/tensorboard/`` (tens
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import importlib
-import json
 import logging
 import os
-import shutil
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
+import jax
 import ml_collections
-import numpy as np
+from tqdm.auto import tqdm
 
-from oel_jax import metrics as metrics_lib
-from oel_jax.atomic_write import atomic_write_text
-from oel_jax.errors import InputError, one_line
+# DTYPES, default_config and stage_seed are the loop's API too (configs/ import them here).
+from oel_jax.config import (  # pylint: disable=unused-import
+    DTYPES, ConfigError, RunConfig, default_config, parse, stage_seed)
+from oel_jax.consolidate import ConsolidationConfig
+from oel_jax.envs import RolloutConfig
+from oel_jax.errors import one_line
+from oel_jax.evaluate import EvalConfig
+from oel_jax.experience import ExtractionConfig
+from oel_jax.model_pool import ModelPool
+from oel_jax.models import check_hf
+from oel_jax.settings import At, narrow
+from oel_jax.stages import RUNNERS
+# The workdir's names and layout are the loop's API too (tests and scripts import them here).
+from oel_jax.workdir import (  # pylint: disable=unused-import
+    CONFIG_FILE, DONE_FILE, INITIAL, MUTABLE_KEYS, STAGES, SUMMARY_FILE, Round, Workdir,
+    round_dir)
 
 _log = logging.getLogger(__name__)
-
-STAGES = ("collect", "extract", "consolidate", "evaluate", "export")
-"""The stages of a round, in order."""
-
-INITIAL = "initial"
-"""The folder (and ``--round`` value) of the initial model's evaluation."""
-
-CONFIG_FILE = "config.json"
-SUMMARY_FILE = "summary.json"
-MARKER = "{}.done.json"
-
-# Config keys that may change between runs in the same workdir.
-MUTABLE_KEYS = ("rounds", "progress", "logging.tensorboard", "logging.plot", "name")
-
-# Keys of a ConfigDict section that the loop consumes itself (not passed to a dataclass).
-_EVAL_LOOP_KEYS = ("initial", "in_context", "in_context_run")
-_STAGE_SALT = {"collect": 1, "extract": 2, "consolidate": 3, "evaluate": 4}
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def default_ifeval_path() -> str:
@@ -96,193 +87,66 @@ def default_ifeval_path() -> str:
   return path if os.path.isfile(path) else ""
 
 
-class ConfigError(InputError):
-  """An invalid config value, found before any work; the message names the field."""
-
-
 # ---------------------------------------------------------------------------------------------
-# The config.
-
-
-def default_config() -> ml_collections.ConfigDict:
-  """The loop's config with the paper's procedure as defaults (configs/ override it).
-
-  Optional integers use 0 for "not set" (ml_collections cannot override a None field from
-  the command line). Sections map onto the stages' dataclasses field by field:
-  ``rollout`` -> `oel_jax.envs.RolloutConfig` (collection), ``extraction`` ->
-  `oel_jax.experience.ExtractionConfig`, ``consolidation`` ->
-  `oel_jax.consolidate.ConsolidationConfig`, ``train`` -> `oel_jax.train.TrainConfig`,
-  ``evaluation`` -> `oel_jax.evaluate.EvalConfig`. Seeds are not set per section: each
-  stage's seed derives from ``seed`` and the round.
-  """
-  c = ml_collections.ConfigDict()
-  c.name = "oel"                  # A label for logs and plots.
-  c.model = "tiny"                # "tiny" (built-in, random weights) or a HF checkpoint dir.
-  c.tokenizer = ""                # "" = the model's (tiny: the built-in tiny tokenizer).
-  c.param_dtype = "float32"       # Weights as stored and trained (float32 master weights).
-  c.compute_dtype = "bfloat16"    # Matmuls and activations (paper: bf16 compute).
-  c.seed = 0                      # Every board, sampling and data-order seed derives from it.
-  c.rounds = 3                    # OEL rounds.
-  c.max_seq_len = 16384           # Sampler: longest prompt + generation.
-  c.sampler_buckets_per_doubling = 1  # Sampler: padded prompt lengths and batch sizes per
-                                  # power of two (2: at most 1.5x padding, more programs).
-  c.progress = True               # Progress bars.
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tp=1))  # oel_jax.parallel.MeshConfig
-
-  c.env = "frozenlake"            # "frozenlake" or "sokoban" (paper settings).
-  c.env_settings = ml_collections.ConfigDict()  # make_env overrides; empty = the paper's.
-
-  # Deployment rollouts (collection), shared by both pools: the official rollout settings.
-  c.rollout = ml_collections.ConfigDict(dict(
-      enable_thinking=True, keep_reasoning=True, max_new_tokens=1024, max_batch_size=0))
-
-  # How many games the deployed model plays per round, and how each pool samples.
-  c.collect = ml_collections.ConfigDict(dict(
-      extraction_boards=0,     # Boards for extraction; 0 = extraction.num_trajectories (n).
-      extraction_plays=0,      # Plays of each board; 0 = extraction.num_runs (K): with
-                               # pool_order "chunks", run k reads play k (the official way),
-                               # and each play is its own game (its own sampling seeds).
-      consolidation_games=0,   # 0 = consolidation.steps * consolidation.games_per_step.
-      # The official extraction rollouts run in validate mode: the evaluation settings.
-      extraction_sampling=ml_collections.ConfigDict(dict(temperature=0.7, top_k=20,
-                                                         top_p=0.8)),
-      # The official deployment (training) rollouts: temperature 0.7, top-p 1.
-      consolidation_sampling=ml_collections.ConfigDict(dict(temperature=0.7, top_k=0,
-                                                            top_p=1.0)),
-  ))
-
-  c.extraction = ml_collections.ConfigDict(dict(
-      knowledge_format="structured", with_previous=True, num_trajectories=25, num_runs=10,
-      max_knowledge_tokens=8192, max_new_tokens=0, temperature=0.7, top_p=0.8, top_k=20,
-      enable_thinking=True, prompt_variant="paper", pool_order="chunks", snapshot_every=0,
-      model="",                # "" = the deployed model extracts; else a checkpoint dir.
-  ))
-
-  # Optional integers: 0 = None. mode "off_policy" (with train.divergence "forward_kl") and
-  # context "raw_trajectories" are the paper's baselines.
-  c.consolidation = ml_collections.ConfigDict(dict(
-      steps=20, games_per_step=64, max_prefixes_per_game=5, max_new_tokens=1024,
-      temperature=0.7, top_p=1.0, top_k=0, enable_thinking=True, mode="on_policy",
-      context="knowledge", shuffle=True, checkpoint_every=5, keep_checkpoints=1,
-      min_length_bucket=64, length_buckets_per_doubling=2, min_row_bucket=1,
-      max_sampling_batch=0,
-      # A non-finite loss or gradient skips the step (official behaviour); this many skipped
-      # in a row stop the round with an error.
-      max_consecutive_skipped_steps=3))
-
-  c.train = ml_collections.ConfigDict(dict(
-      learning_rate=1e-6, weight_decay=0.01, b1=0.9, b2=0.999, eps=1e-8, max_grad_norm=1.0,
-      divergence="topk_reverse_kl", k=256, temperature=0.7, renormalize=False,
-      tail=False,              # True: also the tail bucket's term (a true divergence); False:
-                               # the official loss.
-      micro_batches=1, loss_chunk_size=256, vocab_chunk_size=8192))
-
-  c.evaluation = ml_collections.ConfigDict(dict(
-      num_games=128, base_seed=0, sampling_seeds=tuple(range(10)), temperature=0.7, top_k=20,
-      top_p=0.8, max_new_tokens=1024, enable_thinking=True, keep_reasoning=True,
-      max_batch_size=0,
-      initial=True,            # Also evaluate the initial model (workdir/initial/).
-      in_context=False,        # Also evaluate the round-start model with knowledge in context
-                               # (at every extraction snapshot and at the end).
-      in_context_run=0,        # Which of the K knowledge texts goes in context.
-  ))
-
-  # The official README's protocol (lm-eval's ifeval task through vLLM): thinking off for every
-  # model, temperature 0.7, top-p 0.8, top-k 20, seed 42, one sample per prompt, 1280 new
-  # tokens. temperature=0 is greedy.
-  c.ifeval = ml_collections.ConfigDict(dict(
-      enabled=False,           # IF-Eval at the end of every round (and for the initial model).
-      path="",                 # IF-Eval input_data.jsonl.
-      limit=0,                 # First this many prompts; 0 = all 541.
-      max_new_tokens=1280, enable_thinking=False, batch_size=16, temperature=0.7, top_k=20,
-      top_p=0.8, seed=42))
-
-  c.export = ml_collections.ConfigDict(dict(
-      dtype="",                # "" = model/ is the export; else e.g. "bfloat16" -> export/.
-  ))
-
-  c.logging = ml_collections.ConfigDict(dict(tensorboard=True, plot=True))
-  return c
-
-
-def stage_seed(base: int, round_: int, stage: str, index: int = 0) -> int:
-  """The seed of one stage of one round (a 31-bit integer derived from all four)."""
-  return int(np.random.SeedSequence([int(base), int(round_) + 1, _STAGE_SALT[stage], int(index)])
-             .generate_state(1, np.uint32)[0] >> 1)
-
-
-def _dtype(name: str):
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  return getattr(jnp, name)
-
-
-def _section(config: ml_collections.ConfigDict, name: str, drop: Sequence[str] = ()
-             ) -> dict[str, Any]:
-  data = config[name].to_dict() if hasattr(config[name], "to_dict") else dict(config[name])
-  return {k: v for k, v in data.items() if k not in drop}
-
-
-def _build(cls, section: str, values: Mapping[str, Any], errors: list[str]):
-  """``cls(**values)``, turning unknown keys and invalid values into config errors."""
-  known = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(values) - known)
-  if unknown:
-    errors.append(f"config.{section}.{unknown[0]}: {cls.__name__} has no field "
-                  f"{unknown[0]!r} (fields: {', '.join(sorted(known))})")
-    return None
-  try:
-    return cls(**values)
-  except (TypeError, ValueError) as e:
-    errors.append(f"config.{section}: {e}")
-    return None
+# The plan: the config checked against this machine.
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """The config turned into the stages' typed settings (see `plan`)."""
+  """The run's settings checked against what is here: the model, the devices, the files."""
 
-  config: ml_collections.ConfigDict
-  """The ConfigDict it was made from."""
-  rollout: Any
-  """`RolloutConfig` of the consolidation pool's games (its seed is replaced per round)."""
-  extraction_rollout: Any
-  """`RolloutConfig` of the extraction pool's games (its seed is replaced per round)."""
-  extraction: Any
-  """`ExtractionConfig` (its seed is replaced per round)."""
-  consolidation: Any
-  """`ConsolidationConfig` (its seed is replaced per round)."""
-  evaluation: Any
-  """`EvalConfig` of the held-out evaluation."""
-  extraction_boards: int
-  """Boards played for the extraction pool per round."""
-  extraction_plays: int
-  """Plays of each extraction board per round."""
-  consolidation_games: int
-  """Games played for consolidation per round."""
+  config: RunConfig
+  """The run's settings."""
   model_vocab_size: int | None
   """The model's vocabulary rows (None when it could not be read before loading)."""
   mesh_shape: dict[str, int]
   """Mesh axis sizes, resolved against the devices present."""
 
-  def extraction_for(self, round_: int):
+  @property
+  def extraction(self) -> ExtractionConfig:
+    """The extraction settings (seed 0: see `extraction_for`)."""
+    return narrow(ExtractionConfig, self.config.extraction)
+
+  @property
+  def consolidation(self) -> ConsolidationConfig:
+    """The consolidation settings (seed 0: see `consolidation_for`)."""
+    return self.config.consolidation
+
+  @property
+  def evaluation(self) -> EvalConfig:
+    """The held-out evaluation's settings."""
+    return self.config.evaluation_config()
+
+  @property
+  def extraction_boards(self) -> int:
+    """Boards played for the extraction pool per round."""
+    return self.config.extraction_boards
+
+  @property
+  def extraction_plays(self) -> int:
+    """Plays of each extraction board per round."""
+    return self.config.extraction_plays
+
+  @property
+  def consolidation_games(self) -> int:
+    """Games played for consolidation per round."""
+    return self.config.consolidation_games
+
+  def extraction_for(self, round_: int) -> ExtractionConfig:
     """The round's `ExtractionConfig` (seed derived from config.seed and the round)."""
-    return dataclasses.replace(self.extraction,
-                               seed=stage_seed(self.config.seed, round_, "extract"))
+    return self.config.extraction_for(round_)
 
-  def consolidation_for(self, round_: int):
+  def consolidation_for(self, round_: int) -> ConsolidationConfig:
     """The round's `ConsolidationConfig`."""
-    return dataclasses.replace(self.consolidation,
-                               seed=stage_seed(self.config.seed, round_, "consolidate"))
+    return self.config.consolidation_for(round_)
 
-  def rollout_for(self, round_: int, pool: str = "consolidation"):
+  def rollout_for(self, round_: int, pool: str = "consolidation") -> RolloutConfig:
     """The round's `RolloutConfig` for the ``"extraction"`` or ``"consolidation"`` pool."""
-    base = {"extraction": self.extraction_rollout, "consolidation": self.rollout}[pool]
-    return dataclasses.replace(base, seed=stage_seed(self.config.seed, round_, "collect"))
+    return self.config.rollout_for(round_, pool)
 
 
 def _model_vocab(model: str, errors: list[str]) -> int | None:
   from oel_jax import tiny  # pylint: disable=import-outside-toplevel
-  from oel_jax.models import check_hf  # pylint: disable=import-outside-toplevel
   if model == "tiny":
     return tiny.tiny_config().vocab_size
   if not os.path.isdir(model):
@@ -299,226 +163,35 @@ def _model_vocab(model: str, errors: list[str]) -> int | None:
     return None
 
 
-def plan(config: ml_collections.ConfigDict, *, num_devices: int | None = None) -> Plan:
-  """Validates ``config`` and builds every stage's settings; nothing is loaded or run.
+def plan(config: ml_collections.ConfigDict | Mapping[str, Any] | RunConfig, *,
+         num_devices: int | None = None) -> Plan:
+  """Validates ``config`` and checks it against the model, the devices and the files named;
+  nothing is loaded or run.
 
   Raises:
     ConfigError: listing every invalid value, each named by its config field.
   """
-  from oel_jax.envs import GAMES, RolloutConfig  # pylint: disable=import-outside-toplevel
-  from oel_jax.evaluate import EvalConfig  # pylint: disable=import-outside-toplevel
-  from oel_jax.experience import ExtractionConfig  # pylint: disable=import-outside-toplevel
-  from oel_jax.train import TrainConfig  # pylint: disable=import-outside-toplevel
-
-  errors: list[str] = []
-  for key in ("name", "model", "tokenizer", "param_dtype", "compute_dtype", "seed", "rounds",
-              "max_seq_len", "env", "rollout", "collect", "extraction", "consolidation",
-              "train", "evaluation", "ifeval", "export", "mesh"):
-    if key not in config:
-      errors.append(f"config.{key}: missing (start from oel_jax.loop.default_config())")
-  if errors:
-    raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
-
-  def check_int(name: str, value: Any, minimum: int):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-      errors.append(f"config.{name} must be an integer >= {minimum}, got {value!r}")
-      return False
-    return True
-
-  check_int("seed", config.seed, 0)
-  check_int("rounds", config.rounds, 1)
-  check_int("max_seq_len", config.max_seq_len, 16)
-  check_int("sampler_buckets_per_doubling", config.get("sampler_buckets_per_doubling", 1), 1)
-  for name in ("param_dtype", "compute_dtype"):
-    if config[name] not in DTYPES:
-      errors.append(f"config.{name} must be one of {DTYPES}, got {config[name]!r}")
-  if config.export.dtype not in ("",) + DTYPES:
-    errors.append(f"config.export.dtype must be '' or one of {DTYPES}, got "
-                  f"{config.export.dtype!r}")
-  if config.env not in GAMES:
-    errors.append(f"config.env: unknown environment {config.env!r}; known: "
-                  f"{', '.join(GAMES)}")
-  env_settings = _section(config, "env_settings")
-  vocab = _model_vocab(config.model, errors) if isinstance(config.model, str) else None
-  if not isinstance(config.model, str):
-    errors.append(f"config.model must be a string, got {config.model!r}")
-
-  rollout = extraction_rollout = None
-  if config.env in GAMES:
-    values = _section(config, "rollout")
-    values["max_batch_size"] = values.get("max_batch_size") or None
-    for key in ("temperature", "top_k", "top_p"):
-      if key in values:
-        errors.append(f"config.rollout.{key}: set per pool, in "
-                      f"config.collect.extraction_sampling.{key} and "
-                      f"config.collect.consolidation_sampling.{key}")
-        values.pop(key)
-    common = dict(env=config.env, env_settings=env_settings, progress=bool(config.progress),
-                  **values)
-    rollout = _build(RolloutConfig, "collect.consolidation_sampling", dict(
-        common, **_section(config.collect, "consolidation_sampling")), errors)
-    extraction_rollout = _build(RolloutConfig, "collect.extraction_sampling", dict(
-        common, **_section(config.collect, "extraction_sampling")), errors)
-
-  values = _section(config, "extraction", drop=("model",))
-  if "seed" in values:
-    errors.append("config.extraction.seed: not settable; every seed derives from config.seed")
-    values.pop("seed")
-  values["max_new_tokens"] = values.get("max_new_tokens") or None
-  extraction = _build(ExtractionConfig, "extraction", values, errors)
-  extractor = config.extraction.get("model", "")
-  if extractor and not os.path.isdir(extractor):
+  run, errors = parse(config)
+  ok = At("config", errors).ok
+  vocab = _model_vocab(run.model, errors) if ok("model") else None
+  if vocab is not None and ok("train.k") and run.train.k > vocab:
+    errors.append(f"config.train.k ({run.train.k}) exceeds the model's vocabulary ({vocab} rows)")
+  extractor = run.extraction.model
+  if ok("extraction.model") and extractor and not os.path.isdir(extractor):
     errors.append(f"config.extraction.model: {extractor!r} is not a checkpoint directory")
+  ifeval = run.ifeval
+  if ok("ifeval.enabled", "ifeval.path") and ifeval.enabled and not os.path.isfile(ifeval.path):
+    errors.append(f"config.ifeval.path: {ifeval.path!r} is not a file (IF-Eval's "
+                  "input_data.jsonl); set it, or config.ifeval.enabled=False")
 
-  train = _build(TrainConfig, "train", _section(config, "train"), errors)
-  if train is not None and vocab is not None and train.k > vocab:
-    errors.append(f"config.train.k ({train.k}) exceeds the model's vocabulary ({vocab} rows)")
-
-  consolidation = None
-  try:
-    consolidate = importlib.import_module("oel_jax.consolidate")
-  except ImportError as e:
-    errors.append(f"oel_jax.consolidate cannot be imported: {e}")
-  else:
-    values = _section(config, "consolidation")
-    for key in ("max_prefixes_per_game", "max_sampling_batch"):
-      if key in values:
-        values[key] = values[key] or None
-    for key in ("seed", "train"):
-      if key in values:
-        errors.append(f"config.consolidation.{key}: not settable here (seed derives from "
-                      "config.seed; the optimizer is config.train)")
-        values.pop(key)
-    if train is not None:
-      consolidation = _build(consolidate.ConsolidationConfig, "consolidation",
-                             dict(values, train=train), errors)
-
-  ev_values = _section(config, "evaluation", drop=_EVAL_LOOP_KEYS)
-  ev_values["max_batch_size"] = ev_values.get("max_batch_size") or None
-  ev_values["sampling_seeds"] = tuple(ev_values.get("sampling_seeds", ()))
-  evaluation = None
-  if config.env in GAMES:
-    evaluation = _build(EvalConfig, "evaluation", dict(
-        env=config.env, env_settings=env_settings, progress=bool(config.progress), **ev_values),
-        errors)
-
-  # Game counts.
-  n = extraction.num_trajectories if extraction else 1
-  k = extraction.num_runs if extraction else 1
-  boards = config.collect.extraction_boards or n
-  plays = config.collect.extraction_plays or k
-  check_int("collect.extraction_boards", boards, 1)
-  check_int("collect.extraction_plays", plays, 1)
-  games = config.collect.consolidation_games
-  if consolidation is not None and not games:
-    games = consolidation.steps * consolidation.games_per_step
-  if consolidation is not None or games:  # else consolidation's own error says why
-    check_int("collect.consolidation_games", games or 0, 1)
-  if extraction is not None and isinstance(boards, int) and isinstance(plays, int):
-    pool = boards * plays
-    if extraction.pool_order == "chunks" and pool < n * k:
-      errors.append(f"config.extraction.pool_order 'chunks' needs num_trajectories x num_runs "
-                    f"= {n * k} trajectories; collect plays {boards} boards x {plays} plays = "
-                    f"{pool} (raise config.collect.extraction_boards or extraction_plays)")
-    if extraction.pool_order == "shuffle" and pool < n:
-      errors.append(f"config.extraction.num_trajectories ({n}) exceeds the extraction pool "
-                    f"({boards} boards x {plays} plays = {pool})")
-
-  # The mesh.
-  import jax  # pylint: disable=import-outside-toplevel
   devices = num_devices if num_devices is not None else jax.device_count()
-  sizes = {axis: config.mesh.get(axis, 1) for axis in ("data", "fsdp", "tp")}
   mesh_shape: dict[str, int] = {}
-  if any(isinstance(v, bool) or not isinstance(v, int) or v == 0 or v < -1
-         for v in sizes.values()) or list(sizes.values()).count(-1) > 1:
-    errors.append(f"config.mesh: axis sizes must be positive or -1 (at most one), got {sizes}")
-  else:
-    fixed = int(np.prod([v for v in sizes.values() if v != -1]))
-    if -1 in sizes.values():
-      if devices % fixed:
-        errors.append(f"config.mesh {sizes}: {devices} devices do not divide by the fixed "
-                      f"axes (product {fixed})")
-      else:
-        sizes = {a: (devices // fixed if v == -1 else v) for a, v in sizes.items()}
-    elif fixed != devices:
-      errors.append(f"config.mesh {sizes} needs {fixed} devices; {devices} are present")
-    if -1 not in sizes.values():
-      mesh_shape = sizes
-  if mesh_shape and consolidation is not None and train is not None:
-    shards = mesh_shape["data"] * mesh_shape["fsdp"]
-    per_step = consolidation.games_per_step
-    if per_step % train.micro_batches:
-      errors.append(f"config.consolidation.games_per_step ({per_step}) is not divisible by "
-                    f"config.train.micro_batches ({train.micro_batches})")
-    elif (per_step // train.micro_batches) % shards:
-      errors.append(f"config.consolidation.games_per_step ({per_step}) / "
-                    f"config.train.micro_batches ({train.micro_batches}) is not divisible by "
-                    f"the mesh's data x fsdp = {shards} devices (config.mesh)")
-
-  ifeval = config.ifeval
-  if ifeval.enabled:
-    if not ifeval.path or not os.path.isfile(ifeval.path):
-      errors.append(f"config.ifeval.path: {ifeval.path!r} is not a file (IF-Eval's "
-                    "input_data.jsonl); set it, or config.ifeval.enabled=False")
-    check_int("ifeval.limit", ifeval.limit, 0)
-    check_int("ifeval.max_new_tokens", ifeval.max_new_tokens, 1)
-    check_int("ifeval.batch_size", ifeval.batch_size, 1)
-    check_int("ifeval.seed", ifeval.seed, 0)
-  if config.evaluation.in_context and extraction is not None:
-    check_int("evaluation.in_context_run", config.evaluation.in_context_run, 0)
-    if config.evaluation.in_context_run >= extraction.num_runs:
-      errors.append(f"config.evaluation.in_context_run ({config.evaluation.in_context_run}) "
-                    f"must be below extraction.num_runs ({extraction.num_runs})")
-  for name, budget in (("rollout.max_new_tokens", config.rollout.max_new_tokens),
-                       ("evaluation.max_new_tokens", config.evaluation.max_new_tokens),
-                       ("consolidation.max_new_tokens",
-                        config.consolidation.get("max_new_tokens", 0))):
-    if isinstance(budget, int) and isinstance(config.max_seq_len, int) and \
-        budget >= config.max_seq_len:
-      errors.append(f"config.{name} ({budget}) leaves no room for a prompt in "
-                    f"config.max_seq_len ({config.max_seq_len})")
+  if ok("mesh", "consolidation.games_per_step", "train.micro_batches"):
+    mesh_shape, found = run.resolve_mesh(devices)
+    errors.extend(found)
   if errors:
     raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
-  return Plan(config=config, rollout=rollout, extraction_rollout=extraction_rollout,
-              extraction=extraction,
-              consolidation=consolidation, evaluation=evaluation, extraction_boards=boards,
-              extraction_plays=plays, consolidation_games=games, model_vocab_size=vocab,
-              mesh_shape=mesh_shape)
-
-
-# ---------------------------------------------------------------------------------------------
-# Files.
-
-
-def _atomic_json(path: str, data: Any) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  atomic_write_text(path, json.dumps(data, indent=1, ensure_ascii=False, allow_nan=True) + "\n")
-
-
-def _read_json(path: str) -> Any:
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
-
-
-def round_dir(workdir: str, round_: int | str) -> str:
-  """``workdir/round_{r:03d}`` (or ``workdir/initial``)."""
-  name = INITIAL if round_ == INITIAL else f"round_{int(round_):03d}"
-  return os.path.join(workdir, name)
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-  if isinstance(data, Mapping):
-    out = {}
-    for k, v in data.items():
-      out.update(_flatten(v, f"{prefix}{k}."))
-    return out
-  if isinstance(data, tuple):
-    data = list(data)
-  return {prefix[:-1]: data}
-
-
-def _config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  return json.loads(config.to_json_best_effort())
+  return Plan(config=run, model_vocab_size=vocab, mesh_shape=mesh_shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,27 +201,27 @@ def _config_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
 class OnlineLoop:
   """Runs OEL rounds in a workdir, stage by stage, resumably (see the module docstring).
 
+  The loop only decides what runs: the `Workdir` (``run.files``) knows the paths, the
+  done-files and the reports; the `ModelPool` (``run.pool``) the models and samplers; each
+  stage is a module of `oel_jax.stages`.
+
   Args:
-    config: the run's ConfigDict (`default_config` plus a config file's changes).
+    config: the run's settings: a ConfigDict (`default_config` plus a config file's changes)
+      or a `RunConfig`; checked by `plan`.
     workdir: where everything is written; a workdir holding an earlier run of the same config
       is continued.
     num_devices: devices to plan the mesh for (default: all JAX devices).
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
+  def __init__(self, config: ml_collections.ConfigDict | RunConfig, workdir: str, *,
                num_devices: int | None = None):
-    self.config = config
     self.plan = plan(config, num_devices=num_devices)
-    self.workdir = os.path.abspath(workdir)
-    self._models: dict[str, Any] = {}
-    self._tokenizer = None
-    self._samplers: dict[Any, Any] = {}
-    self._holds: dict[Any, str] = {}
-    self._mesh = None
-    self._writer = None
-    self._trainer = None
+    self.config: RunConfig = self.plan.config
+    self.files = Workdir(workdir, self.config)
+    self.workdir = self.files.path
+    self.pool = ModelPool(self.config, self.plan.mesh_shape)
 
-  # ---- bookkeeping ----
+  # ---- the workdir ----
 
   def check_workdir(self) -> None:
     """Records the config in a new workdir, or checks it against the recorded one.
@@ -556,373 +229,54 @@ class OnlineLoop:
     Raises:
       ConfigError: the workdir holds a run whose config differs (other than `MUTABLE_KEYS`).
     """
-    path = os.path.join(self.workdir, CONFIG_FILE)
-    current = _config_json(self.config)
-    if os.path.exists(path):
-      old = _flatten(_read_json(path))
-      new = _flatten(current)
-      differ = sorted(k for k in set(old) | set(new)
-                      if old.get(k) != new.get(k) and not any(
-                          k == m or k.startswith(m + ".") for m in MUTABLE_KEYS))
-      if differ:
-        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:5])
-        raise ConfigError(f"{path}: this workdir holds a run with another config ({shown}"
-                          f"{', ...' if len(differ) > 5 else ''}); use the same config to "
-                          "resume it, or another --workdir")
-    os.makedirs(self.workdir, exist_ok=True)
-    _atomic_json(path, current)
+    self.files.record_config()
 
-  def marker_path(self, round_: int | str, stage: str) -> str:
-    """The completion marker of a stage."""
-    return os.path.join(round_dir(self.workdir, round_), MARKER.format(stage))
+  def marker_path(self, round_: Round, stage: str) -> str:
+    """The done-file of a stage."""
+    return self.files.done_path(round_, stage)
 
-  def done(self, round_: int | str, stage: str) -> bool:
-    """Whether a stage has completed."""
-    return os.path.exists(self.marker_path(round_, stage))
+  def done(self, round_: Round, stage: str) -> bool:
+    """Whether a stage has finished."""
+    return self.files.done(round_, stage)
 
-  def marker(self, round_: int | str, stage: str) -> dict[str, Any] | None:
-    """A completed stage's marker (its metrics and artifacts), or None."""
-    path = self.marker_path(round_, stage)
-    return _read_json(path) if os.path.exists(path) else None
-
-  def _finish(self, round_: int | str, stage: str, start: float, metrics: dict[str, Any],
-              artifacts: dict[str, str]) -> dict[str, Any]:
-    record = {"stage": stage, "round": round_, "seconds": time.perf_counter() - start,
-              "completed": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "metrics": metrics,
-              "artifacts": {k: os.path.relpath(v, self.workdir) for k, v in artifacts.items()}}
-    _atomic_json(self.marker_path(round_, stage), record)
-    _log.info("round %s: %s done in %.1fs: %s", round_, stage, record["seconds"],
-              metrics_lib.brief(stage, metrics))
-    self._publish(record)
-    return record
-
-  def _publish(self, record: dict[str, Any] | None = None) -> None:
-    """Rebuilds metrics.jsonl and the plot from the markers; logs the new record to TB."""
-    markers = self.markers()
-    metrics_lib.write_jsonl(os.path.join(self.workdir, "metrics.jsonl"), markers)
-    _atomic_json(os.path.join(self.workdir, SUMMARY_FILE), metrics_lib.summary(markers))
-    if record is not None and self.config.logging.tensorboard:
-      if self._writer is None:
-        self._writer = metrics_lib.TensorBoard(os.path.join(self.workdir, "tensorboard"))
-      self._writer.write(record, steps_per_round=self.plan.consolidation.steps)
-    if self.config.logging.plot and (record is None or record["stage"] == "evaluate"):
-      from oel_jax import plots  # pylint: disable=import-outside-toplevel
-      plots.plot_rounds(markers, os.path.join(self.workdir, "plots", "rounds.png"),
-                        title=str(self.config.name))
+  def marker(self, round_: Round, stage: str) -> dict[str, Any] | None:
+    """A finished stage's done-file (its metrics and artifacts), or None."""
+    return self.files.marker(round_, stage)
 
   def markers(self) -> list[dict[str, Any]]:
-    """Every completed stage's marker, initial evaluation first, then by round and stage."""
-    out = []
-    for r in [INITIAL] + list(range(self._rounds_on_disk())):
-      for stage in STAGES:
-        m = self.marker(r, stage)
-        if m is not None:
-          out.append(m)
-    return out
+    """Every finished stage's done-file, initial evaluation first, then by round and stage."""
+    return self.files.markers()
 
-  def _rounds_on_disk(self) -> int:
-    n = int(self.config.rounds)
-    if os.path.isdir(self.workdir):
-      for name in os.listdir(self.workdir):
-        if name.startswith("round_") and name[6:].isdigit():
-          n = max(n, int(name[6:]) + 1)
-    return n
-
-  # ---- models ----
+  def publish(self) -> None:
+    """Rebuilds metrics.jsonl, summary.json and the plot from the done-files."""
+    self.files.publish()
 
   def deployed_path(self, round_: int) -> str:
     """The model round ``round_`` deploys: the config's model, or the previous round's."""
-    if round_ == 0:
-      return self.config.model
-    return os.path.join(round_dir(self.workdir, round_ - 1), "model")
+    return self.files.deployed_path(round_)
 
-  def tokenizer(self):
+  # ---- models ----
+
+  def tokenizer(self) -> Any:
     """The run's tokenizer (the model's own, or the tiny one)."""
-    if self._tokenizer is None:
-      from oel_jax import chat, tiny  # pylint: disable=import-outside-toplevel
-      name = self.config.tokenizer or self.config.model
-      self._tokenizer = tiny.load_tiny_tokenizer() if name == "tiny" else \
-          chat.load_tokenizer(name)
-    return self._tokenizer
+    return self.pool.tokenizer()
 
-  def mesh(self):
+  def mesh(self) -> jax.sharding.Mesh | None:
     """The device mesh (None on a single device)."""
-    import jax  # pylint: disable=import-outside-toplevel
-    from oel_jax import parallel  # pylint: disable=import-outside-toplevel
-    size = int(np.prod(list(self.plan.mesh_shape.values())))
-    if self._mesh is None and size > 1:
-      self._mesh = parallel.make_mesh(parallel.MeshConfig(**self.plan.mesh_shape),
-                                      devices=jax.devices()[:size])
-    return self._mesh
+    return self.pool.mesh()
 
-  def load_model(self, path: str):
-    """Loads ``"tiny"`` or a HF checkpoint (the last one loaded is cached)."""
-    if path in self._models:
-      return self._models[path]
-    from oel_jax import tiny  # pylint: disable=import-outside-toplevel
-    from oel_jax.models import load_hf  # pylint: disable=import-outside-toplevel
-    param, compute = _dtype(self.config.param_dtype), _dtype(self.config.compute_dtype)
-    if path == "tiny":
-      model = tiny.tiny_model(param_dtype=param, compute_dtype=compute)
-      if self.mesh() is not None:
-        from oel_jax import parallel  # pylint: disable=import-outside-toplevel
-        parallel.shard_model(model, self.mesh())
-    else:
-      model = load_hf(path, dtype=param, compute_dtype=compute, mesh=self.mesh())
-    self._models = {path: model}  # Keep one: real models are large.
-    return model
+  def load_model(self, path: str) -> Any:
+    """Loads ``"tiny"`` or a HF checkpoint (the last one loaded is kept)."""
+    return self.pool.load(path)
 
-  def sampler(self, path: str, tokenizer: Any = None):
-    """A sampler holding the weights of ``path``: one per architecture, reused (and its
-    compiled programs with it) by swapping weights."""
-    from oel_jax import chat  # pylint: disable=import-outside-toplevel
-    from oel_jax.sampling import Sampler  # pylint: disable=import-outside-toplevel
-    model = self.load_model(path)
-    key = model.config
-    sampler = self._samplers.get(key)
-    if sampler is None:
-      tok = tokenizer or self.tokenizer()
-      stops = chat.stop_token_ids(tok)
-      sampler = Sampler(model, eos_ids=stops,
-                        pad_id=tok.pad_token_id if tok.pad_token_id is not None else stops[0],
-                        max_seq_len=int(self.config.max_seq_len),
-                        buckets_per_doubling=int(self.config.get("sampler_buckets_per_doubling", 1)),
-                        mesh=self.mesh())
-      self._samplers[key] = sampler
-    elif self._holds.get(key) != path:
-      sampler.update_weights(model)
-    self._holds[key] = path
-    return sampler
-
-  def _model_info(self, round_: int):
-    from oel_jax.envs import ModelInfo  # pylint: disable=import-outside-toplevel
-    return ModelInfo(str(self.deployed_path(round_)), round_)
-
-  # ---- stages ----
-
-  def collect(self, round_: int) -> dict[str, Any]:
-    """Plays the round's extraction and consolidation games with the deployed model."""
-    from oel_jax.envs import game_seeds, rollout, write_trajectories  # pylint: disable=import-outside-toplevel
-    start = time.perf_counter()
-    folder = os.path.join(round_dir(self.workdir, round_), "trajectories")
-    os.makedirs(folder, exist_ok=True)
-    p = self.plan
-    boards = game_seeds("train", self.config.seed, round_, p.extraction_boards)
-    consol = game_seeds("train", self.config.seed, round_, p.consolidation_games,
-                        start=p.extraction_boards)
-    sampler, tokenizer, info = (self.sampler(self.deployed_path(round_)), self.tokenizer(),
-                                self._model_info(round_))
-    # Play k of every board is the k-th chunk of the pool (run k reads it with pool_order
-    # "chunks"); each play is its own game, as the official K extraction jobs are.
-    plays = [k for k in range(p.extraction_plays) for _ in boards]
-    timings: dict[str, float] = {}
-    pools = {}
-    for pool, seeds, play in (("extraction", boards * p.extraction_plays, plays),
-                              ("consolidation", consol, None)):
-      pool_timings: dict[str, float] = {}
-      pools[pool] = rollout(sampler, tokenizer, seeds, p.rollout_for(round_, pool), model=info,
-                            timings=pool_timings, metadata={"split": "train", "pool": pool},
-                            plays=play)
-      for key, value in pool_timings.items():
-        timings[key] = timings.get(key, 0.0) + value
-    extract_path = os.path.join(folder, "extraction.jsonl")
-    consol_path = os.path.join(folder, "consolidation.jsonl")
-    write_trajectories(extract_path, pools["extraction"])
-    write_trajectories(consol_path, pools["consolidation"])
-    games = pools["extraction"] + pools["consolidation"]
-    metrics = {"extraction": metrics_lib.game_stats(pools["extraction"]),
-               "consolidation": metrics_lib.game_stats(pools["consolidation"]),
-               "all": metrics_lib.game_stats(games), "timings": timings}
-    tokens = metrics["all"]["response_tokens"]
-    metrics["tokens_per_s"] = tokens / timings["generate_s"] if timings.get("generate_s") else 0.0
-    return self._finish(round_, "collect", start, metrics,
-                        {"extraction": extract_path, "consolidation": consol_path})
-
-  def extract(self, round_: int) -> dict[str, Any]:
-    """Extracts the round's knowledge set (resumes an interrupted extraction)."""
-    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-    from oel_jax.envs import load_trajectories  # pylint: disable=import-outside-toplevel
-    from oel_jax.experience import run_extraction, STATE_FILE, load_state  # pylint: disable=import-outside-toplevel
-    self._require(round_, "collect")
-    start = time.perf_counter()
-    folder = round_dir(self.workdir, round_)
-    pool = load_trajectories(os.path.join(folder, "trajectories", "extraction.jsonl"))
-    config = self.plan.extraction_for(round_)
-    out_dir = os.path.join(folder, "knowledge")
-    done = 0
-    state_path = os.path.join(out_dir, STATE_FILE)
-    if os.path.exists(state_path):
-      done = load_state(state_path).step
-      _log.info("round %d: extraction resumes at step %d of %d", round_, done,
-                config.num_trajectories)
-    extractor = self.config.extraction.model or self.deployed_path(round_)
-    # Knowledge from another model (a baseline): its own tokenizer and sampler.
-    tokenizer = self.tokenizer()
-    if self.config.extraction.model:
-      from oel_jax import chat  # pylint: disable=import-outside-toplevel
-      tokenizer = chat.load_tokenizer(extractor)
-    bar = tqdm(total=config.num_trajectories, initial=done, unit="step",
-               desc=f"round {round_} extraction (K={config.num_runs})",
-               disable=not self.config.progress, leave=False)
-    try:
-      state = run_extraction(pool, config, tokenizer=tokenizer,
-                             sampler=self.sampler(extractor, tokenizer), out_dir=out_dir,
-                             on_step=lambda s: bar.update(1))
-    finally:
-      bar.close()
-    metrics = metrics_lib.extraction_stats(state)
-    return self._finish(round_, "extract", start, metrics, {"knowledge": out_dir})
-
-  def consolidate(self, round_: int) -> dict[str, Any]:
-    """Consolidates the knowledge into the deployed model; writes ``model/``."""
-    from oel_jax.envs import load_trajectories  # pylint: disable=import-outside-toplevel
-    from oel_jax.experience import load_knowledge_set  # pylint: disable=import-outside-toplevel
-    from oel_jax.models import save_hf  # pylint: disable=import-outside-toplevel
-    consolidate = importlib.import_module("oel_jax.consolidate")
-    self._require(round_, "collect")
-    self._require(round_, "extract")
-    start = time.perf_counter()
-    folder = round_dir(self.workdir, round_)
-    trajectories = load_trajectories(os.path.join(folder, "trajectories",
-                                                  "consolidation.jsonl"))
-    knowledge = load_knowledge_set(os.path.join(folder, "knowledge")).texts
-    config = self.plan.consolidation_for(round_)
-    if config.context == "raw_trajectories":  # Baseline: raw trajectories as the context.
-      knowledge = consolidate.raw_trajectory_contexts(
-          load_trajectories(os.path.join(folder, "trajectories", "extraction.jsonl")),
-          self.tokenizer(), num_contexts=self.plan.extraction.num_runs,
-          max_tokens=self.plan.extraction.max_knowledge_tokens, seed=config.seed)
-    path = self.deployed_path(round_)
-    sampler = self.sampler(path)
-    # The round-start model is both the student's starting point and the frozen teacher
-    # (run_consolidation trains a copy and never writes either).
-    model = self.load_model(path)
-    if self._trainer is None:
-      from oel_jax.train import Trainer  # pylint: disable=import-outside-toplevel
-      self._trainer = Trainer(model, config.train, mesh=self.mesh())
-    self._holds.pop(model.config, None)  # Consolidation swaps the student's weights in.
-    result = consolidate.run_consolidation(
-        model, model, self.tokenizer(), trajectories, list(knowledge), config,
-        workdir=os.path.join(folder, "consolidation"), mesh=self.mesh(), sampler=sampler,
-        trainer=self._trainer, progress=bool(self.config.progress))
-    model = result.model
-    out = os.path.join(folder, "model")
-    tmp = out + ".tmp"
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp)
-    save_hf(model, tmp, tokenizer=self.tokenizer())
-    if os.path.exists(out):
-      shutil.rmtree(out)
-    os.replace(tmp, out)
-    metrics = metrics_lib.consolidation_stats(result)
-    del model, result
-    return self._finish(round_, "consolidate", start, metrics, {"model": out})
-
-  def evaluate(self, round_: int | str) -> dict[str, Any]:
-    """Evaluates the round's consolidated model (or the initial model for ``"initial"``)."""
-    from oel_jax.evaluate import evaluate  # pylint: disable=import-outside-toplevel
-    from oel_jax.envs import ModelInfo  # pylint: disable=import-outside-toplevel
-    start = time.perf_counter()
-    folder = round_dir(self.workdir, round_)
-    out = os.path.join(folder, "evaluation")
-    os.makedirs(out, exist_ok=True)
-    artifacts: dict[str, str] = {}
-    metrics: dict[str, Any] = {}
-    if round_ == INITIAL:
-      path, info = self.config.model, ModelInfo(str(self.config.model), 0)
-    else:
-      self._require(round_, "consolidate")
-      path = os.path.join(folder, "model")
-      info = ModelInfo(path, int(round_) + 1)
-      if self.config.evaluation.in_context:
-        metrics["in_context"] = self._in_context(round_, out)
-        artifacts["in_context"] = os.path.join(out, "in_context.json")
-    result = evaluate(self.sampler(path), self.tokenizer(), self.plan.evaluation, model=info,
-                      trajectory_path=os.path.join(out, "games.jsonl"))
-    _atomic_json(os.path.join(out, "pass_rate.json"), result.to_dict())
-    metrics["pass_rate"] = result.to_dict()
-    artifacts.update(pass_rate=os.path.join(out, "pass_rate.json"),
-                     games=os.path.join(out, "games.jsonl"))
-    if self.config.ifeval.enabled:
-      metrics["ifeval"] = self._ifeval(path, out)
-      artifacts["ifeval"] = os.path.join(out, "ifeval.json")
-    return self._finish(round_, "evaluate", start, metrics, artifacts)
-
-  def _in_context(self, round_: int, out: str) -> list[dict[str, Any]]:
-    """Pass rate of the round-start model with the knowledge of each extraction snapshot."""
-    from oel_jax.evaluate import evaluate  # pylint: disable=import-outside-toplevel
-    from oel_jax.experience import SNAPSHOT_DIR, load_knowledge_set  # pylint: disable=import-outside-toplevel
-    folder = round_dir(self.workdir, round_)
-    config = self.plan.extraction_for(round_)
-    n, every = config.num_trajectories, config.snapshot_every
-    steps = [s for s in range(every, n, every)] if every else []
-    sets = [(s, os.path.join(folder, "knowledge", SNAPSHOT_DIR.format(s))) for s in steps]
-    sets.append((n, os.path.join(folder, "knowledge")))
-    run = int(self.config.evaluation.in_context_run)
-    sampler = self.sampler(self.deployed_path(round_))
-    records = []
-    for step, knowledge_dir in sets:
-      text = load_knowledge_set(knowledge_dir).texts[run]
-      result = evaluate(sampler, self.tokenizer(), self.plan.evaluation,
-                        model=self._model_info(round_), knowledge=text)
-      records.append({"step": step, "num_trajectories": n, "knowledge_run": run,
-                      **result.to_dict()})
-    _atomic_json(os.path.join(out, "in_context.json"), records)
-    return records
-
-  def _ifeval(self, path: str, out: str) -> dict[str, Any]:
-    from oel_jax.ifeval import evaluate_ifeval  # pylint: disable=import-outside-toplevel
-    c = self.config.ifeval
-    result = evaluate_ifeval(
-        self.sampler(path), self.tokenizer(), path=c.path, enable_thinking=c.enable_thinking,
-        max_new_tokens=int(c.max_new_tokens), limit=int(c.limit) or None,
-        batch_size=int(c.batch_size), temperature=float(c.temperature), top_k=int(c.top_k),
-        top_p=float(c.top_p), seed=int(c.seed))
-    data = result.to_dict() if hasattr(result, "to_dict") else dataclasses.asdict(result)
-    _atomic_json(os.path.join(out, "ifeval.json"), data)
-    s = result.scores
-    return {"prompt_level_strict": s.prompt_level_strict,
-            "prompt_level_loose": s.prompt_level_loose,
-            "instruction_level_strict": s.instruction_level_strict,
-            "instruction_level_loose": s.instruction_level_loose,
-            "num_prompts": len(result.responses), "num_truncated": result.num_truncated,
-            "mean_response_tokens": result.mean_response_tokens}
-
-  def export(self, round_: int) -> dict[str, Any]:
-    """Exports the round's model in the serving dtype (or records ``model/`` as the export)."""
-    from oel_jax.models import save_hf  # pylint: disable=import-outside-toplevel
-    self._require(round_, "consolidate")
-    start = time.perf_counter()
-    folder = round_dir(self.workdir, round_)
-    model_dir = os.path.join(folder, "model")
-    dtype = self.config.export.dtype
-    if dtype and dtype != self.config.param_dtype:
-      out = os.path.join(folder, "export")
-      tmp = out + ".tmp"
-      if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-      save_hf(self.load_model(model_dir), tmp, dtype=_dtype(dtype), tokenizer=self.tokenizer())
-      if os.path.exists(out):
-        shutil.rmtree(out)
-      os.replace(tmp, out)
-    else:
-      out, dtype = model_dir, self.config.param_dtype
-    files = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
-    size = sum(os.path.getsize(os.path.join(out, f)) for f in files)
-    return self._finish(round_, "export", start, {"dtype": dtype, "files": files,
-                                                  "bytes": size}, {"export": out})
-
-  def _require(self, round_: int, stage: str) -> None:
-    if not self.done(round_, stage):
-      raise RuntimeError(f"round {round_}: stage {stage!r} has not completed "
-                         f"({self.marker_path(round_, stage)} missing); run it first "
-                         f"(--stage={stage} --round={round_}, or the whole loop)")
+  def sampler(self, path: str, tokenizer: Any = None) -> Any:
+    """The sampler of ``path``'s architecture with ``path``'s weights in it."""
+    return self.pool.sampler(path, tokenizer)
 
   # ---- driving ----
 
-  def run_stage(self, stage: str, round_: int | str) -> dict[str, Any]:
-    """Runs one stage of one round unless it is done; returns its marker."""
+  def run_stage(self, stage: str, round_: Round) -> dict[str, Any]:
+    """Runs one stage of one round unless it is done; returns its done-file record."""
     if stage not in STAGES:
       raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     if round_ == INITIAL and stage != "evaluate":
@@ -930,17 +284,16 @@ class OnlineLoop:
     if round_ != INITIAL and not 0 <= int(round_) < int(self.config.rounds):
       raise ValueError(f"round {round_} is outside [0, config.rounds={self.config.rounds})")
     if round_ != INITIAL and int(round_) > 0:
-      self._require(int(round_) - 1, "consolidate")
+      self.files.require(int(round_) - 1, "consolidate")
     existing = self.marker(round_, stage)
     if existing is not None:
       _log.info("round %s: %s already done (%s)", round_, stage,
                 self.marker_path(round_, stage))
       return existing
-    return getattr(self, stage)(round_)
+    return RUNNERS[stage](round_, self.config, self.files, self.pool)
 
   def run(self) -> dict[str, Any]:
-    """Runs every round (skipping completed stages); returns the run's summary."""
-    from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+    """Runs every round (skipping finished stages); returns the run's summary."""
     self.check_workdir()
     todo = ([(INITIAL, "evaluate")] if self.config.evaluation.initial else []) + \
         [(r, s) for r in range(int(self.config.rounds)) for s in STAGES]
@@ -951,7 +304,6 @@ class OnlineLoop:
         self.run_stage(stage, r)
     finally:
       bar.close()
-    self._publish()
-    if self._writer is not None:
-      self._writer.close()
-    return _read_json(os.path.join(self.workdir, SUMMARY_FILE))
+    self.files.publish()
+    self.files.close()
+    return self.files.summary()

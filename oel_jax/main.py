@@ -241,7 +241,7 @@ def _main():
     return
   run.check_workdir()
   if stage == "plot":
-    run._publish()  # pylint: disable=protected-access
+    run.publish()
     print(f"wrote {os.path.join(run.workdir, 'metrics.jsonl')} and "
           f"{os.path.join(run.workdir, 'plots', 'rounds.png')}")
     return
@@ -266,7 +266,7 @@ def _main():
       print(f"{stage}: done for every round in {run.workdir}")
       return
     run.run_stage(stage, round_)
-    run._publish()  # pylint: disable=protected-access
+    run.publish()
   print(f"{stage} finished in {time.perf_counter() - start:.1f}s; workdir {run.workdir}")
   logging.flush()
 

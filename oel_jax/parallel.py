@@ -16,6 +16,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from oel_jax import settings
+
 AXES = ("data", "fsdp", "tp")
 
 
@@ -23,34 +25,54 @@ AXES = ("data", "fsdp", "tp")
 class MeshConfig:
   """Sizes of the mesh axes; -1 on one axis takes all remaining devices."""
 
-  data: int = 1
+  data: int = settings.integer(1, minimum=-1)
   """Pure data parallelism (parameters replicated across it)."""
-  fsdp: int = -1
+  fsdp: int = settings.integer(-1, minimum=-1)
   """Fully sharded data parallelism: batch and parameters split along it."""
-  tp: int = 1
+  tp: int = settings.integer(1, minimum=-1)
   """Tensor parallelism: attention heads and MLP width split along it."""
+
+  def __post_init__(self):
+    settings.check(self)
+
+  def sizes(self) -> dict[str, int]:
+    """The axis sizes as given (-1 unresolved)."""
+    return {"data": self.data, "fsdp": self.fsdp, "tp": self.tp}
+
+  def cross_checks(self, at: settings.At) -> list[str]:
+    """Sizes are positive, or -1 on at most one axis."""
+    sizes = self.sizes()
+    if not at.ok(*AXES):
+      return []
+    if 0 in sizes.values() or list(sizes.values()).count(-1) > 1:
+      return [f"{at.path}: axis sizes must be positive or -1 (at most one), got {sizes}"]
+    return []
+
+  def resolve(self, num_devices: int) -> dict[str, int]:
+    """The axis sizes over ``num_devices`` devices, the -1 axis resolved.
+
+    Raises:
+      ValueError: the fixed axes do not divide the devices, or need another number of them.
+    """
+    sizes = self.sizes()
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if -1 in sizes.values():
+      if num_devices % fixed:
+        raise ValueError(f"{sizes}: {num_devices} devices do not divide by the fixed axes "
+                         f"(product {fixed})")
+      sizes = {a: (num_devices // fixed if v == -1 else v) for a, v in sizes.items()}
+    if math.prod(sizes.values()) != num_devices:
+      raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, have "
+                       f"{num_devices}")
+    return sizes
 
 
 def make_mesh(config: MeshConfig | None = None, devices: Sequence[Any] | None = None) -> Mesh:
   """A mesh over `devices` (default: all) with axes (data, fsdp, tp)."""
   config = config or MeshConfig()
   devices = list(jax.devices() if devices is None else devices)
-  sizes = [config.data, config.fsdp, config.tp]
-  for name, size in zip(AXES, sizes):
-    if size == 0 or size < -1:
-      raise ValueError(f"mesh axis '{name}' has size {size}; use a positive size or -1")
-  if sizes.count(-1) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got {config}")
-  known = math.prod(s for s in sizes if s != -1)
-  if -1 in sizes:
-    if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices do not divide into the fixed axes of "
-                       f"{config} (product {known})")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if math.prod(sizes) != len(devices):
-    raise ValueError(f"mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, "
-                     f"have {len(devices)}")
-  return Mesh(np.asarray(devices).reshape(sizes), AXES)
+  sizes = config.resolve(len(devices))
+  return Mesh(np.asarray(devices).reshape([sizes[a] for a in AXES]), AXES)
 
 
 def check_divisible(name: str, shape: Sequence[int], spec: P, mesh: Mesh):

@@ -29,7 +29,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from oel_jax import losses, parallel
+from oel_jax import losses, parallel, settings
 from oel_jax.models.qwen3 import Qwen3
 
 
@@ -37,60 +37,53 @@ from oel_jax.models.qwen3 import Qwen3
 class TrainConfig:
   """Optimizer and loss settings of consolidation (paper Table 3/4 defaults)."""
 
-  learning_rate: float = 1e-6
+  learning_rate: float = settings.number(1e-6, minimum=0)
   """Constant learning rate (no warm-up); 0 leaves the weights as they are (a control run:
   everything else, sampling included, runs as usual)."""
-  weight_decay: float = 0.01
+  weight_decay: float = settings.number(0.01, minimum=0)
   """AdamW decoupled weight decay."""
-  b1: float = 0.9
+  b1: float = settings.number(0.9, minimum=0, maximum=1)
   """AdamW first-moment decay."""
-  b2: float = 0.999
+  b2: float = settings.number(0.999, minimum=0, maximum=1)
   """AdamW second-moment decay."""
-  eps: float = 1e-8
+  eps: float = settings.number(1e-8, minimum=0)
   """AdamW epsilon."""
-  max_grad_norm: float = 1.0
+  max_grad_norm: float = settings.number(1.0, minimum=0, exclusive=True)
   """Global-norm gradient clipping threshold."""
-  divergence: str = losses.TOPK_REVERSE_KL
+  divergence: str = settings.choice(losses.TOPK_REVERSE_KL, losses.DIVERGENCES)
   """One of `oel_jax.losses.DIVERGENCES` (forward KL for off-policy distillation)."""
-  k: int = 256
+  k: int = settings.integer(256, minimum=0)
   """Top-k support size; 0 for the full vocabulary."""
-  temperature: float = 0.7
-  """The sampling temperature, applied to both models' logits (DESIGN.md 5.3)."""
-  renormalize: bool = False
+  temperature: float = settings.number(0.7, minimum=0, exclusive=True)
+  """The sampling temperature, applied to both models' logits (DESIGN.md 5.3); > 0, since
+  the loss divides the logits by it."""
+  renormalize: bool = settings.boolean(False)
   """Renormalise both distributions over the top-k support."""
-  tail: bool = False
+  tail: bool = settings.boolean(False)
   """Add a tail bucket for the mass outside the support S, making the loss the KL of the two
   distributions coarse-grained to S plus one bucket (`oel_jax.losses`; >= 0, unlike the
   truncated sum). Off: the official loss. Reverse-KL divergences only, not with
   `renormalize`."""
-  micro_batches: int = 1
+  micro_batches: int = settings.integer(1, minimum=1)
   """Split each batch into this many micro-batches (gradient accumulation)."""
-  loss_chunk_size: int = 256
+  loss_chunk_size: int = settings.integer(256, minimum=1)
   """Tokens per chunk in the memory-bounded loss."""
-  vocab_chunk_size: int = 8192
+  vocab_chunk_size: int = settings.integer(8192, minimum=1)
   """Vocabulary rows per tile in the loss's backward pass."""
 
   def __post_init__(self):
-    if self.divergence not in losses.DIVERGENCES:
-      raise ValueError(f"TrainConfig.divergence must be one of {losses.DIVERGENCES}, "
-                       f"got {self.divergence!r}")
-    if isinstance(self.learning_rate, bool) or not self.learning_rate >= 0:
-      raise ValueError(f"TrainConfig.learning_rate must be >= 0, got {self.learning_rate}")
-    for name in ("temperature", "max_grad_norm"):
-      if not getattr(self, name) > 0:
-        raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
-    if self.k < 0:
-      raise ValueError(f"TrainConfig.k must be >= 0, got {self.k}")
-    if not isinstance(self.tail, bool):
-      raise ValueError(f"TrainConfig.tail must be a bool, got {self.tail!r}")
-    if self.tail and self.renormalize:
-      raise ValueError("TrainConfig.tail and TrainConfig.renormalize cannot both be set: "
-                       "renormalised over the support there is no tail bucket")
-    if self.tail and self.divergence == losses.FORWARD_KL:
-      raise ValueError(f"TrainConfig.tail is implemented for the reverse-KL divergences, not "
-                       f"{losses.FORWARD_KL!r}")
-    if self.micro_batches < 1:
-      raise ValueError(f"TrainConfig.micro_batches must be >= 1, got {self.micro_batches}")
+    settings.check(self)
+
+  def cross_checks(self, at: settings.At) -> list[str]:
+    """The tail bucket's conditions."""
+    out = []
+    if at.ok("tail", "renormalize") and self.tail and self.renormalize:
+      out.append(f"{at('tail')} and {at('renormalize')} cannot both be set: renormalised over "
+                 "the support there is no tail bucket")
+    if at.ok("tail", "divergence") and self.tail and self.divergence == losses.FORWARD_KL:
+      out.append(f"{at('tail')} is implemented for the reverse-KL divergences, not "
+                 f"{losses.FORWARD_KL!r}")
+    return out
 
   def optimizer(self) -> optax.GradientTransformation:
     return optax.chain(

@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from oel_jax.atomic_write import (AtomicFile, atomic_open, atomic_write_bytes,
-                                  atomic_write_text)
+                                  atomic_write_text, replace_folder)
 
 
 def _mode(path) -> int:
@@ -146,3 +146,30 @@ def test_dropped_atomic_file_leaves_no_temp(tmp_path):
   del out
   gc.collect()
   assert os.listdir(tmp_path) == []
+
+
+def _fill(files):
+  def write(folder):
+    os.makedirs(folder)
+    for name, text in files.items():
+      with open(os.path.join(folder, name), "w") as f:
+        f.write(text)
+  return write
+
+
+def test_replace_folder_replaces_a_folder_only_once_it_is_written(tmp_path):
+  out = tmp_path / "model"
+  assert replace_folder(out, _fill({"a": "1", "b": "2"})) == str(out)
+  assert sorted(os.listdir(out)) == ["a", "b"]
+  os.makedirs(str(out) + ".tmp")  # A killed earlier write's leftover.
+  (tmp_path / "model.tmp" / "stale").write_text("x")
+  replace_folder(out, _fill({"c": "3"}))
+  assert os.listdir(out) == ["c"] and sorted(os.listdir(tmp_path)) == ["model"]
+
+  def fail(folder):
+    _fill({"d": "4"})(folder)
+    raise OSError("disk full")
+
+  with pytest.raises(OSError, match="disk full"):
+    replace_folder(out, fail)
+  assert os.listdir(out) == ["c"]  # The old folder stays until a write succeeds.

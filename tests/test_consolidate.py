@@ -519,7 +519,7 @@ def test_config_validation():
     ConsolidationConfig(context="trajectories")
   with pytest.raises(ValueError, match="enable_thinking"):
     ConsolidationConfig(enable_thinking=1)
-  with pytest.raises(ValueError, match="max_consecutive_skipped_steps must be >= 1"):
+  with pytest.raises(ValueError, match="max_consecutive_skipped_steps must be an integer >= 1"):
     ConsolidationConfig(max_consecutive_skipped_steps=0)
   assert ConsolidationConfig().max_consecutive_skipped_steps == 3
   config = ConsolidationConfig(steps=3, train=TrainConfig(learning_rate=5e-6))

@@ -54,7 +54,7 @@ FIG11 = (
     'game. The experience should be generally useful rather than only applicable for the current '
     'map (board). After careful reasoning step by step, output the final additional experience.')
 
-M = ex.MARKER
+M = ex.ITEM_PREFIX
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,12 @@ def _traj(j: int, turns: int = 2) -> Trajectory:
                   response=f"<think>\nthink {j}.{t}\n</think>\n\nmove [down]", action="[down]")
              for t in range(turns)],
       final_feedback="Summary:\nFinal Result: Failure\nFeedback: fell in a hole\n")
+
+
+def _shuffled(**fields) -> ex.ExtractionConfig:
+  """An ExtractionConfig drawing its pool in a seeded shuffle: these tests were written when
+  that was the default (now "chunks", the loop's and the official order)."""
+  return ex.ExtractionConfig(pool_order="shuffle", **fields)
 
 
 def _pool(size: int) -> list[Trajectory]:
@@ -270,7 +276,7 @@ def test_truncation_unstructured_by_lines(tok):
 
 
 def test_orders():
-  config = ex.ExtractionConfig(num_trajectories=5, num_runs=4, seed=3)
+  config = _shuffled(num_trajectories=5, num_runs=4, seed=3)
   orders = ex.plan_orders(9, config)
   assert len(orders) == 4 and len(set(orders)) == 4  # every run its own order
   for order in orders:
@@ -288,8 +294,8 @@ def test_orders():
 @pytest.mark.parametrize("with_previous", [True, False])
 def test_accumulation_order_and_previous_switch(tok, with_previous):
   pool = _pool(6)
-  config = ex.ExtractionConfig(num_trajectories=4, num_runs=3, with_previous=with_previous,
-                               max_knowledge_tokens=4096, seed=11)
+  config = _shuffled(num_trajectories=4, num_runs=3, with_previous=with_previous,
+                     max_knowledge_tokens=4096, seed=11)
   fake = FakeExtractor()
   state = ex.run_extraction(pool, config, generate=fake, tokenizer=tok)
   assert state.done and state.step == 4
@@ -313,7 +319,7 @@ def test_accumulation_order_and_previous_switch(tok, with_previous):
 def test_truncation_inside_the_loop(tok):
   pool = _pool(5)
   cost = ex.count_tokens(tok, f"{M} from MAP-0 s{ex.step_seed(0, 0)}\n")
-  config = ex.ExtractionConfig(num_trajectories=5, num_runs=2, max_knowledge_tokens=2 * cost + 1)
+  config = _shuffled(num_trajectories=5, num_runs=2, max_knowledge_tokens=2 * cost + 1)
   state = ex.run_extraction(pool, config, generate=FakeExtractor(), tokenizer=tok)
   for k, order in enumerate(state.orders):
     seeds = [h["seed"] for h in state.history]
@@ -327,7 +333,7 @@ def test_truncation_inside_the_loop(tok):
 
 def test_k_seeds_give_k_files(tok, tmp_path):
   pool = _pool(8)
-  config = ex.ExtractionConfig(num_trajectories=3, num_runs=4, seed=5)
+  config = _shuffled(num_trajectories=3, num_runs=4, seed=5)
   state = ex.run_extraction(pool, config, generate=FakeExtractor(), tokenizer=tok,
                             out_dir=tmp_path)
   names = sorted(os.listdir(tmp_path))
@@ -391,7 +397,7 @@ def test_replies_cut_inside_their_reasoning_are_kept_and_counted(tok, tmp_path):
 
 
 def test_nothing_extracted_at_all_gives_empty_files(tok, tmp_path):
-  config = ex.ExtractionConfig(num_trajectories=2, num_runs=2)
+  config = _shuffled(num_trajectories=2, num_runs=2)
   state = ex.run_extraction(_pool(3), config, generate=FakeExtractor(lambda *a: "nothing"),
                             tokenizer=tok, out_dir=tmp_path)
   assert state.knowledge == ("", "")
@@ -404,13 +410,13 @@ def test_chat_completions_are_accepted_and_recorded(tok):
                            tokens=[1, 2, 3], logprobs=[0.0] * 3, finish_reason="stop")
             for _ in conversations]
 
-  state = ex.run_extraction(_pool(2), ex.ExtractionConfig(num_trajectories=1, num_runs=2),
+  state = ex.run_extraction(_pool(2), _shuffled(num_trajectories=1, num_runs=2),
                             generate=generate, tokenizer=tok)
   assert state.knowledge == (f"{M} c", f"{M} c")
   run = state.history[0]["runs"][0]
   assert run["response_tokens"] == 3 and run["finish_reason"] == "stop"
   with pytest.raises(ValueError, match="returned 1 replies for 2"):
-    ex.run_extraction(_pool(2), ex.ExtractionConfig(num_trajectories=1, num_runs=2),
+    ex.run_extraction(_pool(2), _shuffled(num_trajectories=1, num_runs=2),
                       generate=lambda convs, seed: ["x"], tokenizer=tok)
 
 
@@ -420,8 +426,8 @@ def test_chat_completions_are_accepted_and_recorded(tok):
 
 def test_state_json_round_trip(tok):
   pool = _pool(4)
-  config = ex.ExtractionConfig(num_trajectories=3, num_runs=2, knowledge_format="unstructured",
-                               with_previous=False, max_knowledge_tokens=100)
+  config = _shuffled(num_trajectories=3, num_runs=2, knowledge_format="unstructured",
+                     with_previous=False, max_knowledge_tokens=100)
   state = ex.start_extraction(pool, config)
   for _ in range(2):
     state = ex.extraction_step(state, pool, FakeExtractor(), tok)
@@ -437,7 +443,7 @@ def test_state_json_round_trip(tok):
 
 def test_resume_mid_way_equals_uninterrupted(tok, tmp_path):
   pool = _pool(7)
-  config = ex.ExtractionConfig(num_trajectories=5, num_runs=3, seed=2, snapshot_every=2)
+  config = _shuffled(num_trajectories=5, num_runs=3, seed=2, snapshot_every=2)
   whole = ex.run_extraction(pool, config, generate=FakeExtractor(), tokenizer=tok,
                             out_dir=tmp_path / "whole")
   crashing = FakeExtractor(fail_at_call=3)
@@ -487,7 +493,7 @@ def test_config_dict_round_trip():
                                max_knowledge_tokens=2048, with_previous=False)
   assert ex.ExtractionConfig.from_dict(config.to_dict()) == config
   assert config.generation_tokens == 2048
-  with pytest.raises(ValueError, match="unknown extraction config"):
+  with pytest.raises(ValueError, match="has no field 'n'"):
     ex.ExtractionConfig.from_dict({"n": 3})
 
 
@@ -522,9 +528,9 @@ def test_tiny_model_through_the_real_sampler(tok, tmp_path):
     return generate_tokens(prompt_ids, **kwargs)
 
   sampler.generate = counting_generate
-  config = ex.ExtractionConfig(knowledge_format="unstructured", with_previous=False,
-                               num_trajectories=2, num_runs=2, max_new_tokens=8,
-                               max_knowledge_tokens=64)
+  config = _shuffled(knowledge_format="unstructured", with_previous=False,
+                     num_trajectories=2, num_runs=2, max_new_tokens=8,
+                     max_knowledge_tokens=64)
   pool = [_traj(j, turns=1) for j in range(3)]
   state = ex.run_extraction(pool, config, sampler=sampler, tokenizer=tok, out_dir=tmp_path)
   assert state.done and batches == [2, 2]

@@ -249,7 +249,7 @@ def test_config_errors_name_the_field():
   c.train.micro_batches = 1
   message = _errors(c, num_devices=2)
   assert "config.train.k (4096) exceeds the model's vocabulary (2048 rows)" in message
-  assert "config.env: unknown environment 'chess'" in message
+  assert "config.env must be one of ('frozenlake', 'sokoban'), got 'chess'" in message
   assert "config.consolidation.games_per_step (3) / config.train.micro_batches (1) is not " \
          "divisible by the mesh's data x fsdp = 2 devices" in message
 
@@ -258,7 +258,7 @@ def test_config_errors_name_the_field():
   c.mesh.tp = 3
   c.max_seq_len = 40
   message = _errors(c, num_devices=2)
-  assert "config.extraction: ExtractionConfig.num_runs must be >= 1, got 0" in message
+  assert "config.extraction.num_runs must be an integer >= 1, got 0" in message
   assert "config.mesh" in message and "2 devices do not divide" in message
   assert "config.rollout.max_new_tokens (48) leaves no room for a prompt in " \
          "config.max_seq_len (40)" in message
@@ -273,7 +273,7 @@ def test_config_errors_name_the_field():
   assert "config.extraction.pool_order 'chunks' needs" in message
   assert "config.ifeval.path: '/nonexistent/input_data.jsonl' is not a file" in message
   assert "config.model: '/nonexistent/Qwen3-4B' is neither 'tiny' nor a checkpoint" in message
-  assert "config.consolidation: ConsolidationConfig.temperature (0.5) differs" in message
+  assert "config.consolidation.temperature (0.5) differs from config.train.temperature" in message
 
 
 def test_the_tiny_config_is_valid():
@@ -302,3 +302,17 @@ def test_a_stage_needs_the_stages_before_it(tmp_path):
     run.run_stage("extract", 0)
   with pytest.raises(RuntimeError, match=r"round 0: stage 'consolidate' has not completed"):
     run.run_stage("collect", 1)
+
+
+def test_the_loop_serves_scripts_the_run_s_models_and_paths(tmp_path):
+  """What scripts/demo_experiments.py and main.py's probe call on a loop, in process."""
+  run = loop.OnlineLoop(_tiny_config(), str(tmp_path), num_devices=1)
+  assert run.workdir == str(tmp_path) and run.files.path == run.workdir
+  assert run.deployed_path(0) == "tiny"
+  assert run.deployed_path(2) == os.path.join(str(tmp_path), "round_001", "model")
+  assert run.plan.evaluation.num_games == 8
+  sampler = run.sampler("tiny")
+  assert run.sampler(run.deployed_path(0)) is sampler
+  assert run.load_model("tiny") is run.load_model(run.config.model)
+  assert run.tokenizer() is run.pool.tokenizer()
+  assert not run.done(0, "collect") and run.markers() == []

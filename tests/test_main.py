@@ -103,7 +103,7 @@ def test_bad_config_values_fail_before_any_work(tmp_path):
   assert out.returncode == 2, (out.stdout, out.stderr[-2000:])
   err = out.stderr
   assert "config.train.k (5000) exceeds the model's vocabulary (2048 rows)" in err
-  assert "config.env: unknown environment 'chess'; known: frozenlake, sokoban" in err
+  assert "config.env must be one of ('frozenlake', 'sokoban'), got 'chess'" in err
   # Two games per step cannot be split over the 4 devices of the mesh.
   assert ("config.consolidation.games_per_step (2) / config.train.micro_batches (1) is not "
           "divisible by the mesh's data x fsdp = 4 devices") in err

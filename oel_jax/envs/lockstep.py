@@ -47,6 +47,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from oel_jax import settings
 from oel_jax.envs.textarena_games import GAMES, make_env
 from oel_jax.envs.trajectory import ModelInfo, Trajectory, write_trajectories
 
@@ -137,63 +138,53 @@ class Generator(Protocol):
 class RolloutConfig:
   """How a batch of games is played. Defaults: the official deployment rollouts."""
 
-  env: str = "frozenlake"
+  env: str = settings.choice("frozenlake", GAMES)
   """The game, a name `oel_jax.envs.make_env` knows (``"frozenlake"``, ``"sokoban"``)."""
 
-  env_settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  env_settings: Mapping[str, Any] = settings.mapping()
   """Overrides of the game's settings (`make_env` keywords); empty = the paper's settings."""
 
-  enable_thinking: bool = True
+  enable_thinking: bool = settings.boolean(True)
   """Passed to the chat template: Qwen3 thinking mode on (the model reasons in
   ``<think>...</think>`` first) or off (an empty think block is pre-filled). The official
   ``textgame_no_think`` is its negation. Templates without the flag ignore it."""
 
-  keep_reasoning: bool = True
+  keep_reasoning: bool = settings.boolean(True)
   """Whether the reasoning before ``</think>`` stays in the reply that is recorded and parsed
   (True, as in every official script), or is stripped (see `strip_reasoning`)."""
 
-  max_new_tokens: int = 1024
+  max_new_tokens: int = settings.max_new_tokens(1024)
   """Token budget of one reply (reasoning included); the paper uses 1024."""
 
-  temperature: float = 0.7
+  temperature: float = settings.temperature(0.7)
   """Sampling temperature (0 = greedy). Official deployment rollouts: 0.7."""
 
-  top_k: int = 0
+  top_k: int = settings.top_k(0)
   """Keep only the k most likely tokens (0 = off). Official deployment rollouts: off."""
 
-  top_p: float = 1.0
+  top_p: float = settings.top_p(1.0)
   """Nucleus sampling mass in (0, 1] (1 = off). Official deployment rollouts: 1."""
 
-  seed: int = 0
+  seed: int = settings.integer(0, minimum=0)
   """Sampling seed (>= 0): with the same board seeds and config, the same trajectories."""
 
-  max_batch_size: int | None = None
+  max_batch_size: int | None = settings.integer(None, minimum=1, optional=True)
   """Most prompts per `generate` call; more active games are split into several calls per
   turn. None: all active games in one call."""
 
-  progress: bool = True
+  progress: bool = settings.boolean(True)
   """Show a tqdm progress bar (games finished, current turn, games still running)."""
 
   def __post_init__(self):
-    if self.env not in GAMES:
-      raise ValueError(f"unknown environment {self.env!r}; known: {', '.join(GAMES)}")
     object.__setattr__(self, "env_settings", dict(self.env_settings))
-    for name in ("enable_thinking", "keep_reasoning", "progress"):
-      if not isinstance(getattr(self, name), bool):
-        raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-    if _bad_int(self.max_new_tokens, 1):
-      raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-    if _bad_int(self.top_k, 0):
-      raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
-    if _bad_int(self.seed, 0):
-      raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
-    if self.max_batch_size is not None and _bad_int(self.max_batch_size, 1):
-      raise ValueError(f"max_batch_size must be None or an integer >= 1, got "
-                       f"{self.max_batch_size!r}")
-    if not self.temperature >= 0:
-      raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-    if not 0 < self.top_p <= 1:
-      raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+    settings.check(self)
+
+  @property
+  def sampling_params(self) -> settings.SamplingParams:
+    """The settings of each sampler call."""
+    return settings.SamplingParams(temperature=self.temperature, top_k=self.top_k,
+                                   top_p=self.top_p, max_new_tokens=self.max_new_tokens,
+                                   enable_thinking=self.enable_thinking)
 
   def sampling(self) -> dict[str, Any]:
     """The sampling settings as JSON data (recorded in each trajectory's metadata)."""
@@ -263,6 +254,7 @@ def rollout(sampler: Generator, tokenizer: Any, seeds: Sequence[int],
     raise ValueError(f"plays must hold one integer >= 0 per seed ({len(seeds)} seeds), got "
                      f"{plays!r}")
   plays = [int(p) for p in plays]
+  params = config.sampling_params
   wall_start = time.perf_counter()
   generate_s = 0.0
   calls = 0
@@ -297,9 +289,7 @@ def rollout(sampler: Generator, tokenizer: Any, seeds: Sequence[int],
         batch_seeds = [game_turn_seed(config.seed, seeds[i], turn, plays[i])
                        for i in active[lo:lo + size]]
         t0 = time.perf_counter()
-        out = sampler.generate(batch, max_new_tokens=config.max_new_tokens,
-                               temperature=config.temperature, top_k=config.top_k,
-                               top_p=config.top_p, seed=batch_seeds)
+        out = sampler.generate(batch, **params.generate_kwargs(), seed=batch_seeds)
         generate_s += time.perf_counter() - t0
         calls += 1
         if len(out.tokens) != len(batch) or len(out.finish_reasons) != len(batch):
