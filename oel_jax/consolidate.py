@@ -16,7 +16,9 @@ What each step does, and how it follows the official implementation (microsoft/L
 ``oel/scripts/textgame_consolidate.sh`` for the settings):
 
 - Prefixes (`build_prefixes`): every turn of every consolidation trajectory gives one prefix,
-  the user message the model saw at that turn (``Turn.prompt``, no knowledge). Officially each
+  the prompt the model saw at that turn (no knowledge): its ``Turn.content`` rendered by its
+  ``Turn.prompt_format`` (`oel_jax.prompts.formats`), or, for a turn recorded without them,
+  its ``Turn.prompt`` read as our game prompt. Officially each
   step's batch is every turn (``history``) of 64 freshly played games; here the games were
   played beforehand (trajectory files), and step ``s`` takes the next ``games_per_step`` games
   of a seeded per-epoch permutation (`ConsolidationConfig.shuffle`), each with all its turns (at
@@ -28,8 +30,10 @@ What each step does, and how it follows the official implementation (microsoft/L
   sampler gets the student's new weights after every optimizer step (the official rollout engine
   is synced to the actor every step).
 - Teacher inputs: per row, a knowledge text drawn uniformly at random (with replacement) from
-  the set (official ``rng.choice(EXPERIENCES)`` per sample), put into the prompt's knowledge
-  block (`oel_jax.envs.insert_knowledge`; an empty text gives no block, as officially), rendered
+  the set (official ``rng.choice(EXPERIENCES)`` per sample), put into the prompt by the
+  prefix's format (`insert_knowledge`; the game format's knowledge block, an empty text giving
+  no block, as officially; a turn recorded without its content gets the block spliced into
+  its recorded prompt, `oel_jax.prompts.formats.RECORDED_GAME`), rendered
   with the same chat template and thinking flag, followed by the *same* response tokens.
 - Loss (`oel_jax.train.Trainer`): scored response tokens are the reply up to and including its
   first stop token; a reply cut at the token budget is scored as it is (official
@@ -109,8 +113,9 @@ from tqdm.auto import tqdm
 
 from oel_jax import losses, settings
 from oel_jax.atomic_write import atomic_write_text
-from oel_jax.envs import Trajectory, insert_knowledge
+from oel_jax.envs import Trajectory, Turn
 from oel_jax.models.qwen3 import Qwen3
+from oel_jax.prompts import formats
 from oel_jax.sampling import Sampler, bucket_size
 from oel_jax.train import (DistillBatch, NonFiniteLossError, TrainConfig, Trainer, TrainState,
                            make_batch)
@@ -274,10 +279,11 @@ class ConsolidationConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Prefix:
-  """One training prompt: the user message of one turn of one trajectory."""
+  """One training prompt: one turn of one trajectory, rendered through its prompt format."""
 
-  prompt: str
-  """The exact user-message text the model saw at that turn (no knowledge block)."""
+  content: str
+  """The turn's knowledge-free content (``Turn.content``; for a turn recorded without it, the
+  whole recorded prompt)."""
 
   game: int
   """Index of its trajectory in the list given to `build_prefixes`."""
@@ -285,19 +291,51 @@ class Prefix:
   turn: int
   """Index of the turn in that trajectory (0 = the first)."""
 
+  format: formats.PromptFormat = formats.RECORDED_GAME
+  """Renders `content` (and `knowledge`) into chat messages: the turn's ``prompt_format``,
+  or `oel_jax.prompts.formats.RECORDED_GAME` for a turn recorded without one."""
+
+  knowledge: str | None = None
+  """The knowledge text the prompt carries (None: the student's prompt)."""
+
+  def messages(self) -> list[formats.Message]:
+    """The chat messages of this prompt."""
+    return self.format.messages(self.content, self.knowledge)
+
+  @property
+  def prompt(self) -> str:
+    """The user message's text (the knowledge-free prefix: the prompt the model saw)."""
+    return formats.user_text(self.messages())
+
+
+def insert_knowledge(prefix: Prefix, knowledge: str | None) -> Prefix:
+  """The prefix as the teacher sees it: with ``knowledge`` in its prompt (its format's way)."""
+  return dataclasses.replace(prefix, knowledge=knowledge or None)
+
+
+def _turn_prefix(turn: Turn, game: int, index: int) -> Prefix:
+  """A turn's prefix: rendered by its prompt format, or parsed as our game prompt without one."""
+  if turn.prompt_format is None:
+    return Prefix(content=turn.prompt, game=game, turn=index)
+  try:
+    fmt = formats.get_format(turn.prompt_format)
+  except ValueError as e:
+    raise ValueError(f"trajectory {game}, turn {index}: {e}") from None
+  return Prefix(content=turn.content, game=game, turn=index, format=fmt)
+
 
 def build_prefixes(trajectories: Sequence[Trajectory]) -> list[Prefix]:
   """Every turn of every trajectory, in order, as one `Prefix` each.
 
   Raises:
     TypeError: an item is not a `Trajectory`.
+    ValueError: a turn names a prompt format not in `oel_jax.prompts.formats.FORMATS`.
   """
   out = []
   for g, trajectory in enumerate(trajectories):
     if not isinstance(trajectory, Trajectory):
       raise TypeError(f"trajectories[{g}] is a {type(trajectory).__name__}, not a Trajectory")
-    for t, turn in enumerate(trajectory.turns):
-      out.append(Prefix(prompt=turn.prompt, game=g, turn=t))
+    out.extend(_turn_prefix(turn, g, t) for t, turn in enumerate(trajectory.turns))
   return out
 
 
@@ -348,12 +386,11 @@ def sampling_seed(seed: int, step: int, chunk: int = 0) -> int:
   return int(_seed(seed, _SAMPLE, step, chunk).generate_state(1, np.uint32)[0])
 
 
-def encode_prompt(tokenizer: Any, message: str, *, enable_thinking: bool) -> list[int]:
-  """One user message rendered with the tokenizer's chat template, as token ids."""
+def encode_prompt(tokenizer: Any, prefix: Prefix, *, enable_thinking: bool) -> list[int]:
+  """A prefix's messages rendered with the tokenizer's chat template, as token ids."""
   from oel_jax import chat  # pylint: disable=import-outside-toplevel  (transformers: slow)
 
-  return chat.encode_chat(tokenizer, [{"role": "user", "content": message}],
-                          enable_thinking=enable_thinking)
+  return chat.encode_chat(tokenizer, prefix.messages(), enable_thinking=enable_thinking)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,11 +424,10 @@ def step_inputs(prefixes: Sequence[Prefix], games: Sequence[Sequence[int]],
   student, teacher = [], []
   for i, c in zip(rows, contexts):
     if i not in cache:
-      cache[i] = tuple(encode_prompt(tokenizer, prefixes[i].prompt,
+      cache[i] = tuple(encode_prompt(tokenizer, prefixes[i],
                                      enable_thinking=config.enable_thinking))
     student.append(cache[i])
-    teacher.append(tuple(encode_prompt(tokenizer, insert_knowledge(prefixes[i].prompt,
-                                                                   knowledge[c]),
+    teacher.append(tuple(encode_prompt(tokenizer, insert_knowledge(prefixes[i], knowledge[c]),
                                        enable_thinking=config.enable_thinking)))
   return StepInputs(step=step, prefixes=tuple(rows), contexts=tuple(contexts),
                     student_prompts=tuple(student), teacher_prompts=tuple(teacher))
@@ -610,9 +646,10 @@ def _check_knowledge(knowledge: Any) -> tuple[str, ...]:
 
 
 def _check_prefixes(prefixes: Sequence[Prefix]) -> None:
+  """Each prefix renders with a knowledge text (a recorded game prompt must be knowledge-free)."""
   for p in prefixes:
     try:
-      insert_knowledge(p.prompt, "x")
+      p.format.messages(p.content, "x")
     except ValueError as e:
       raise ValueError(f"trajectory {p.game}, turn {p.turn}: {e}") from None
 
@@ -683,7 +720,7 @@ class OffPolicy:
     """Tokens of the longest prompt: the longest prefix with the longest knowledge text."""
     del student_ids
     widest = max(knowledge, key=len)
-    return len(encode_prompt(tokenizer, insert_knowledge(prefix.prompt, widest),
+    return len(encode_prompt(tokenizer, insert_knowledge(prefix, widest),
                              enable_thinking=config.enable_thinking))
 
   def start(self, sampler: Any, state: TrainState, teacher_params: Any) -> None:
@@ -758,8 +795,7 @@ def _inputs(student: Qwen3, teacher: Qwen3, tokenizer: Any, trajectories: Any, k
   student_ids: dict[int, tuple[int, ...]] = {}
   longest = 0
   for i, p in enumerate(prefixes):
-    student_ids[i] = tuple(encode_prompt(tokenizer, p.prompt,
-                                         enable_thinking=config.enable_thinking))
+    student_ids[i] = tuple(encode_prompt(tokenizer, p, enable_thinking=config.enable_thinking))
     if len(student_ids[i]) > len(student_ids[longest]):
       longest = i
   need = POLICIES[config.mode].longest_prompt(tokenizer, prefixes[longest], student_ids[longest],

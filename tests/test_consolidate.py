@@ -12,8 +12,9 @@ from flax import nnx
 
 from oel_jax import chat, consolidate, losses, metrics, parallel, tiny
 from oel_jax.consolidate import ConsolidationConfig, run_consolidation
-from oel_jax.envs import (ModelInfo, insert_knowledge, load_trajectories, make_env,
-                          write_trajectories)
+from oel_jax.envs import (EnvSpec, ModelInfo, Turn, insert_knowledge, load_trajectories,
+                          make_env, write_trajectories)
+from oel_jax.prompts import formats
 from oel_jax.sampling import Sampler
 from oel_jax.train import NonFiniteLossError, TrainConfig, Trainer
 
@@ -83,6 +84,64 @@ def test_every_turn_gives_exactly_one_prefix_equal_to_the_prompt_seen(played, tm
   assert consolidate.build_prefixes(load_trajectories(path)) == prefixes
   assert consolidate.group_by_game(prefixes) == [
       [i for i, p in enumerate(prefixes) if p.game == g] for g in range(len(trajectories))]
+
+
+def _legacy(trajectory):
+  """The trajectory as files written before turns carried content and a prompt format."""
+  return dataclasses.replace(trajectory, turns=tuple(
+      dataclasses.replace(t, content=None, prompt_format=None) for t in trajectory.turns))
+
+
+def test_a_file_in_the_format_without_content_consolidates_exactly_as_before(
+    tok, trajectories, tmp_path):
+  """Turns without content/prompt_format: the recorded prompt, knowledge spliced in."""
+  path = tmp_path / "old.jsonl"
+  write_trajectories(path, [_legacy(t) for t in trajectories])
+  with open(path, encoding="utf-8") as f:
+    assert '"content"' not in f.read()  # the file is in today's format
+  old = consolidate.build_prefixes(load_trajectories(path))
+  new = consolidate.build_prefixes(trajectories)
+  assert all(p.format is formats.RECORDED_GAME for p in old)
+  assert all(p.format is formats.GAME for p in new)
+  config = dataclasses.replace(CONFIG, games_per_step=5)
+  games = consolidate.group_by_game(old)
+  a = consolidate.step_inputs(old, games, KNOWLEDGE, tok, config, step=1)
+  b = consolidate.step_inputs(new, games, KNOWLEDGE, tok, config, step=1)
+  assert a == b  # the same student and teacher token ids, row by row
+  for p, c, ids in zip(a.prefixes, a.contexts, a.teacher_prompts):
+    assert list(ids) == chat.encode_chat(
+        tok, [{"role": "user", "content": insert_knowledge(old[p].prompt, KNOWLEDGE[c])}],
+        enable_thinking=False)
+
+
+def test_a_prompt_format_puts_the_knowledge_in_a_system_message(tok, trajectories):
+  """A deployment whose prompts are not our game template still consolidates."""
+  turns = [Turn(observation="o", prompt=f"Ticket {i}: printer on fire", response="r",
+                content=f"Ticket {i}: printer on fire", prompt_format="system_knowledge")
+           for i in range(2)]
+  own = dataclasses.replace(trajectories[0], env=EnvSpec("helpdesk"), turns=tuple(turns))
+  prefixes = consolidate.build_prefixes([own])
+  config = dataclasses.replace(CONFIG, games_per_step=1)
+  inputs = consolidate.step_inputs(prefixes, [[0, 1]], ["Unplug it first."], tok, config, 1)
+  for p, student, teacher in zip(inputs.prefixes, inputs.student_prompts,
+                                 inputs.teacher_prompts):
+    user = {"role": "user", "content": turns[p].content}
+    assert list(student) == chat.encode_chat(tok, [user], enable_thinking=False)
+    assert list(teacher) == chat.encode_chat(
+        tok, [{"role": "system", "content": "Unplug it first."}, user], enable_thinking=False)
+  unknown = dataclasses.replace(own, turns=(dataclasses.replace(turns[0], prompt_format="x"),))
+  with pytest.raises(ValueError, match="trajectory 0, turn 0: unknown prompt format 'x'"):
+    consolidate.build_prefixes([unknown])
+
+
+def test_stale_teacher_hook_gives_the_teacher_the_students_prompt(tok, trajectories,
+                                                                  monkeypatch):
+  """scripts/demo_failure_checks.py's stale_teacher break patches consolidate.insert_knowledge."""
+  monkeypatch.setattr(consolidate, "insert_knowledge", lambda prompt, knowledge: prompt)
+  prefixes = consolidate.build_prefixes(trajectories)
+  inputs = consolidate.step_inputs(prefixes, consolidate.group_by_game(prefixes), KNOWLEDGE,
+                                   tok, dataclasses.replace(CONFIG, games_per_step=5), 1)
+  assert inputs.teacher_prompts == inputs.student_prompts
 
 
 def test_step_selection_is_a_seeded_pass_over_the_games(trajectories):
@@ -496,7 +555,9 @@ def test_bad_input_fails_before_any_work(tok, trajectories, engine, tmp_path):
   with pytest.raises(ValueError, match="no turns"):
     run(trajs=[no_turns])
   turns = list(trajectories[1].turns)
-  turns[0] = dataclasses.replace(turns[0], prompt=insert_knowledge(turns[0].prompt, "k"))
+  # A turn in the format written before turns carried their content: its prompt is parsed.
+  turns[0] = dataclasses.replace(turns[0], prompt=insert_knowledge(turns[0].prompt, "k"),
+                                 content=None, prompt_format=None)
   with pytest.raises(ValueError, match="trajectory 1, turn 0"):
     run(trajs=[trajectories[0], dataclasses.replace(trajectories[1], turns=tuple(turns))])
   with pytest.raises(ValueError, match="architectures differ"):

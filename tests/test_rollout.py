@@ -26,6 +26,7 @@ from oel_jax.envs import (
     strip_reasoning,
 )
 from oel_jax.envs import lockstep as rollout_module
+from oel_jax.prompts import formats
 from oel_jax.sampling import Sampler
 from scripted_sampler import ScriptedSampler, bfs_policy
 from test_trajectory import schema_errors
@@ -315,6 +316,24 @@ def test_knowledge_goes_into_every_prompt(tok):
     assert all(knowledge in turn.prompt for turn in a.turns)
     assert not any(knowledge in turn.prompt for turn in b.turns)
     assert [turn.action for turn in a.turns] == [turn.action for turn in b.turns]
+
+
+def test_a_prompt_format_renders_every_turn_and_is_recorded(tok):
+  """Knowledge in a system message: the turns record the format, the history and the user text."""
+  knowledge = "- EXPERIENCE ITEM: holes are deadly."
+  sampler = ScriptedSampler(tok, bfs_policy("frozenlake"))
+  seeds = game_seeds("train", 0, 0, 3)
+  own = rollout(sampler, tok, seeds, RolloutConfig(progress=False), model=MODEL,
+                knowledge=knowledge, prompt_format=formats.SYSTEM_KNOWLEDGE)
+  game = rollout(sampler, tok, seeds, RolloutConfig(progress=False), model=MODEL)
+  for a, b in zip(own, game):
+    assert [turn.action for turn in a.turns] == [turn.action for turn in b.turns]
+    for x, y in zip(a.turns, b.turns):
+      assert x.prompt_format == "system_knowledge" and y.prompt_format == "oel_game"
+      assert x.content == y.content and x.prompt == x.content  # the user message: the history
+      assert y.prompt == formats.GAME.messages(y.content)[0]["content"]
+  first = tok.decode(sampler.calls[0].prompts[0])
+  assert first.startswith(f"<|im_start|>system\n{knowledge}<|im_end|>")
 
 
 def test_prompt_too_long_for_the_sampler_is_named(tok):

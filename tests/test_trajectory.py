@@ -28,12 +28,14 @@ from oel_jax.envs import (
     write_trajectories,
 )
 from oel_jax.envs import trajectory as trajectory_module
+from oel_jax.prompts import formats
 
 # ---------------------------------------------------------------------------------------------
 # A minimal JSON Schema (draft 2020-12) interpreter for the keywords the schema uses.
 
 _KEYWORDS = {"$schema", "$id", "title", "description", "type", "properties", "required",
-             "additionalProperties", "items", "$ref", "anyOf", "const", "minimum", "$defs"}
+             "additionalProperties", "items", "$ref", "anyOf", "const", "minimum", "$defs",
+             "dependentRequired"}
 
 
 def _type_ok(value, name):
@@ -74,6 +76,9 @@ def schema_errors(value, node, root, where="$"):
     for key in node.get("required", []):
       if key not in value:
         errors.append(f"{where}.{key}: missing")
+    for key, needed in node.get("dependentRequired", {}).items():
+      if key in value:
+        errors += [f"{where}.{n}: missing beside {key}" for n in needed if n not in value]
     for key, sub in value.items():
       if key in props:
         errors += schema_errors(sub, props[key], root, f"{where}.{key}")
@@ -110,7 +115,9 @@ def _synthetic():
       turns=[Turn(observation="Bonjour \u2028 \u2029 \r\n\t \x00 \U0001F600 \"quoted\"",
                   prompt="line1\nline2", response="<think>\u00e9</think>ok",
                   metadata={"tokens": 12, "finish_reason": "stop"}),
-             Turn(observation="", prompt="", response="")],
+             Turn(observation="", prompt="", response=""),
+             Turn(observation="o", prompt="line", response="r", content="line",
+                  prompt_format="system_knowledge")],
       final_feedback="",
   )
 
@@ -195,6 +202,9 @@ def test_schema_file_agrees_with_the_validator_field_list():
       assert _schema_types(prop) == types_, (name, key)
       assert prop.get("const") == const and prop.get("minimum") == minimum, (name, key)
       assert prop.get("description"), (name, key)
+    requires = {k: [f["requires"]] for k, f in trajectory_module.FIELDS[name].items()
+                if "requires" in f}
+    assert node.get("dependentRequired", {}) == requires, name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,6 +258,9 @@ MALFORMED = [
     (_with(("metadata",), None), "metadata", "expected an object, got null"),
     (_with(("final_feedback",), ...), "final_feedback", "required field is missing"),
     (_with(("turnz",), []), "turnz", "unknown field"),
+    (_with(("turns", 0, "prompt_format"), "oel_game"), "turns[0].prompt_format",
+     "needs turns[0].content beside it"),
+    (_with(("turns", 0, "content"), 3), "turns[0].content", "expected a string"),
 ]
 
 
@@ -339,3 +352,19 @@ def test_record_values_must_be_exact_json():
   assert Trajectory.from_json(t.to_json()) == t
   with pytest.raises(Exception):
     t.seed = 3  # Frozen.
+
+
+def test_records_without_content_fields_read_and_write_as_before(tmp_path):
+  """A turn of today's format (no content, no prompt_format) round-trips without them."""
+  line = json.dumps(_GOOD)
+  t = Trajectory.from_json(line)
+  assert all(turn.content is None and turn.prompt_format is None for turn in t.turns)
+  assert all("content" not in turn and "prompt_format" not in turn
+             for turn in t.to_dict()["turns"])
+
+
+def test_played_turns_record_their_content_and_format():
+  t = _played("frozenlake", 0, ["[right]", "[d]"])
+  for turn in t.turns:
+    assert turn.prompt_format == "oel_game"
+    assert formats.GAME.messages(turn.content) == [{"role": "user", "content": turn.prompt}]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from typing import Protocol, runtime_checkable
 
-from oel_jax import prompts
+from oel_jax.prompts import formats
 from oel_jax.envs.trajectory import EnvSpec, ModelInfo, Outcome, Trajectory, Turn
 
 ACTIONS = {
@@ -62,34 +62,12 @@ def build_prompt(situation: str, knowledge: str | None = None) -> str:
 
   ``knowledge`` (the experiential knowledge text) adds the knowledge block of the paper's
   Fig. 12; None or an empty string leaves it out (an empty knowledge is no knowledge, as in
-  the official code).
+  the official code). The text of `oel_jax.prompts.formats.GAME`.
   """
-  if knowledge:
-    return prompts.load("game_prompt_with_knowledge").format(experience=knowledge,
-                                                              prompt=situation)
-  return prompts.load("game_prompt").format(prompt=situation)
+  return formats.game_prompt(situation, knowledge)
 
 
-def insert_knowledge(prompt: str, knowledge: str | None) -> str:
-  """Returns the prompt a knowledge-free ``prompt`` would have been with ``knowledge``.
-
-  ``insert_knowledge(build_prompt(s), k) == build_prompt(s, k)``: this is how the teacher's
-  input is made from a trajectory's recorded prompt during consolidation.
-
-  Raises:
-    ValueError: ``prompt`` does not start with the knowledge-free header.
-  """
-  plain = prompts.load("game_prompt")
-  start = plain[:plain.index("{prompt}")]
-  if not prompt.startswith(start):
-    raise ValueError("prompt does not start with the knowledge-free game header "
-                     f"{start!r}; was it built with knowledge already?")
-  if not knowledge:
-    return prompt
-  tail = prompt[len(start):]
-  template = prompts.load("game_prompt_with_knowledge")
-  head = template[:template.index("{prompt}")].format(experience=knowledge)
-  return head + tail
+insert_knowledge = formats.insert_knowledge
 
 
 @runtime_checkable

@@ -4,7 +4,8 @@
                            RolloutConfig(env="frozenlake"), model=ModelInfo("Qwen/Qwen3-4B", 1),
                            path="runs/round1/train.jsonl")
 
-Every turn, the prompt of each game still running is rendered as one user message with the
+Every turn, the observation history of each game still running is rendered by a prompt format
+(`oel_jax.prompts.formats`; the paper's game prompt, one user message, by default) and the
 tokenizer's own chat template (thinking on or off), and all of them go to the sampler in **one**
 batched `generate` call (or in chunks of `RolloutConfig.max_batch_size`). Each reply is decoded
 (special tokens dropped), optionally stripped of its reasoning, and played in its game; games
@@ -50,6 +51,7 @@ import numpy as np
 from oel_jax import settings
 from oel_jax.envs.textarena_games import GAMES, make_env
 from oel_jax.envs.trajectory import ModelInfo, Trajectory, write_trajectories
+from oel_jax.prompts import formats
 
 THINK_END = "</think>"
 
@@ -211,7 +213,8 @@ def rollout(sampler: Generator, tokenizer: Any, seeds: Sequence[int],
             knowledge: str | None = None, path: str | None = None,
             metadata: Mapping[str, Any] | None = None,
             timings: dict[str, float] | None = None,
-            plays: Sequence[int] | None = None) -> list[Trajectory]:
+            plays: Sequence[int] | None = None,
+            prompt_format: formats.PromptFormat = formats.GAME) -> list[Trajectory]:
   """Plays one game per board seed, all in lockstep, and returns their trajectories.
 
   Args:
@@ -232,6 +235,9 @@ def rollout(sampler: Generator, tokenizer: Any, seeds: Sequence[int],
     plays: the play index of each game (>= 0, one per seed; None: all 0). Plays of one board
       with different indices are different games (their sampling seeds differ); the index is
       recorded in each trajectory's metadata as ``play``.
+    prompt_format: renders each turn's messages from the game's observation history and
+      ``knowledge`` (default: the paper's game prompt); each turn records its id, the history
+      as ``content`` and the user message as ``prompt``.
 
   Returns:
     The trajectories, in the order of ``seeds``. Each one's metadata holds ``sampling``
@@ -263,6 +269,7 @@ def rollout(sampler: Generator, tokenizer: Any, seeds: Sequence[int],
   for env in envs:
     env.reset()
   turn_meta: list[list[dict[str, Any]]] = [[] for _ in envs]
+  contents: list[list[str]] = [[] for _ in envs]  # per game, the history each turn showed
   max_seq_len = getattr(sampler, "max_seq_len", None)
   active = list(range(len(envs)))
   turn = 0
@@ -273,7 +280,8 @@ def rollout(sampler: Generator, tokenizer: Any, seeds: Sequence[int],
       bar.set_postfix(turn=turn, running=len(active))
       prompts = []
       for i in active:
-        ids = chat.encode_chat(tokenizer, [{"role": "user", "content": envs[i].prompt}],
+        contents[i].append(envs[i].history)
+        ids = chat.encode_chat(tokenizer, prompt_format.messages(contents[i][-1], knowledge),
                                enable_thinking=config.enable_thinking)
         if max_seq_len is not None and len(ids) + config.max_new_tokens > max_seq_len:
           raise ValueError(
@@ -316,9 +324,12 @@ def rollout(sampler: Generator, tokenizer: Any, seeds: Sequence[int],
            "keep_reasoning": config.keep_reasoning, "with_knowledge": bool(knowledge),
            **dict(metadata or {})}
   trajectories = []
-  for env, metas, play in zip(envs, turn_meta, plays):
+  for env, metas, texts, play in zip(envs, turn_meta, contents, plays):
     t = env.trajectory(model, metadata={**extra, "play": play})
-    turns = tuple(dataclasses.replace(turn_, metadata=m) for turn_, m in zip(t.turns, metas))
+    turns = tuple(dataclasses.replace(
+        turn_, metadata=m, content=text, prompt_format=prompt_format.id,
+        prompt=formats.user_text(prompt_format.messages(text, knowledge)))
+                  for turn_, m, text in zip(t.turns, metas, texts))
     trajectories.append(dataclasses.replace(t, turns=turns))
   if timings is not None:
     wall = time.perf_counter() - wall_start

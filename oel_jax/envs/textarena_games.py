@@ -58,7 +58,8 @@ from typing import Any
 import numpy as np
 
 from oel_jax import prompts
-from oel_jax.envs.base import build_prompt, parse_action
+from oel_jax.envs.base import parse_action
+from oel_jax.prompts import formats
 from oel_jax.envs.trajectory import EnvSpec, ModelInfo, Outcome, Trajectory, Turn
 
 TURN_LIMIT_FEEDBACK = "Environment terminated because the round limit is reached"
@@ -221,6 +222,7 @@ class TextArenaGame:
     self._wrapper_text = ""  # "llm_wrapper" rendering: the wrapper's whole string so far
     self._turns: list[Turn] = []
     self._observation = ""
+    self._content = ""  # the history the current prompt shows
     self._prompt = ""
     self._done = False
     self._outcome: Outcome | None = None
@@ -265,7 +267,8 @@ class TextArenaGame:
     with isolated_global_rng():
       done, _ = self._env.step(action=self._keymap.get(action, action))
     self._turns.append(Turn(observation=self._observation, prompt=self._prompt,
-                            response=response, action=action))
+                            response=response, action=action, content=self._content,
+                            prompt_format=formats.GAME.id))
     if done:
       with isolated_global_rng():
         rewards, game_info = self._env.close()
@@ -357,13 +360,15 @@ class TextArenaGame:
   def _advance(self, chunk: str, observation: str) -> None:
     self._chunks.append(chunk)
     self._observation = observation
-    self._prompt = build_prompt(self.history, self.knowledge)
+    self._content = self.history
+    self._prompt = formats.user_text(formats.GAME.messages(self._content, self.knowledge))
 
   def _finish(self, outcome: Outcome, final_feedback: str) -> None:
     self._done = True
     self._outcome = outcome
     self._final_feedback = final_feedback
     self._observation = ""
+    self._content = ""
     self._prompt = ""
 
 

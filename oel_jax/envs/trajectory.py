@@ -11,7 +11,8 @@ other). A record:
      "seed": 7,                                     # optional, null for real deployments
      "model": {"name": "Qwen/Qwen3-1.7B", "round": 1},
      "turns": [{"observation": ..., "prompt": ..., "response": ...,
-                "action": "[up]", "metadata": {}}, ...],
+                "action": "[up]", "metadata": {},
+                "content": ..., "prompt_format": "oel_game"}, ...],   # optional pair
      "final_feedback": "Summary:\\nFinal Result: Success\\n...",
      "outcome": {"success": true, "reward": 1.0, "reason": "..."},   # optional, may be null
      "metadata": {}}                                # optional, free-form
@@ -163,8 +164,28 @@ class Turn:
   metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   """Free-form JSON data about this turn (e.g. token counts, finish reason)."""
 
+  content: str | None = None
+  """The turn's knowledge-free content, which `prompt_format` renders into the prompt (our
+  games: the observation history); None in records that predate it."""
+
+  prompt_format: str | None = None
+  """Id of the `oel_jax.prompts.formats.PromptFormat` that rendered the prompt from
+  `content` (our games: ``"oel_game"``), so the server side re-renders the turn with
+  knowledge; None when the turn records no content (the prompt is then parsed as our game
+  prompt)."""
+
   def __post_init__(self):
     object.__setattr__(self, "metadata", _json_value(self.metadata, "turn.metadata"))
+
+  def to_dict(self) -> dict[str, Any]:
+    """The turn as JSON data (the optional content fields only when set)."""
+    out = {"observation": self.observation, "prompt": self.prompt, "response": self.response,
+           "action": self.action, "metadata": self.metadata}
+    if self.content is not None:
+      out["content"] = self.content
+    if self.prompt_format is not None:
+      out["prompt_format"] = self.prompt_format
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,8 +225,7 @@ class Trajectory:
         "env": {"id": self.env.id, "settings": self.env.settings},
         "seed": self.seed,
         "model": {"name": self.model.name, "round": self.model.round},
-        "turns": [{"observation": t.observation, "prompt": t.prompt, "response": t.response,
-                   "action": t.action, "metadata": t.metadata} for t in self.turns],
+        "turns": [t.to_dict() for t in self.turns],
         "final_feedback": self.final_feedback,
         "outcome": (None if self.outcome is None else
                     {"success": self.outcome.success, "reward": self.outcome.reward,
@@ -227,7 +247,8 @@ class Trajectory:
         model=ModelInfo(name=model["name"], round=model.get("round")),
         turns=tuple(Turn(observation=t["observation"], prompt=t["prompt"],
                          response=t["response"], action=t.get("action"),
-                         metadata=t.get("metadata", {})) for t in record["turns"]),
+                         metadata=t.get("metadata", {}), content=t.get("content"),
+                         prompt_format=t.get("prompt_format")) for t in record["turns"]),
         final_feedback=record["final_feedback"],
         outcome=(None if outcome is None else
                  Outcome(success=outcome["success"], reward=float(outcome["reward"]),
@@ -251,7 +272,8 @@ class Trajectory:
 # Types: "string", "integer" (a JSON integer; booleans are not integers), "number" (integer or
 # finite float), "boolean", "null", "object" (any JSON object), "array", or the name of a record
 # in FIELDS (a nested object checked field by field). "X[]" is an array of X. A field may allow
-# several types. "minimum" (integers) and "const" constrain values further.
+# several types. "minimum" (integers) and "const" constrain values further; "requires" names a
+# field that must be present beside this one.
 
 FIELDS: dict[str, dict[str, dict[str, Any]]] = {
     "Trajectory": {
@@ -278,6 +300,8 @@ FIELDS: dict[str, dict[str, dict[str, Any]]] = {
         "response": {"types": ("string",), "required": True},
         "action": {"types": ("string", "null"), "required": False},
         "metadata": {"types": ("object",), "required": False},
+        "content": {"types": ("string",), "required": False},
+        "prompt_format": {"types": ("string",), "required": False, "requires": "content"},
     },
     "Outcome": {
         "success": {"types": ("boolean",), "required": True},
@@ -375,6 +399,8 @@ def _check_record(record: Any, name: str, where: str) -> None:
       raise TrajectoryFormatError(f"must be >= {spec['minimum']}, got {value!r}", field=field)
     if "object" in types and isinstance(value, dict):
       _json_value(value, field)  # Rejects NaN / infinity nested in free-form data.
+    if "requires" in spec and spec["requires"] not in record:
+      raise TrajectoryFormatError(f"needs {prefix}{spec['requires']} beside it", field=field)
 
 
 def validate_record(record: Any) -> None:
