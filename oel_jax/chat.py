@@ -21,8 +21,6 @@ code decides that for itself.)
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import transformers
-
 THINK_START = "<think>"
 THINK_END = "</think>"
 # Qwen3's turn terminators: <|im_end|> ends a chat turn, <|endoftext|> ends a document (and
@@ -32,7 +30,7 @@ TURN_END_TOKENS = ("<|im_end|>", "<|endoftext|>")
 _ROLES_HINT = "a list of {'role': str, 'content': str} dicts"
 
 
-def load_tokenizer(path_or_id: str, **kwargs: Any) -> transformers.PreTrainedTokenizerBase:
+def load_tokenizer(path_or_id: str, **kwargs: Any) -> Any:
   """Loads a tokenizer with ``transformers.AutoTokenizer`` (never with remote code).
 
   Args:
@@ -40,9 +38,15 @@ def load_tokenizer(path_or_id: str, **kwargs: Any) -> transformers.PreTrainedTok
       populated cache; with ``HF_HUB_OFFLINE=1`` only the cache is used).
     **kwargs: passed to ``AutoTokenizer.from_pretrained`` (``revision``, ``cache_dir``, ...).
 
+  Returns:
+    A ``transformers.PreTrainedTokenizerBase``.
+
   Raises:
     ValueError: ``trust_remote_code`` was asked for.
   """
+  # Imported here: transformers takes seconds to import, and only loading a tokenizer needs it.
+  import transformers  # pylint: disable=import-outside-toplevel
+
   if kwargs.pop("trust_remote_code", False):
     raise ValueError("load_tokenizer: trust_remote_code is not allowed (oel_jax never runs "
                      "code shipped with a checkpoint)")
@@ -158,12 +162,29 @@ def split_reasoning(text: str, *, think_open: bool = False) -> tuple[str, str]:
   """
   if not isinstance(text, str):
     raise TypeError(f"split_reasoning expects str, got {type(text).__name__}")
-  if THINK_END in text:
-    before, after = text.rsplit(THINK_END, 1)
-    return _strip_think_start(before), after.strip()
-  if think_open or text.lstrip().startswith(THINK_START):
+  answer = after_reasoning(text)
+  if answer is not None:
+    return _strip_think_start(text[:len(text) - len(answer) - len(THINK_END)]), answer.strip()
+  if think_open or opens_reasoning(text):
     return _strip_think_start(text), ""
   return "", text.strip()
+
+
+def after_reasoning(text: str) -> str | None:
+  """The text after the last ``</think>``, as it is (not stripped); None when there is none.
+
+  The one place a reply is cut at its reasoning: `split_reasoning` (chat replies),
+  `oel_jax.envs.strip_reasoning` (game replies) and `oel_jax.experience.drop_reasoning`
+  (extractor replies) differ only in what they make of a reply without ``</think>``.
+  """
+  if THINK_END not in text:
+    return None
+  return text.rsplit(THINK_END, 1)[1]
+
+
+def opens_reasoning(text: str) -> bool:
+  """Whether ``text`` starts (after whitespace) with ``<think>``."""
+  return text.lstrip().startswith(THINK_START)
 
 
 def _strip_think_start(text: str) -> str:

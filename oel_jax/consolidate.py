@@ -111,7 +111,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from oel_jax import losses, settings
+from oel_jax import chat, engine, experience, losses, settings
 from oel_jax.atomic_write import atomic_write_text
 from oel_jax.envs import Trajectory, Turn
 from oel_jax.models.qwen3 import Qwen3
@@ -388,8 +388,6 @@ def sampling_seed(seed: int, step: int, chunk: int = 0) -> int:
 
 def encode_prompt(tokenizer: Any, prefix: Prefix, *, enable_thinking: bool) -> list[int]:
   """A prefix's messages rendered with the tokenizer's chat template, as token ids."""
-  from oel_jax import chat  # pylint: disable=import-outside-toplevel  (transformers: slow)
-
   return chat.encode_chat(tokenizer, prefix.messages(), enable_thinking=enable_thinking)
 
 
@@ -473,8 +471,6 @@ def raw_trajectory_contexts(trajectories: Sequence[Trajectory], tokenizer: Any, 
   whole ones that fit in ``max_tokens`` tokens together (the same budget L_max as knowledge);
   when not even the last one fits, its last ``max_tokens`` tokens.
   """
-  from oel_jax import experience  # pylint: disable=import-outside-toplevel
-
   if not trajectories:
     raise ValueError("raw_trajectory_contexts: no trajectories")
   texts = [experience.format_trajectory(t) for t in trajectories]
@@ -893,17 +889,17 @@ class _Stepper:
     d, config = self.inputs, self.config
     inputs = step_inputs(d.prefixes, d.games, d.knowledge, self.tokenizer, config, step,
                          d.student_ids)
-    prompts = self.policy.prompts(inputs)
-    size = config.max_sampling_batch or len(prompts)
-    responses, reasons = [], []
+
+    def answer(chunk: list[tuple[int, ...]], index: int) -> list[tuple[list[int], str]]:
+      return engine.replies(self.sampler.generate(
+          [list(p) for p in chunk], **config.sampling_params.generate_kwargs(),
+          seed=sampling_seed(config.seed, step, index)))
+
     t0 = time.perf_counter()
-    for chunk, lo in enumerate(range(0, len(prompts), size)):
-      out = self.sampler.generate([list(p) for p in prompts[lo:lo + size]],
-                                  **config.sampling_params.generate_kwargs(),
-                                  seed=sampling_seed(config.seed, step, chunk))
-      responses.extend([int(t) for t in toks] for toks in out.tokens)
-      reasons.extend(out.finish_reasons)
+    replies = engine.in_chunks(self.policy.prompts(inputs), config.max_sampling_batch, answer)
     sampling_time = time.perf_counter() - t0
+    responses = [toks for toks, _ in replies]
+    reasons = [reason for _, reason in replies]
     batch = build_batch(inputs.student_prompts, inputs.teacher_prompts, responses,
                         pad_id=self.pad_id, config=config, row_multiple=self.row_multiple)
     state, m = self.trainer.train_step(state, self.teacher_params, batch, skip_non_finite=True)
@@ -1037,8 +1033,6 @@ def run_consolidation(student: Qwen3, teacher: Qwen3, tokenizer: Any,
 def _stepper(data: _Inputs, tokenizer: Any, config: ConsolidationConfig, sampler: Any,
              trainer: Trainer, teacher: Qwen3, state: TrainState) -> _Stepper:
   """The step function of a run; makes the sampler when none was given."""
-  from oel_jax import chat  # pylint: disable=import-outside-toplevel  (transformers: slow)
-
   stop_ids = chat.stop_token_ids(tokenizer)
   pad_id = stop_ids[0] if tokenizer.pad_token_id is None else int(tokenizer.pad_token_id)
   row_multiple = config.train.micro_batches

@@ -37,7 +37,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from oel_jax import settings
-from oel_jax.envs.lockstep import Generator, RolloutConfig, game_seeds, rollout
+from oel_jax.engine import TokenSampler
+from oel_jax.envs.lockstep import RolloutConfig, game_seeds, rollout
 from oel_jax.envs.textarena_games import GAMES
 from oel_jax.envs.trajectory import ModelInfo, Trajectory, write_trajectories
 
@@ -219,7 +220,7 @@ def summarize(runs: Mapping[int, Sequence[Trajectory]], *,
       mean_turns_per_seed=tuple(turns_per_seed), truncated_fraction=_mean(all_truncated))
 
 
-def evaluate(sampler: Generator, tokenizer: Any, config: EvalConfig = EvalConfig(), *,
+def evaluate(sampler: TokenSampler, tokenizer: Any, config: EvalConfig = EvalConfig(), *,
              model: ModelInfo, knowledge: str | None = None,
              trajectory_path: str | None = None) -> EvalResult:
   """Plays the held-out maps once per sampling seed and returns the metrics.

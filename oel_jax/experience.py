@@ -89,7 +89,7 @@ from typing import Any
 
 import numpy as np
 
-from oel_jax import prompts, settings
+from oel_jax import chat, prompts, settings
 from oel_jax.atomic_write import atomic_write_text
 from oel_jax.envs.trajectory import Trajectory, load_trajectories
 
@@ -100,9 +100,6 @@ ITEM_PREFIX = "- EXPERIENCE ITEM:"
 
 NO_PREVIOUS = "No previous experience."
 """What the prompt shows in place of the knowledge when there is none (official text)."""
-
-THINK_START = "<think>"
-THINK_END = "</think>"
 
 FORMATS = ("structured", "unstructured")
 PROMPT_VARIANTS = ("paper", "official")
@@ -123,8 +120,8 @@ STATE_KIND = "oel_jax.extraction_state"
 STATE_VERSION = 1
 
 Conversation = list[dict[str, str]]
-Generate = Callable[..., Sequence[Any]]
-"""``generate(conversations, *, seed) -> replies``: one reply per conversation, each a ``str``
+ReplyFn = Callable[..., Sequence[Any]]
+"""The extractor as a function: ``generate(conversations, *, seed) -> replies``: one reply per conversation, each a ``str``
 (the decoded text, reasoning included) or an object with a ``text`` attribute such as
 `oel_jax.sampling.ChatCompletion` (``finish_reason`` and ``tokens`` are recorded when present)."""
 
@@ -261,9 +258,10 @@ def drop_reasoning(text: str) -> tuple[str, bool]:
     is no think block); when the text opens ``<think>`` and never closes it (the token budget ran
     out mid-reasoning), the raw text, as the official code keeps it, and True.
   """
-  if THINK_END in text:
-    return text.rsplit(THINK_END, 1)[1], False
-  return text, text.lstrip().startswith(THINK_START)
+  answer = chat.after_reasoning(text)
+  if answer is not None:
+    return answer, False
+  return text, chat.opens_reasoning(text)
 
 
 def parse_items(answer: str) -> list[str]:
@@ -535,14 +533,14 @@ def _reply_text(reply: Any, where: str) -> str:
   return text
 
 
-def extraction_step(state: ExtractionState, pool: Sequence[Trajectory], generate: Generate,
+def extraction_step(state: ExtractionState, pool: Sequence[Trajectory], generate: ReplyFn,
                     tokenizer: Any) -> ExtractionState:
   """Runs accumulation step ``state.step`` of all K runs (one batched generation call).
 
   Args:
     state: where the runs stand (not done).
     pool: the trajectories ``state.orders`` index.
-    generate: ``generate(conversations, seed=...) -> replies`` (see `Generate`).
+    generate: ``generate(conversations, seed=...) -> replies`` (see `ReplyFn`).
     tokenizer: the extractor's tokenizer (counts knowledge tokens).
 
   Returns:
@@ -592,8 +590,8 @@ def extraction_step(state: ExtractionState, pool: Sequence[Trajectory], generate
                              history=state.history + (record,))
 
 
-def sampler_generate(sampler: Any, tokenizer: Any, config: ExtractionConfig) -> Generate:
-  """A `Generate` over `oel_jax.sampling.Sampler.generate_chat` with the config's settings."""
+def sampler_generate(sampler: Any, tokenizer: Any, config: ExtractionConfig) -> ReplyFn:
+  """A `ReplyFn` over `oel_jax.sampling.Sampler.generate_chat` with the config's settings."""
 
   params = config.sampling_params
 
@@ -718,7 +716,7 @@ def load_knowledge_set(path: str | os.PathLike[str]) -> KnowledgeSet:
 
 
 def run_extraction(pool: Sequence[Trajectory], config: ExtractionConfig, *, tokenizer: Any,
-                   generate: Generate | None = None, sampler: Any = None,
+                   generate: ReplyFn | None = None, sampler: Any = None,
                    out_dir: str | os.PathLike[str] | None = None,
                    orders: Sequence[Sequence[int]] | None = None,
                    on_step: Callable[[ExtractionState], None] | None = None
@@ -729,7 +727,7 @@ def run_extraction(pool: Sequence[Trajectory], config: ExtractionConfig, *, toke
     pool: the trajectories to extract from (`load_pool`).
     config: the stage's settings.
     tokenizer: the extractor's tokenizer (chat template for ``sampler``; token counts).
-    generate: the extractor (see `Generate`); or give ``sampler`` instead.
+    generate: the extractor (see `ReplyFn`); or give ``sampler`` instead.
     sampler: an `oel_jax.sampling.Sampler` holding the extractor's weights.
     out_dir: folder for the state (saved after every step) and the knowledge set. A state
       already there is continued; it must have the same config and pool.

@@ -15,7 +15,6 @@ decoding (temperature 0) it is the model's own log-softmax at temperature 1.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Sequence
 
 import jax
@@ -23,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from oel_jax import chat
 from oel_jax.models.qwen3 import KVCache, Qwen3
 
 # top_k up to TOP_K_CAP, and a nucleus (top-p without top-k) that lies within the top
@@ -56,11 +56,6 @@ def bucket_size(n: int, minimum: int = 1, per_doubling: int = 1, multiple: int =
   step = max(1, base // int(per_doubling))
   size = base + -(-(n - base) // step) * step
   return -(-size // int(multiple)) * int(multiple)
-
-
-def _bucket(n: int, minimum: int) -> int:
-  """Smallest power of two >= max(n, minimum)."""
-  return max(minimum, 1 << max(0, math.ceil(math.log2(max(n, 1)))))
 
 
 def _masked_log_softmax(logits: jax.Array, keep: jax.Array) -> jax.Array:
@@ -403,7 +398,7 @@ class Sampler:
     prompt_len = min(bucket_size(max(lengths), self.min_prompt_bucket,
                                  self.buckets_per_doubling),
                      self.max_seq_len - max_new_tokens)
-    gen_slots = _bucket(max_new_tokens, 16)
+    gen_slots = bucket_size(max_new_tokens, 16)
     batch = bucket_size(len(prompts), self.min_batch_bucket, self.buckets_per_doubling)
     if self.mesh is not None:  # whole rows per batch shard
       shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -451,8 +446,6 @@ class Sampler:
 
     `generate_kwargs` are those of `generate` (max_new_tokens, temperature, ...).
     """
-    from oel_jax import chat  # pylint: disable=import-outside-toplevel
-
     prompts = [chat.encode_chat(tokenizer, messages, enable_thinking=enable_thinking)
                for messages in conversations]
     out = self.generate(prompts, **generate_kwargs)

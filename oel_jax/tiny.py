@@ -35,14 +35,17 @@ rows. Ids ``TOKENIZER_LEN .. PADDED_VOCAB_SIZE - 1`` are never produced by the t
 import importlib.resources
 import os
 
+from oel_jax import chat
+from oel_jax.models import Qwen3Config, init_model, save_hf
+
 # Byte-level BPE ids (256 byte symbols + learned merges).
 BPE_VOCAB_SIZE = 2000
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
-THINK_START = "<think>"
-THINK_END = "</think>"
+THINK_START = chat.THINK_START
+THINK_END = chat.THINK_END
 
 ENDOFTEXT_ID = BPE_VOCAB_SIZE
 IM_START_ID = BPE_VOCAB_SIZE + 1
@@ -94,8 +97,6 @@ def load_tiny_tokenizer():
     A transformers tokenizer whose ``len()`` is ``TOKENIZER_LEN``, with the chat template
     described in ``scripts/build_tiny_tokenizer.py``.
   """
-  from oel_jax import chat  # pylint: disable=import-outside-toplevel
-
   return chat.load_tokenizer(tiny_tokenizer_path())
 
 
@@ -110,15 +111,11 @@ TINY_SEED = 0
 
 def tiny_config(**overrides):
   """The tiny model's `Qwen3Config` (dtype fields and shape overridable)."""
-  from oel_jax.models import Qwen3Config  # pylint: disable=import-outside-toplevel
-
   return Qwen3Config(**{**TINY_SHAPE, **overrides})
 
 
 def tiny_model(seed: int = TINY_SEED, **overrides):
   """The tiny model with random weights from a fixed seed (no download)."""
-  from oel_jax.models import init_model  # pylint: disable=import-outside-toplevel
-
   return init_model(tiny_config(**overrides), seed=seed)
 
 
@@ -128,7 +125,5 @@ def write_tiny_checkpoint(path: str | os.PathLike, seed: int = TINY_SEED) -> str
   Every stage that takes a checkpoint path (load_hf, transformers, vLLM) can then be run
   on the tiny default exactly as on a real Qwen3 checkpoint.
   """
-  from oel_jax.models import save_hf  # pylint: disable=import-outside-toplevel
-
   save_hf(tiny_model(seed), path, tokenizer=load_tiny_tokenizer())
   return os.fspath(path)

@@ -44,16 +44,15 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from oel_jax import settings
+from oel_jax import chat, engine, settings
 from oel_jax.envs.textarena_games import GAMES, make_env
 from oel_jax.envs.trajectory import ModelInfo, Trajectory, write_trajectories
 from oel_jax.prompts import formats
-
-THINK_END = "</think>"
 
 FORMAT_ERROR_RESPONSE = "Format error: no </think> found in the response"
 """What replaces a reply with no ``</think>`` when reasoning is stripped (official text)."""
@@ -118,22 +117,8 @@ def strip_reasoning(text: str) -> str:
   The text after the last ``</think>``, as it is (leading newlines kept); with no
   ``</think>``, `FORMAT_ERROR_RESPONSE`.
   """
-  if THINK_END in text:
-    return text.rsplit(THINK_END, 1)[1]
-  return FORMAT_ERROR_RESPONSE
-
-
-class Generator(Protocol):
-  """What `rollout` needs from a sampler (`oel_jax.sampling.Sampler` is one).
-
-  ``generate`` returns an object with ``tokens`` (generated ids per prompt, the stop token
-  included when hit) and ``finish_reasons`` (``"stop"`` or ``"length"``). An optional
-  ``max_seq_len`` attribute lets `rollout` report over-long prompts itself.
-  """
-
-  def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-               temperature: float, top_k: int, top_p: float, seed: Sequence[int]) -> Any:
-    ...
+  answer = chat.after_reasoning(text)
+  return FORMAT_ERROR_RESPONSE if answer is None else answer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,7 +193,7 @@ def game_turn_seed(seed: int, board_seed: int, turn: int, play: int = 0) -> int:
              .generate_state(1, np.uint64)[0])
 
 
-def rollout(sampler: Generator, tokenizer: Any, seeds: Sequence[int],
+def rollout(sampler: engine.TokenSampler, tokenizer: Any, seeds: Sequence[int],
             config: RolloutConfig = RolloutConfig(), *, model: ModelInfo,
             knowledge: str | None = None, path: str | None = None,
             metadata: Mapping[str, Any] | None = None,
@@ -218,7 +203,7 @@ def rollout(sampler: Generator, tokenizer: Any, seeds: Sequence[int],
   """Plays one game per board seed, all in lockstep, and returns their trajectories.
 
   Args:
-    sampler: a `oel_jax.sampling.Sampler` (or anything with its ``generate``).
+    sampler: a `oel_jax.sampling.Sampler` (or any `oel_jax.engine.TokenSampler`).
     tokenizer: the model's transformers tokenizer (its chat template renders the prompts).
     seeds: board seeds, one game each (see `game_seeds`).
     config: how to play.
@@ -249,9 +234,6 @@ def rollout(sampler: Generator, tokenizer: Any, seeds: Sequence[int],
       (named by game, seed and turn), the sampler returned the wrong number of replies, or
       ``plays`` does not hold one non-negative integer per seed.
   """
-  from oel_jax import chat  # pylint: disable=import-outside-toplevel  (transformers: slow)
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
-
   if not isinstance(model, ModelInfo):
     raise TypeError(f"model must be a ModelInfo, got {type(model).__name__}")
   seeds = [int(s) for s in seeds]
@@ -290,29 +272,24 @@ def rollout(sampler: Generator, tokenizer: Any, seeds: Sequence[int],
               f"max_seq_len={max_seq_len} (the official code allows 512 prompt tokens per "
               "turn plus the knowledge)")
         prompts.append(ids)
-      size = config.max_batch_size or len(prompts)
-      tokens, reasons = [], []
-      for lo in range(0, len(prompts), size):
-        batch = prompts[lo:lo + size]
-        batch_seeds = [game_turn_seed(config.seed, seeds[i], turn, plays[i])
-                       for i in active[lo:lo + size]]
-        t0 = time.perf_counter()
-        out = sampler.generate(batch, **params.generate_kwargs(), seed=batch_seeds)
-        generate_s += time.perf_counter() - t0
+      def answer(chunk: list[tuple[int, list[int]]], _: int) -> list[tuple[list[int], str]]:
+        nonlocal calls
         calls += 1
-        if len(out.tokens) != len(batch) or len(out.finish_reasons) != len(batch):
-          raise ValueError(f"the sampler returned {len(out.tokens)} replies and "
-                           f"{len(out.finish_reasons)} finish reasons for {len(batch)} prompts")
-        tokens.extend(out.tokens)
-        reasons.extend(out.finish_reasons)
-      for i, ids, toks, reason in zip(active, prompts, tokens, reasons):
-        toks = [int(t) for t in toks]
+        out = sampler.generate([ids for _, ids in chunk], **params.generate_kwargs(),
+                               seed=[game_turn_seed(config.seed, seeds[i], turn, plays[i])
+                                     for i, _ in chunk])
+        return engine.replies(out)
+
+      t0 = time.perf_counter()
+      replies = engine.in_chunks(list(zip(active, prompts)), config.max_batch_size, answer)
+      generate_s += time.perf_counter() - t0
+      for i, ids, (toks, reason) in zip(active, prompts, replies):
         text = tokenizer.decode(toks, skip_special_tokens=True)
         response = text if config.keep_reasoning else strip_reasoning(text)
         envs[i].step(response)
         turn_meta[i].append({"prompt_tokens": len(ids),
                              "response_tokens": len(toks) - int(reason == "stop"),
-                             "finish_reason": str(reason)})
+                             "finish_reason": reason})
       still = [i for i in active if not envs[i].done]
       bar.update(len(active) - len(still))
       active = still

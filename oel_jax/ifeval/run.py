@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from oel_jax import chat, engine
 from oel_jax.ifeval.score import IFEvalExample, IFEvalScores, load_examples, score_example
 from oel_jax.ifeval.score import aggregate
 
@@ -145,25 +146,23 @@ def evaluate_ifeval(sampler: Any, tokenizer: Any, *, path: str | os.PathLike | N
   if not examples:
     raise ValueError("no IF-Eval prompts to answer")
 
-  from oel_jax import chat  # pylint: disable=import-outside-toplevel
-
   conversations = [[{"role": "user", "content": e.prompt}] for e in examples]
   lengths = [len(chat.encode_chat(tokenizer, c, enable_thinking=enable_thinking))
              for c in conversations]
   order = sorted(range(len(examples)), key=lambda i: (lengths[i], i))
-  replies: list[Any] = [None] * len(examples)
-  for start in range(0, len(order), batch_size):
-    rows = order[start:start + batch_size]
+
+  def answer(rows: list[int], index: int) -> list[Any]:
     out = sampler.generate_chat(
         tokenizer, [conversations[i] for i in rows], enable_thinking=enable_thinking,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         seed=[prompt_seed(seed, examples[i].key) for i in rows])
-    if len(out) != len(rows):
-      raise RuntimeError(f"generate_chat returned {len(out)} replies for {len(rows)} prompts")
-    for i, reply in zip(rows, out):
-      replies[i] = reply
-    _log.info("IF-Eval: answered %d/%d prompts", min(start + batch_size, len(order)),
-                 len(order))
+    _log.info("IF-Eval: answered %d/%d prompts", min((index + 1) * batch_size, len(order)),
+              len(order))
+    return out
+
+  replies: list[Any] = [None] * len(examples)
+  for i, reply in zip(order, engine.in_chunks(order, batch_size, answer)):
+    replies[i] = reply
 
   responses = []
   for example, reply in zip(examples, replies):
