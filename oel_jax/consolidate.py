@@ -108,6 +108,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -560,9 +561,6 @@ class _Checkpoints:
   """Orbax checkpoints of (train state, JSON metadata) in one folder."""
 
   def __init__(self, folder: str, keep: int):
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
-    self._ocp = ocp
     self.folder = os.path.abspath(folder)
     policy = getattr(ocp.checkpoint_managers, "LatestN", None)
     keep_option = ({"preservation_policy": policy(n=keep)} if policy is not None
@@ -575,18 +573,15 @@ class _Checkpoints:
     return self.manager.latest_step()
 
   def save(self, step: int, state: TrainState, meta: Mapping[str, Any]) -> None:
-    ocp = self._ocp
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(dict(meta))), force=True)
     self.manager.wait_until_finished()
 
   def read_meta(self, step: int) -> dict[str, Any]:
-    ocp = self._ocp
     return self.manager.restore(
         step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def restore_state(self, step: int, abstract: TrainState) -> TrainState:
-    ocp = self._ocp
     return self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))["state"]
 

@@ -56,6 +56,7 @@ import jax
 import ml_collections
 from tqdm.auto import tqdm
 
+from oel_jax import tiny
 # DTYPES, default_config and stage_seed are the loop's API too (configs/ import them here).
 from oel_jax.config import (  # pylint: disable=unused-import
     DTYPES, ConfigError, RunConfig, default_config, parse, stage_seed)
@@ -146,7 +147,6 @@ class Plan:
 
 
 def _model_vocab(model: str, errors: list[str]) -> int | None:
-  from oel_jax import tiny  # pylint: disable=import-outside-toplevel
   if model == "tiny":
     return tiny.tiny_config().vocab_size
   if not os.path.isdir(model):

@@ -36,11 +36,15 @@ import sys
 import time
 from collections.abc import Mapping
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from oel_jax import chat, loop
 from oel_jax.errors import InputError, one_line
+from oel_jax.train import NonFiniteLossError
 
 # The package's copy, so that a pip-installed oel_jax runs its default too.
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo", "config.py")
@@ -70,11 +74,6 @@ flags.DEFINE_integer("top", 5, "probe: how many next-token candidates to print."
 def next_token_candidates(model, tokenizer, messages, *, enable_thinking: bool, top: int
                           ) -> list[tuple[str, int, float]]:
   """The `top` most likely next tokens after the rendered chat: (text, id, probability)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-
-  from oel_jax import chat  # pylint: disable=import-outside-toplevel
-
   ids = chat.encode_chat(tokenizer, messages, enable_thinking=enable_thinking)
   logits = model(jnp.asarray([ids]))[0, -1]
   # Rows past the tokenizer's length are padding the tokenizer can never produce.
@@ -85,8 +84,6 @@ def next_token_candidates(model, tokenizer, messages, *, enable_thinking: bool, 
 
 def probe(run) -> None:
   """Prints the model's most likely next tokens after ``--prompt`` (a checkpoint smoke test)."""
-  from oel_jax import chat  # pylint: disable=import-outside-toplevel
-
   start = time.perf_counter()
   model, tokenizer = run.load_model(run.config.model), run.tokenizer()
   messages = [{"role": "user", "content": FLAGS.prompt}]
@@ -195,7 +192,6 @@ def quiet_startup() -> None:
 
 
 def _pick_round(run, stage: str):
-  from oel_jax import loop  # pylint: disable=import-outside-toplevel
   if FLAGS.round:
     return loop.INITIAL if FLAGS.round == loop.INITIAL else int(FLAGS.round)
   for r in range(int(run.config.rounds)):
@@ -212,7 +208,6 @@ def main(argv):
     # step) only from WARNING up. --verbosity=0 shows everything.
     logging.set_verbosity(logging.WARNING)
     py_logging.getLogger("oel_jax").setLevel(py_logging.INFO)
-  from oel_jax.train import NonFiniteLossError  # pylint: disable=import-outside-toplevel
   try:
     _main()
   except InputError as e:
@@ -226,8 +221,6 @@ def main(argv):
 
 
 def _main():
-  from oel_jax import loop  # pylint: disable=import-outside-toplevel
-
   config = FLAGS.config
   workdir = FLAGS.workdir or os.path.join("runs", str(config.get("name", "oel")))
   run = loop.OnlineLoop(config, workdir)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oel_jax import parallel
+from oel_jax import chat, parallel, tiny
 from oel_jax.config import RunConfig
 from oel_jax.models import load_hf
 from oel_jax.sampling import Sampler
@@ -49,8 +49,6 @@ class ModelPool:
   def tokenizer(self, path: str | None = None) -> Any:
     """The run's tokenizer (the model's own, or the tiny one); with ``path``, that
     checkpoint's own tokenizer (an extractor of another family)."""
-    # transformers takes seconds to import: a run that only checks its config never does.
-    from oel_jax import chat, tiny  # pylint: disable=import-outside-toplevel
     if path is not None:
       return chat.load_tokenizer(path)
     if self._tokenizer is None:
@@ -72,7 +70,6 @@ class ModelPool:
     large), so asking for it again costs nothing."""
     if self._model is not None and self._model[0] == path:
       return self._model[1]
-    from oel_jax import tiny  # pylint: disable=import-outside-toplevel
     param = getattr(jnp, self.config.param_dtype)
     compute = getattr(jnp, self.config.compute_dtype)
     self._model = None  # Let the previous model go before the next one is loaded.
@@ -95,7 +92,6 @@ class ModelPool:
     model = self.load(path)
     sampler = self._samplers.get(model.config)
     if sampler is None:
-      from oel_jax import chat  # pylint: disable=import-outside-toplevel
       tok = tokenizer or self.tokenizer()
       stops = chat.stop_token_ids(tok)
       sampler = Sampler(model, eos_ids=stops,

@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from oel_jax import metrics as metrics_lib
+from oel_jax import plots
 from oel_jax.atomic_write import atomic_write_text
 from oel_jax.config import ConfigError, RunConfig, parse
 
@@ -235,7 +236,6 @@ class Workdir:
         self._writer = metrics_lib.TensorBoard(os.path.join(self.path, "tensorboard"))
       self._writer.write(record, steps_per_round=self.config.consolidation.steps)
     if self.config.logging.plot and (record is None or record["stage"] == "evaluate"):
-      from oel_jax import plots  # pylint: disable=import-outside-toplevel
       plots.plot_rounds(markers, os.path.join(self.path, "plots", "rounds.png"),
                         title=str(self.config.name))
 
