@@ -193,6 +193,43 @@ def game_turn_seed(seed: int, board_seed: int, turn: int, play: int = 0) -> int:
              .generate_state(1, np.uint64)[0])
 
 
+def _encode_turn(tokenizer: Any, messages: list[formats.Message], config: RolloutConfig,
+                 max_seq_len: int | None, where: str) -> list[int]:
+  """One turn's prompt ids; raises when they and the reply budget overflow the sampler."""
+  ids = chat.encode_chat(tokenizer, messages, enable_thinking=config.enable_thinking)
+  if max_seq_len is not None and len(ids) + config.max_new_tokens > max_seq_len:
+    raise ValueError(
+        f"{where}: the prompt has {len(ids)} tokens; with max_new_tokens="
+        f"{config.max_new_tokens} it exceeds the sampler's max_seq_len={max_seq_len} (the "
+        "official code allows 512 prompt tokens per turn plus the knowledge)")
+  return ids
+
+
+def _sample_turn(sampler: engine.TokenSampler, requests: list[tuple[int, list[int]]],
+                 config: RolloutConfig) -> tuple[list[tuple[list[int], str]], int]:
+  """``(tokens, finish_reason)`` per ``(seed, prompt ids)`` request, and the calls made."""
+  kwargs = config.sampling_params.generate_kwargs()
+  calls = 0
+
+  def answer(chunk: list[tuple[int, list[int]]], _: int) -> list[tuple[list[int], str]]:
+    nonlocal calls
+    calls += 1
+    return engine.replies(sampler.generate([ids for _, ids in chunk], **kwargs,
+                                           seed=[seed for seed, _ in chunk]))
+
+  return engine.in_chunks(requests, config.max_batch_size, answer), calls
+
+
+def _record(trajectory: Trajectory, metas: Sequence[Mapping[str, Any]], contents: Sequence[str],
+            prompt_format: formats.PromptFormat, knowledge: str | None) -> Trajectory:
+  """The played trajectory with each turn's metadata, content, format and rendered prompt."""
+  turns = tuple(dataclasses.replace(
+      turn, metadata=meta, content=text, prompt_format=prompt_format.id,
+      prompt=formats.user_text(prompt_format.messages(text, knowledge)))
+                for turn, meta, text in zip(trajectory.turns, metas, contents))
+  return dataclasses.replace(trajectory, turns=turns)
+
+
 def rollout(sampler: engine.TokenSampler, tokenizer: Any, seeds: Sequence[int],
             config: RolloutConfig = RolloutConfig(), *, model: ModelInfo,
             knowledge: str | None = None, path: str | None = None,
@@ -242,7 +279,6 @@ def rollout(sampler: engine.TokenSampler, tokenizer: Any, seeds: Sequence[int],
     raise ValueError(f"plays must hold one integer >= 0 per seed ({len(seeds)} seeds), got "
                      f"{plays!r}")
   plays = [int(p) for p in plays]
-  params = config.sampling_params
   wall_start = time.perf_counter()
   generate_s = 0.0
   calls = 0
@@ -263,26 +299,15 @@ def rollout(sampler: engine.TokenSampler, tokenizer: Any, seeds: Sequence[int],
       prompts = []
       for i in active:
         contents[i].append(envs[i].history)
-        ids = chat.encode_chat(tokenizer, prompt_format.messages(contents[i][-1], knowledge),
-                               enable_thinking=config.enable_thinking)
-        if max_seq_len is not None and len(ids) + config.max_new_tokens > max_seq_len:
-          raise ValueError(
-              f"game {i} (seed {seeds[i]}), turn {turn}: the prompt has {len(ids)} tokens; "
-              f"with max_new_tokens={config.max_new_tokens} it exceeds the sampler's "
-              f"max_seq_len={max_seq_len} (the official code allows 512 prompt tokens per "
-              "turn plus the knowledge)")
-        prompts.append(ids)
-      def answer(chunk: list[tuple[int, list[int]]], _: int) -> list[tuple[list[int], str]]:
-        nonlocal calls
-        calls += 1
-        out = sampler.generate([ids for _, ids in chunk], **params.generate_kwargs(),
-                               seed=[game_turn_seed(config.seed, seeds[i], turn, plays[i])
-                                     for i, _ in chunk])
-        return engine.replies(out)
-
+        messages = prompt_format.messages(contents[i][-1], knowledge)
+        prompts.append(_encode_turn(tokenizer, messages, config, max_seq_len,
+                                    f"game {i} (seed {seeds[i]}), turn {turn}"))
+      requests = [(game_turn_seed(config.seed, seeds[i], turn, plays[i]), ids)
+                  for i, ids in zip(active, prompts)]
       t0 = time.perf_counter()
-      replies = engine.in_chunks(list(zip(active, prompts)), config.max_batch_size, answer)
+      replies, n = _sample_turn(sampler, requests, config)
       generate_s += time.perf_counter() - t0
+      calls += n
       for i, ids, (toks, reason) in zip(active, prompts, replies):
         text = tokenizer.decode(toks, skip_special_tokens=True)
         response = text if config.keep_reasoning else strip_reasoning(text)
@@ -300,14 +325,10 @@ def rollout(sampler: engine.TokenSampler, tokenizer: Any, seeds: Sequence[int],
   extra = {"sampling": config.sampling(), "enable_thinking": config.enable_thinking,
            "keep_reasoning": config.keep_reasoning, "with_knowledge": bool(knowledge),
            **dict(metadata or {})}
-  trajectories = []
-  for env, metas, texts, play in zip(envs, turn_meta, contents, plays):
-    t = env.trajectory(model, metadata={**extra, "play": play})
-    turns = tuple(dataclasses.replace(
-        turn_, metadata=m, content=text, prompt_format=prompt_format.id,
-        prompt=formats.user_text(prompt_format.messages(text, knowledge)))
-                  for turn_, m, text in zip(t.turns, metas, texts))
-    trajectories.append(dataclasses.replace(t, turns=turns))
+  trajectories = [
+      _record(env.trajectory(model, metadata={**extra, "play": play}), metas, texts,
+              prompt_format, knowledge)
+      for env, metas, texts, play in zip(envs, turn_meta, contents, plays)]
   if timings is not None:
     wall = time.perf_counter() - wall_start
     timings.update(generate_s=generate_s, other_s=wall - generate_s, wall_s=wall,
