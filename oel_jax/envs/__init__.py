@@ -5,7 +5,8 @@
 - `Trajectory` records (with `EnvSpec`, `ModelInfo`, `Turn`, `Outcome`) and JSONL files:
   `read_trajectories` (streaming), `write_trajectories` / `TrajectoryWriter` (atomic).
 - `parse_action`, `build_prompt` and `insert_knowledge`: the prompt and action conventions
-  shared by every game.
+  shared by every game (`build_prompt` is the text of `oel_jax.prompts.formats.GAME`, the
+  prompt format each played turn records with its knowledge-free ``content``).
 - `rollout` (with `RolloutConfig`): many games played in lockstep by one sampler, one batched
   generation per turn; `game_seeds`: training and held-out board seeds that never overlap.
 
