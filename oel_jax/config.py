@@ -175,9 +175,7 @@ class IfevalConfig:
   @property
   def sampling_params(self) -> settings.SamplingParams:
     """The settings of each sampler call."""
-    return settings.SamplingParams(temperature=self.temperature, top_k=self.top_k,
-                                   top_p=self.top_p, max_new_tokens=self.max_new_tokens,
-                                   enable_thinking=self.enable_thinking)
+    return settings.SamplingParams.of(self)
 
 
 @dataclasses.dataclass(frozen=True)

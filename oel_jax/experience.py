@@ -197,9 +197,7 @@ class ExtractionConfig:
   @property
   def sampling_params(self) -> settings.SamplingParams:
     """The settings of each extractor call."""
-    return settings.SamplingParams(temperature=self.temperature, top_k=self.top_k,
-                                   top_p=self.top_p, max_new_tokens=self.generation_tokens,
-                                   enable_thinking=self.enable_thinking)
+    return settings.SamplingParams.of(self, self.generation_tokens)
 
   def to_dict(self) -> dict[str, Any]:
     """The settings as JSON data."""

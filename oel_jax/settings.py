@@ -479,6 +479,15 @@ class SamplingParams:
   def __post_init__(self):
     check(self)
 
+  @classmethod
+  def of(cls, section: Any, max_new_tokens: int | None = None) -> SamplingParams:
+    """The sampling settings of a stage's section, which holds the five fields by these names
+    (``max_new_tokens`` given: that budget instead of the section's)."""
+    return cls(temperature=section.temperature, top_k=section.top_k, top_p=section.top_p,
+               max_new_tokens=section.max_new_tokens if max_new_tokens is None
+               else max_new_tokens,
+               enable_thinking=section.enable_thinking)
+
   def generate_kwargs(self) -> dict[str, Any]:
     """The keywords of `oel_jax.sampling.Sampler.generate` these settings fill."""
     return {"max_new_tokens": int(self.max_new_tokens), "temperature": float(self.temperature),

@@ -123,9 +123,7 @@ class ConsolidationConfig:
   @property
   def sampling_params(self) -> settings.SamplingParams:
     """The settings of each sampler call (student or, off-policy, teacher)."""
-    return settings.SamplingParams(temperature=self.temperature, top_k=self.top_k,
-                                   top_p=self.top_p, max_new_tokens=self.max_new_tokens,
-                                   enable_thinking=self.enable_thinking)
+    return settings.SamplingParams.of(self)
 
   def to_dict(self) -> dict[str, Any]:
     """The settings as JSON data (``train`` as a nested object)."""
