@@ -6,6 +6,7 @@ import glob
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 from absl import flags
@@ -190,3 +191,89 @@ def test_a_workdir_recorded_with_zero_for_unset_integers_still_resumes(tmp_path)
   config.rollout.max_batch_size = 4
   with pytest.raises(config_lib.ConfigError, match=r"rollout.max_batch_size: None -> 4"):
     loop.OnlineLoop(config, str(tmp_path), num_devices=1).check_workdir()
+
+
+# Where the test declares a new setting: after the last field of a section, once as a nested
+# section's field and once as a top-level one.
+_NEW_SETTINGS = {
+    "logging.flush_seconds": (
+        '  plot: bool = settings.boolean(True)\n  """``workdir/plots/rounds.png``."""\n',
+        '\n  flush_seconds: int = settings.integer(30, minimum=1)\n'
+        '  """Seconds between TensorBoard flushes."""\n'),
+    "keep_rounds": (
+        '  logging: LoggingConfig = settings.section(LoggingConfig)\n'
+        '  """TensorBoard and plots."""\n',
+        '\n  keep_rounds: int = settings.integer(30, minimum=1)\n'
+        '  """Rounds whose model/ is kept."""\n'),
+}
+
+
+@pytest.mark.parametrize("key", sorted(_NEW_SETTINGS))
+def test_adding_a_setting_is_one_field_declaration(key, tmp_path, monkeypatch):
+  """A developer's edit, made to a copy of oel_jax/config.py: one field (default, rule,
+  docstring) added to one dataclass and nothing else. The setting is then in default_config,
+  settable from a config file and the command line, checked by its rule under its path,
+  recorded in config.json, and a workdir recorded before it existed still resumes."""
+  from oel_jax import workdir as workdir_lib  # pylint: disable=import-outside-toplevel
+  source = open(config_lib.__file__, encoding="utf-8").read()
+  anchor, field = _NEW_SETTINGS[key]
+  assert source.count(anchor) == 1, "the anchor moved: update _NEW_SETTINGS"
+  (tmp_path / "edited_config.py").write_text(source.replace(anchor, anchor + field))
+  name = "_oel_config_with_a_new_setting"
+  spec = importlib.util.spec_from_file_location(name, tmp_path / "edited_config.py")
+  edited = importlib.util.module_from_spec(spec)
+  monkeypatch.setitem(sys.modules, name, edited)  # dataclasses look their module up
+  spec.loader.exec_module(edited)
+  section, _, leaf = key.rpartition(".")
+
+  def get(tree, path=key):
+    for part in path.split("."):
+      tree = tree[part] if isinstance(tree, dict) else getattr(tree, part)
+    return tree
+
+  assert get(edited.default_config()) == 30
+  assert get(edited.RunConfig()) == 30
+  assert get(edited.RunConfig().to_dict()) == 30
+  # A config file sets it, the command line overrides it.
+  cfg = tmp_path / "cfg.py"
+  cfg.write_text(f"from {name} import default_config\n\n"
+                 "def get_config():\n"
+                 "  c = default_config()\n"
+                 f"  c.{key} = 7\n"
+                 "  return c\n")
+
+  def from_command_line(*overrides):
+    argv = ["prog", f"--config={cfg}", *overrides]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True,
+                                    sys_argv=argv)
+    values(argv)
+    return edited.RunConfig.from_dict(values.config)
+
+  assert get(from_command_line()) == 7
+  run = from_command_line(f"--config.{key}=5")
+  assert get(run) == 5
+  with pytest.raises(edited.ConfigError,
+                     match=rf"config\.{key} must be an integer >= 1, got 0"):
+    from_command_line(f"--config.{key}=0")
+  with pytest.raises(edited.ConfigError,
+                     match=rf"config\.{key} must be an integer >= 1, got -2"):
+    edited.RunConfig.from_dict({section: {leaf: -2}} if section else {leaf: -2})
+  # config.json round trip.
+  data = json.loads(json.dumps(run.to_dict()))
+  assert get(data) == 5
+  assert edited.RunConfig.from_dict(data) == run
+  # A workdir recorded before the setting existed resumes with its default, and refuses
+  # another value, naming it.
+  old = config_lib.RunConfig.from_dict(_load(os.path.join(ROOT, "configs", "tiny.py")))
+  (tmp_path / "run").mkdir()
+  workdir_lib.write_json(str(tmp_path / "run" / workdir_lib.CONFIG_FILE), old.to_dict())
+  monkeypatch.setattr(workdir_lib, "parse", edited.parse)
+  same = edited.RunConfig.from_dict(old.to_dict())
+  workdir_lib.Workdir(str(tmp_path / "run"), same).record_config()
+  assert get(workdir_lib.read_json(str(tmp_path / "run" / workdir_lib.CONFIG_FILE))) == 30
+  changed = dataclasses.replace(same, **(
+      {section: dataclasses.replace(getattr(same, section), **{leaf: 9})} if section
+      else {leaf: 9}))
+  with pytest.raises(config_lib.ConfigError, match=rf"{key}: 30 -> 9"):
+    workdir_lib.Workdir(str(tmp_path / "run"), changed).record_config()
