@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from hf_reference import make_hf_model
 from oel_jax import chat, parallel, tiny
@@ -298,3 +299,45 @@ def test_per_prompt_seeds_do_not_depend_on_the_batch(ref):
     sampler.generate(PROMPTS, seed=[1, 2], **kw)
   with pytest.raises(ValueError, match="seed 1 must be an integer"):
     sampler.generate(PROMPTS[:2], seed=[1, -2], **kw)
+
+
+def _buffers(params) -> list[list[int]]:
+  """Each parameter's device buffers (one per addressable shard), by address."""
+  leaves = jax.tree.leaves(params)
+  return [[s.data.unsafe_buffer_pointer() for s in x.addressable_shards] for x in leaves]
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one_device", "mesh_2x2x2"])
+def test_update_weights_shares_the_models_buffers(ref, sharded):
+  """A weight sync is a reference swap, not a copy: consolidation syncs the student into the
+  sampler after every optimizer step and the pool on every `sampler(path)`, so a copy there
+  would cost a full parameter copy each time."""
+  _, path, _ = ref
+  mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tp=2)) if sharded else None
+  first, second = load_hf(path, mesh=mesh), load_hf(path, mesh=mesh)
+  second.layers[0].mlp.down_proj[...] = second.layers[0].mlp.down_proj[...] * -3.0
+  sampler = Sampler(first, eos_ids=[VOCAB - 1], pad_id=0, max_seq_len=128, mesh=mesh)
+  held = lambda: _buffers(sampler._params)  # pylint: disable=protected-access
+  assert {len(b) for b in _buffers(nnx.state(first))} == {8 if sharded else 1}
+  assert held() == _buffers(nnx.state(first))
+  before = sampler.generate(PROMPTS, max_new_tokens=8, temperature=0).tokens
+  sampler.update_weights(second)
+  assert held() == _buffers(nnx.state(second))
+  assert sampler.generate(PROMPTS, max_new_tokens=8, temperature=0).tokens != before
+  sampler.update_weights(nnx.state(first))  # a state, as consolidation passes it
+  assert held() == _buffers(nnx.state(first))
+  assert sampler.generate(PROMPTS, max_new_tokens=8, temperature=0).tokens == before
+
+
+def test_update_weights_moves_weights_placed_elsewhere(ref):
+  """Weights on another placement are moved onto the sampler's (the one case that copies)."""
+  _, path, _ = ref
+  mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tp=2))
+  sampler = Sampler(load_hf(path, mesh=mesh), eos_ids=[VOCAB - 1], pad_id=0, max_seq_len=128,
+                    mesh=mesh)
+  # pylint: disable=protected-access
+  before = [x.sharding for x in jax.tree.leaves(sampler._params)]
+  sampler.update_weights(load_hf(path))  # on one device
+  assert [x.sharding for x in jax.tree.leaves(sampler._params)] == before
+  assert {len(b) for b in _buffers(sampler._params)} == {8}
+  # pylint: enable=protected-access
