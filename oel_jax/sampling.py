@@ -404,21 +404,8 @@ class Sampler:
       shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
       batch = -(-batch // shards) * shards
 
-    ids = np.full((batch, prompt_len), self.pad_id, np.int32)
-    mask = np.zeros((batch, prompt_len), np.int32)
-    for row, prompt in enumerate(prompts):
-      ids[row, prompt_len - len(prompt):] = np.asarray(prompt, np.int32)
-      mask[row, prompt_len - len(prompt):] = 1
-    if np.any((ids < 0) | (ids >= self.config.vocab_size)):
-      row = int(np.argwhere((ids < 0) | (ids >= self.config.vocab_size))[0, 0])
-      raise ValueError(f"prompt {row} holds a token id outside [0, {self.config.vocab_size})")
-    mask[len(prompts):, -1] = 1  # filler rows: one real token, inactive from the start
-    active = np.arange(batch) < len(prompts)
-
-    seeds = np.zeros((batch, 2), np.uint32)  # threefry key data: (high, low) words
-    seeds[:len(prompts), 0] = row_seeds >> np.uint64(32)
-    seeds[:len(prompts), 1] = row_seeds & np.uint64(0xFFFFFFFF)
-    args = [jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(active), jnp.asarray(seeds)]
+    arrays = self._pad_batch(prompts, row_seeds, prompt_len, batch)
+    args = [jnp.asarray(a) for a in arrays]
     if self.mesh is not None:
       sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(
           ("data", "fsdp")))
@@ -439,6 +426,29 @@ class Sampler:
       out_logprobs.append(logprobs[row, :n].tolist())
       reasons.append("length" if stop is None else "stop")
     return GenerationOutput(out_tokens, out_logprobs, reasons)
+
+  def _pad_batch(self, prompts: Sequence[Sequence[int]], row_seeds: np.ndarray,
+                 prompt_len: int, batch: int) -> tuple[np.ndarray, ...]:
+    """The jitted program's batch inputs: `(ids, mask, active, seeds)` as NumPy arrays.
+
+    Prompts are left-padded to `prompt_len`; rows past the prompts, up to `batch`, are
+    inactive fillers.
+    """
+    ids = np.full((batch, prompt_len), self.pad_id, np.int32)
+    mask = np.zeros((batch, prompt_len), np.int32)
+    for row, prompt in enumerate(prompts):
+      ids[row, prompt_len - len(prompt):] = np.asarray(prompt, np.int32)
+      mask[row, prompt_len - len(prompt):] = 1
+    if np.any((ids < 0) | (ids >= self.config.vocab_size)):
+      row = int(np.argwhere((ids < 0) | (ids >= self.config.vocab_size))[0, 0])
+      raise ValueError(f"prompt {row} holds a token id outside [0, {self.config.vocab_size})")
+    mask[len(prompts):, -1] = 1  # filler rows: one real token, inactive from the start
+    active = np.arange(batch) < len(prompts)
+
+    seeds = np.zeros((batch, 2), np.uint32)  # threefry key data: (high, low) words
+    seeds[:len(prompts), 0] = row_seeds >> np.uint64(32)
+    seeds[:len(prompts), 1] = row_seeds & np.uint64(0xFFFFFFFF)
+    return ids, mask, active, seeds
 
   def generate_chat(self, tokenizer: Any, conversations: Sequence[Sequence[dict]], *,
                     enable_thinking: bool, **generate_kwargs) -> list[ChatCompletion]:
