@@ -2,7 +2,8 @@
 
 With a workdir, orbax checkpoints of the train state plus JSON metadata (step, data position,
 the metrics so far and a fingerprint of the config and inputs) are written to
-``workdir/checkpoints``; `restore` continues from the latest one when the fingerprint agrees.
+``workdir/checkpoints`` (`open_workdir`); `restore` continues from the latest one when the
+fingerprint agrees, and `start_state` from it or from a fresh train state.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from oel_jax.atomic_write import atomic_write_text
 from oel_jax.consolidate.config import ConsolidationConfig
 from oel_jax.consolidate.inputs import Prefix
 from oel_jax.models.qwen3 import Qwen3
@@ -181,3 +183,35 @@ def restore(checkpoints: Checkpoints, fingerprint: Mapping[str, Any],
   state = checkpoints.restore_state(latest, abstract())
   _log.info("consolidation: resuming from step %d (%s)", latest, checkpoints.folder)
   return state, [dict(m) for m in meta["metrics"]], latest
+
+
+def open_workdir(workdir: str | os.PathLike[str] | None, config: ConsolidationConfig
+                 ) -> tuple[Checkpoints | None, str | None]:
+  """The checkpoints and metrics file of ``workdir`` (made if missing); (None, None) without."""
+  if workdir is None:
+    return None, None
+  workdir = os.fspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  return (Checkpoints(os.path.join(workdir, CHECKPOINT_DIR), config.keep_checkpoints),
+          os.path.join(workdir, METRICS_FILE))
+
+
+def start_state(checkpoints: Checkpoints | None, metrics_path: str | None,
+                fingerprint: Mapping[str, Any], config: ConsolidationConfig, trainer: Trainer,
+                student: Qwen3) -> tuple[TrainState, list[dict[str, Any]], int]:
+  """The (state, metrics history, step) a run starts from: the latest checkpoint's, or fresh.
+
+  On a resume the metrics file is rewritten to the checkpoint's steps.
+  """
+  state, history, start = None, [], 0
+  if checkpoints is not None:
+    state, history, start = restore(checkpoints, fingerprint, config,
+                                    lambda: abstract_state(trainer, student))
+    atomic_write_text(metrics_path, "".join(metrics_line(m) for m in history))
+  if state is None:
+    state = trainer.init_state(student)
+  if trainer.mesh is None:
+    # Committed like a restored state, so that a fresh and a resumed run share one compiled
+    # step (jit keys its programs on whether the arguments are committed to a device).
+    state = jax.device_put(state, jax.devices()[0])
+  return state, history, start

@@ -1,7 +1,7 @@
 """The run: inputs checked and rendered once, a train state restored or made, then steps.
 
 `run_consolidation` checks and renders its inputs once (`_inputs`), restores the latest
-checkpoint or makes a fresh train state (`checkpoints.restore`), and runs the steps
+checkpoint or makes a fresh train state (`checkpoints.start_state`), and runs the steps
 (`_run_steps`), each one `_Stepper` call (sample, batch, train step) and a metrics line.
 """
 
@@ -20,7 +20,6 @@ import jax
 from tqdm.auto import tqdm
 
 from oel_jax import chat, engine
-from oel_jax.atomic_write import atomic_write_text
 from oel_jax.consolidate import checkpoints as ckpt
 from oel_jax.consolidate.config import ConsolidationConfig
 from oel_jax.consolidate.inputs import (Prefix, build_batch, build_prefixes, encode_prompt,
@@ -256,14 +255,13 @@ def _make_trainer(trainer: Trainer | None, student: Qwen3, config: Consolidation
   return trainer
 
 
-def _checkpoints_and_metrics(workdir: str | os.PathLike[str] | None, config: ConsolidationConfig
-                             ) -> tuple[ckpt.Checkpoints | None, str | None]:
-  if workdir is None:
-    return None, None
-  workdir = os.fspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  return (ckpt.Checkpoints(os.path.join(workdir, ckpt.CHECKPOINT_DIR), config.keep_checkpoints),
-          os.path.join(workdir, ckpt.METRICS_FILE))
+def _check_sampler_fits(sampler: Any, longest: int, config: ConsolidationConfig) -> None:
+  """Raises when a given sampler cannot hold the longest prompt and a whole reply."""
+  if sampler is not None and longest + config.max_new_tokens > getattr(
+      sampler, "max_seq_len", math.inf):
+    raise ValueError(f"the sampler's max_seq_len ({sampler.max_seq_len}) cannot hold the "
+                     f"longest prompt ({longest} tokens) plus max_new_tokens "
+                     f"({config.max_new_tokens})")
 
 
 def run_consolidation(student: Qwen3, teacher: Qwen3, tokenizer: Any,
@@ -308,24 +306,11 @@ def run_consolidation(student: Qwen3, teacher: Qwen3, tokenizer: Any,
   """
   data = _inputs(student, teacher, tokenizer, trajectories, knowledge, config)
   trainer = _make_trainer(trainer, student, config, mesh)
-  if sampler is not None and data.longest + config.max_new_tokens > getattr(
-      sampler, "max_seq_len", math.inf):
-    raise ValueError(f"the sampler's max_seq_len ({sampler.max_seq_len}) cannot hold the "
-                     f"longest prompt ({data.longest} tokens) plus max_new_tokens "
-                     f"({config.max_new_tokens})")
-  checkpoints, metrics_path = _checkpoints_and_metrics(workdir, config)
+  _check_sampler_fits(sampler, data.longest, config)
+  checkpoints, metrics_path = ckpt.open_workdir(workdir, config)
   try:
-    state, history, start = None, [], 0
-    if checkpoints is not None:
-      state, history, start = ckpt.restore(checkpoints, data.fingerprint, config,
-                                       lambda: ckpt.abstract_state(trainer, student))
-      atomic_write_text(metrics_path, "".join(ckpt.metrics_line(m) for m in history))
-    if state is None:
-      state = trainer.init_state(student)
-    if trainer.mesh is None:
-      # Committed like a restored state, so that a fresh and a resumed run share one compiled
-      # step (jit keys its programs on whether the arguments are committed to a device).
-      state = jax.device_put(state, jax.devices()[0])
+    state, history, start = ckpt.start_state(checkpoints, metrics_path, data.fingerprint, config,
+                                             trainer, student)
     stepper = _stepper(data, tokenizer, config, sampler, trainer, teacher, state)
     stepper.policy.start(stepper.sampler, state, stepper.teacher_params)
     state, history = _run_steps(stepper, state, history, start, checkpoints, metrics_path,

@@ -228,6 +228,95 @@ def _record(trajectory: Trajectory, metas: Sequence[Mapping[str, Any]], contents
   return dataclasses.replace(trajectory, turns=turns)
 
 
+def _checked_games(model: Any, seeds: Sequence[int],
+                   plays: Sequence[int] | None) -> tuple[list[int], list[int]]:
+  """The board seed and play index of each game, as ints; raises on a bad model or play."""
+  if not isinstance(model, ModelInfo):
+    raise TypeError(f"model must be a ModelInfo, got {type(model).__name__}")
+  seeds = [int(s) for s in seeds]
+  plays = [0] * len(seeds) if plays is None else list(plays)
+  if len(plays) != len(seeds) or any(_bad_int(p, 0) for p in plays):
+    raise ValueError(f"plays must hold one integer >= 0 per seed ({len(seeds)} seeds), got "
+                     f"{plays!r}")
+  return seeds, [int(p) for p in plays]
+
+
+@dataclasses.dataclass
+class _Games:
+  """One rollout's games as they are played: per game, what each turn showed and cost."""
+
+  envs: list[Any]
+  """The games (`oel_jax.envs.Environment`), in the order of the seeds."""
+  seeds: list[int]
+  """Each game's board seed."""
+  plays: list[int]
+  """Each game's play index."""
+  turn_meta: list[list[dict[str, Any]]] = dataclasses.field(init=False)
+  """Per game, each turn's ``Turn.metadata``."""
+  contents: list[list[str]] = dataclasses.field(init=False)
+  """Per game, the observation history each turn showed."""
+  turns: int = 0
+  """Turns played so far (by the longest game)."""
+  generate_s: float = 0.0
+  """Seconds spent in sampler calls."""
+  calls: int = 0
+  """Sampler calls made."""
+
+  def __post_init__(self):
+    self.turn_meta = [[] for _ in self.envs]
+    self.contents = [[] for _ in self.envs]
+
+  def timings(self, wall: float) -> dict[str, float]:
+    """What `rollout` reports in ``timings``, ``wall`` seconds after it started."""
+    return {"generate_s": self.generate_s, "other_s": wall - self.generate_s, "wall_s": wall,
+            "turns": float(self.turns), "calls": float(self.calls)}
+
+
+def _play(games: _Games, sampler: engine.TokenSampler, tokenizer: Any, config: RolloutConfig,
+          knowledge: str | None, prompt_format: formats.PromptFormat) -> None:
+  """Resets the games and plays them in lockstep, one turn of every running game at a time."""
+  for env in games.envs:
+    env.reset()
+  active = list(range(len(games.envs)))
+  bar = tqdm(total=len(games.envs), unit="game", desc=f"{config.env} rollout",
+             disable=not config.progress, leave=False)
+  try:
+    while active:
+      bar.set_postfix(turn=games.turns, running=len(active))
+      _play_turn(games, active, sampler, tokenizer, config, knowledge, prompt_format)
+      still = [i for i in active if not games.envs[i].done]
+      bar.update(len(active) - len(still))
+      active = still
+      games.turns += 1
+  finally:
+    bar.close()
+
+
+def _play_turn(games: _Games, active: list[int], sampler: engine.TokenSampler, tokenizer: Any,
+               config: RolloutConfig, knowledge: str | None,
+               prompt_format: formats.PromptFormat) -> None:
+  """One turn of the ``active`` games: their prompts in one sampling pass, each reply played."""
+  turn, max_seq_len = games.turns, getattr(sampler, "max_seq_len", None)
+  prompts = []
+  for i in active:
+    games.contents[i].append(games.envs[i].history)
+    messages = prompt_format.messages(games.contents[i][-1], knowledge)
+    prompts.append(_encode_turn(tokenizer, messages, config, max_seq_len,
+                                f"game {i} (seed {games.seeds[i]}), turn {turn}"))
+  requests = [(game_turn_seed(config.seed, games.seeds[i], turn, games.plays[i]), ids)
+              for i, ids in zip(active, prompts)]
+  t0 = time.perf_counter()
+  replies, calls = _sample_turn(sampler, requests, config)
+  games.generate_s += time.perf_counter() - t0
+  games.calls += calls
+  for i, ids, (toks, reason) in zip(active, prompts, replies):
+    text = tokenizer.decode(toks, skip_special_tokens=True)
+    games.envs[i].step(text if config.keep_reasoning else strip_reasoning(text))
+    games.turn_meta[i].append({"prompt_tokens": len(ids),
+                               "response_tokens": len(toks) - int(reason == "stop"),
+                               "finish_reason": reason})
+
+
 def rollout(sampler: engine.TokenSampler, tokenizer: Any, seeds: Sequence[int],
             config: RolloutConfig = RolloutConfig(), *, model: ModelInfo,
             knowledge: str | None = None, path: str | None = None,
@@ -269,68 +358,20 @@ def rollout(sampler: engine.TokenSampler, tokenizer: Any, seeds: Sequence[int],
       (named by game, seed and turn), the sampler returned the wrong number of replies, or
       ``plays`` does not hold one non-negative integer per seed.
   """
-  if not isinstance(model, ModelInfo):
-    raise TypeError(f"model must be a ModelInfo, got {type(model).__name__}")
-  seeds = [int(s) for s in seeds]
-  plays = [0] * len(seeds) if plays is None else list(plays)
-  if len(plays) != len(seeds) or any(_bad_int(p, 0) for p in plays):
-    raise ValueError(f"plays must hold one integer >= 0 per seed ({len(seeds)} seeds), got "
-                     f"{plays!r}")
-  plays = [int(p) for p in plays]
+  seeds, plays = _checked_games(model, seeds, plays)
   wall_start = time.perf_counter()
-  generate_s = 0.0
-  calls = 0
-  envs = [make_env(config.env, seed=s, knowledge=knowledge, **config.env_settings)
-          for s in seeds]
-  for env in envs:
-    env.reset()
-  turn_meta: list[list[dict[str, Any]]] = [[] for _ in envs]
-  contents: list[list[str]] = [[] for _ in envs]  # per game, the history each turn showed
-  max_seq_len = getattr(sampler, "max_seq_len", None)
-  active = list(range(len(envs)))
-  turn = 0
-  bar = tqdm(total=len(envs), unit="game", desc=f"{config.env} rollout",
-             disable=not config.progress, leave=False)
-  try:
-    while active:
-      bar.set_postfix(turn=turn, running=len(active))
-      prompts = []
-      for i in active:
-        contents[i].append(envs[i].history)
-        messages = prompt_format.messages(contents[i][-1], knowledge)
-        prompts.append(_encode_turn(tokenizer, messages, config, max_seq_len,
-                                    f"game {i} (seed {seeds[i]}), turn {turn}"))
-      requests = [(game_turn_seed(config.seed, seeds[i], turn, plays[i]), ids)
-                  for i, ids in zip(active, prompts)]
-      t0 = time.perf_counter()
-      replies, n = _sample_turn(sampler, requests, config)
-      generate_s += time.perf_counter() - t0
-      calls += n
-      for i, ids, (toks, reason) in zip(active, prompts, replies):
-        text = tokenizer.decode(toks, skip_special_tokens=True)
-        response = text if config.keep_reasoning else strip_reasoning(text)
-        envs[i].step(response)
-        turn_meta[i].append({"prompt_tokens": len(ids),
-                             "response_tokens": len(toks) - int(reason == "stop"),
-                             "finish_reason": reason})
-      still = [i for i in active if not envs[i].done]
-      bar.update(len(active) - len(still))
-      active = still
-      turn += 1
-  finally:
-    bar.close()
-
+  games = _Games([make_env(config.env, seed=s, knowledge=knowledge, **config.env_settings)
+                  for s in seeds], seeds, plays)
+  _play(games, sampler, tokenizer, config, knowledge, prompt_format)
   extra = {"sampling": config.sampling(), "enable_thinking": config.enable_thinking,
            "keep_reasoning": config.keep_reasoning, "with_knowledge": bool(knowledge),
            **dict(metadata or {})}
   trajectories = [
       _record(env.trajectory(model, metadata={**extra, "play": play}), metas, texts,
               prompt_format, knowledge)
-      for env, metas, texts, play in zip(envs, turn_meta, contents, plays)]
+      for env, metas, texts, play in zip(games.envs, games.turn_meta, games.contents, plays)]
   if timings is not None:
-    wall = time.perf_counter() - wall_start
-    timings.update(generate_s=generate_s, other_s=wall - generate_s, wall_s=wall,
-                   turns=float(turn), calls=float(calls))
+    timings.update(games.timings(time.perf_counter() - wall_start))
   if path is not None:
     write_trajectories(path, trajectories)
   return trajectories

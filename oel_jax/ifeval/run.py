@@ -109,6 +109,32 @@ class IFEvalResult:
     return out
 
 
+def _checked_examples(path: str | os.PathLike | None, examples: Sequence[IFEvalExample] | None,
+                      limit: int | None, batch_size: int) -> list[IFEvalExample]:
+  """The prompts to answer (the first ``limit``); raises before any work on bad arguments."""
+  if examples is not None and path is not None:
+    raise ValueError("give either path or examples, not both")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if examples is None:
+    examples = load_examples(path, limit=limit)
+  else:
+    examples = list(examples)[:limit] if limit is not None else list(examples)
+  if not examples:
+    raise ValueError("no IF-Eval prompts to answer")
+  return examples
+
+
+def _response(example: IFEvalExample, reply: Any) -> IFEvalResponse:
+  """What is recorded of one prompt's ``generate_chat`` reply."""
+  tokens = list(reply.tokens)
+  stop = reply.finish_reason == "stop"
+  return IFEvalResponse(
+      key=example.key, answer=reply.answer, reasoning=reply.reasoning,
+      num_tokens=len(tokens) - (1 if stop and tokens else 0),
+      finish_reason=reply.finish_reason)
+
+
 def evaluate_ifeval(sampler: Any, tokenizer: Any, *, path: str | os.PathLike | None = None,
                     examples: Sequence[IFEvalExample] | None = None,
                     enable_thinking: bool, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
@@ -135,16 +161,7 @@ def evaluate_ifeval(sampler: Any, tokenizer: Any, *, path: str | os.PathLike | N
   Returns:
     An `IFEvalResult`.
   """
-  if examples is not None and path is not None:
-    raise ValueError("give either path or examples, not both")
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  if examples is None:
-    examples = load_examples(path, limit=limit)
-  else:
-    examples = list(examples)[:limit] if limit is not None else list(examples)
-  if not examples:
-    raise ValueError("no IF-Eval prompts to answer")
+  examples = _checked_examples(path, examples, limit, batch_size)
 
   conversations = [[{"role": "user", "content": e.prompt}] for e in examples]
   lengths = [len(chat.encode_chat(tokenizer, c, enable_thinking=enable_thinking))
@@ -164,14 +181,7 @@ def evaluate_ifeval(sampler: Any, tokenizer: Any, *, path: str | os.PathLike | N
   for i, reply in zip(order, engine.in_chunks(order, batch_size, answer)):
     replies[i] = reply
 
-  responses = []
-  for example, reply in zip(examples, replies):
-    tokens = list(reply.tokens)
-    stop = reply.finish_reason == "stop"
-    responses.append(IFEvalResponse(
-        key=example.key, answer=reply.answer, reasoning=reply.reasoning,
-        num_tokens=len(tokens) - (1 if stop and tokens else 0),
-        finish_reason=reply.finish_reason))
+  responses = [_response(e, reply) for e, reply in zip(examples, replies)]
   scores = aggregate([score_example(e, r.answer) for e, r in zip(examples, responses)])
   return IFEvalResult(
       scores=scores, enable_thinking=bool(enable_thinking), max_new_tokens=int(max_new_tokens),
