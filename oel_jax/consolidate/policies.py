@@ -10,18 +10,10 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-
 from oel_jax.consolidate import inputs as inputs_lib
 from oel_jax.consolidate.config import ConsolidationConfig
 from oel_jax.consolidate.inputs import Prefix, StepInputs, encode_prompt
 from oel_jax.train import TrainState
-
-def _copy_params(params: Any) -> Any:
-  # The train step donates the state: the sampler must hold arrays of its own.
-  return jax.tree.map(jnp.copy, params)
-
 
 # ---------------------------------------------------------------------------------------------
 # Who samples the replies: the two modes.
@@ -29,8 +21,13 @@ def _copy_params(params: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class OnPolicy:
-  """The student samples the replies (OEL): the sampler holds its weights, synced after every
-  optimizer step that changed them."""
+  """The student samples the replies (OEL): the sampler is given the train state's weights
+  before every sampling.
+
+  The sampler shares the state's buffers (no copy). The train step donates them, so the
+  sampler's hold on them ends at the next step, taken or skipped; hence the sync before each
+  sampling rather than after each step.
+  """
 
   def prompts(self, inputs: StepInputs) -> tuple[tuple[int, ...], ...]:
     """The prompts the sampler answers: the student's (no knowledge)."""
@@ -42,18 +39,17 @@ class OnPolicy:
     del tokenizer, prefix, knowledge, config
     return len(student_ids)
 
-  def start(self, sampler: Any, state: TrainState, teacher_params: Any) -> None:
-    """Puts the weights that sample the first step into the sampler."""
-    del teacher_params
-    sampler.update_weights(_copy_params(state.params))
+  def start(self, sampler: Any, teacher_params: Any) -> None:
+    """Before the first step: nothing (each sampling syncs the student)."""
+    del sampler, teacher_params
 
-  def stepped(self, sampler: Any, state: TrainState) -> None:
-    """After an optimizer step that was taken (not skipped)."""
-    sampler.update_weights(_copy_params(state.params))
+  def before_sampling(self, sampler: Any, state: TrainState) -> None:
+    """Puts the student's current weights into the sampler."""
+    sampler.update_weights(state.params)
 
   def finish(self, sampler: Any, state: TrainState) -> None:
-    """At the end: the sampler holds the final student already."""
-    del sampler, state
+    """At the end: the final student."""
+    sampler.update_weights(state.params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,18 +69,17 @@ class OffPolicy:
     return len(encode_prompt(tokenizer, inputs_lib.teacher_prefix(prefix, widest),
                              enable_thinking=config.enable_thinking))
 
-  def start(self, sampler: Any, state: TrainState, teacher_params: Any) -> None:
-    """Puts the teacher's weights into the sampler."""
-    del state
+  def start(self, sampler: Any, teacher_params: Any) -> None:
+    """Puts the teacher's weights (frozen, never donated) into the sampler."""
     sampler.update_weights(teacher_params)
 
-  def stepped(self, sampler: Any, state: TrainState) -> None:
+  def before_sampling(self, sampler: Any, state: TrainState) -> None:
     """The teacher keeps sampling: nothing changes."""
     del sampler, state
 
   def finish(self, sampler: Any, state: TrainState) -> None:
     """The sampler ends holding the final student, as on-policy."""
-    sampler.update_weights(_copy_params(state.params))
+    sampler.update_weights(state.params)
 
 
 POLICIES = {"on_policy": OnPolicy(), "off_policy": OffPolicy()}

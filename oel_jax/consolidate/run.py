@@ -202,6 +202,7 @@ class _Stepper:
           [list(p) for p in chunk], **config.sampling_params.generate_kwargs(),
           seed=sampling_seed(config.seed, step, index)))
 
+    self.policy.before_sampling(self.sampler, state)
     t0 = time.perf_counter()
     replies = engine.in_chunks(self.policy.prompts(inputs), config.max_sampling_batch, answer)
     sampling_time = time.perf_counter() - t0
@@ -210,8 +211,6 @@ class _Stepper:
     batch = build_batch(inputs.student_prompts, inputs.teacher_prompts, responses,
                         pad_id=self.pad_id, config=config, row_multiple=self.row_multiple)
     state, m = self.trainer.train_step(state, self.teacher_params, batch, skip_non_finite=True)
-    if m["finite"]:  # else the weights are as before, the sampler's too
-      self.policy.stepped(self.sampler, state)
     return _StepResult(state=state, metrics=m, batch=batch, responses=responses,
                        reasons=reasons, sampling_time=sampling_time)
 
@@ -312,7 +311,7 @@ def run_consolidation(student: Qwen3, teacher: Qwen3, tokenizer: Any,
     state, history, start = ckpt.start_state(checkpoints, metrics_path, data.fingerprint, config,
                                              trainer, student)
     stepper = _stepper(data, tokenizer, config, sampler, trainer, teacher, state)
-    stepper.policy.start(stepper.sampler, state, stepper.teacher_params)
+    stepper.policy.start(stepper.sampler, stepper.teacher_params)
     state, history = _run_steps(stepper, state, history, start, checkpoints, metrics_path,
                                 progress, on_step)
   finally:
