@@ -32,6 +32,8 @@ follow; a check between fields goes in the owning dataclass's ``cross_checks``.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -460,3 +462,21 @@ def default_config() -> ml_collections.ConfigDict:
   """The loop's config with the paper's procedure as defaults (configs/ override it),
   generated from `RunConfig`'s defaults."""
   return RunConfig().to_config_dict()
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """``get_config()`` of a config file given as ``path`` or ``path:argument`` (the form
+  ``--config`` takes).
+
+  Raises:
+    InputError: there is no such file, or it defines no ``get_config``.
+  """
+  path, _, argument = spec.partition(":") if not os.path.isfile(spec) else (spec, "", "")
+  if not os.path.isfile(path):
+    raise InputError(f"--config: no such config file: {path}")
+  module_spec = importlib.util.spec_from_file_location("_oel_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise InputError(f"--config: {path} defines no get_config()")
+  return module.get_config(argument) if argument else module.get_config()

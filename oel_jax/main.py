@@ -28,7 +28,6 @@ code 2; ``--debug`` shows the Python traceback instead.
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import logging as py_logging
 import os
 import re
@@ -43,6 +42,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from oel_jax import chat, loop
+from oel_jax import config as config_lib
 from oel_jax.errors import InputError, one_line
 from oel_jax.train import NonFiniteLossError
 
@@ -113,19 +113,6 @@ def _config_paths(config: Mapping, prefix: str = "") -> list[str]:
   return paths
 
 
-def _load_config_file(spec: str):
-  """``get_config()`` of a config file given as ``path`` or ``path:argument``."""
-  path, _, argument = spec.partition(":") if not os.path.isfile(spec) else (spec, "", "")
-  if not os.path.isfile(path):
-    raise InputError(f"--config: no such config file: {path}")
-  module_spec = importlib.util.spec_from_file_location("_oel_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise InputError(f"--config: {path} defines no get_config()")
-  return module.get_config(argument) if argument else module.get_config()
-
-
 def nearest_fields(field: str, paths: list[str], n: int = 4) -> list[str]:
   """The config fields most like ``field``: by leaf name first (the same section's first),
   else by the whole dotted path."""
@@ -149,7 +136,7 @@ MOVED_FIELDS = {f"rollout.{k}": [f"collect.extraction_sampling.{k}",
 def check_overrides(argv: list[str], config_file: str) -> None:
   """Loads the config file; raises InputError naming the first ``--config.<field>`` it does
   not have, with the nearest fields it does have."""
-  config = _load_config_file(config_file)
+  config = config_lib.load_config_file(config_file)
   paths = _config_paths(config)
   known = set(paths)
   for arg in argv:

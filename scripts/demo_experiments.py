@@ -23,7 +23,6 @@ and ``demo_experiments.png`` into ``--out``.
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import sys
@@ -36,6 +35,7 @@ if _REPO not in sys.path:
 
 import numpy as np  # pylint: disable=wrong-import-position
 
+from oel_jax import config as config_lib  # pylint: disable=wrong-import-position
 from oel_jax.demo import DEMO_HOLES  # pylint: disable=wrong-import-position
 from oel_jax.envs import ModelInfo  # pylint: disable=wrong-import-position
 from oel_jax.evaluate import evaluate  # pylint: disable=wrong-import-position
@@ -52,11 +52,7 @@ LABELS = {"oel": "OEL (on-policy, knowledge)", "lr0": "OEL, learning rate 0",
 
 
 def demo_config():
-  spec = importlib.util.spec_from_file_location("demo_config",
-                                                os.path.join(_REPO, "configs", "demo.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.load_config_file(os.path.join(_REPO, "configs", "demo.py"))
 
 
 def configure(variant: str, seed: int, model: str = "", rounds: int = 0):

@@ -36,10 +36,7 @@ def _config_files() -> list[str]:
 
 
 def _load(path: str):
-  spec = importlib.util.spec_from_file_location("_config_under_test", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.load_config_file(path)
 
 
 @pytest.mark.parametrize("path", _config_files(), ids=os.path.basename)

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import tiny_loop_run
+from oel_jax import config as config_lib
 from oel_jax import loop, metrics
 from tiny_loop_run import ROOT, main_command, main_env
 
@@ -29,12 +30,7 @@ def fixture_tiny_run(tmp_path_factory):
 
 
 def _tiny_config():
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("config_tiny",
-                                                os.path.join(ROOT, "configs", "tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.load_config_file(os.path.join(ROOT, "configs", "tiny.py"))
 
 
 ROUND_FILES = [

@@ -8,6 +8,7 @@ import re
 import pytest
 
 import tiny_loop_run
+from oel_jax import config as config_lib
 from oel_jax import metrics
 from tiny_loop_run import ROOT, main_env, run_main
 
@@ -111,12 +112,7 @@ def test_bad_config_values_fail_before_any_work(tmp_path):
 
 
 def _load_config(name: str):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(f"config_{name}",
-                                                os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return config_lib.load_config_file(os.path.join(ROOT, "configs", f"{name}.py"))
 
 
 PAPER = {  # Table 4: format, n, L_max, learning rate, steps; K = 10 throughout.
