@@ -12,9 +12,13 @@ several local processes on 127.0.0.1 runs the same programs a pod slice does.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+from collections.abc import Mapping
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -96,3 +100,50 @@ def start(coordinator_address: str | None = None, num_processes: int | None = No
 def _process() -> Process:
   return Process(index=jax.process_index(), count=jax.process_count(),
                  local_devices=jax.local_device_count(), devices=jax.device_count())
+
+
+class DisagreementError(RuntimeError):
+  """The processes of one job were started with different settings or code."""
+
+
+def digest(text: str) -> str:
+  """The sha256 of ``text`` (UTF-8), hex: what processes compare instead of the text."""
+  return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def check_agreement(values: Mapping[str, str]) -> None:
+  """Stops every process of the job, naming what differs, unless all hold the same
+  ``values`` (e.g. ``{"config": resolved config JSON, "code": version}``).
+
+  Every process must call it with the same keys, in any order; only digests travel. One
+  process: nothing to compare.
+
+  Raises:
+    DisagreementError: on every process, naming each key that differs and each process's
+      digest of it.
+  """
+  if jax.process_count() == 1:
+    return
+  keys = sorted(values)
+  # One 32-byte digest per value, then one of the key names.
+  mine = np.frombuffer(b"".join(bytes.fromhex(digest(text))
+                                for text in [values[k] for k in keys] + ["\n".join(keys)]),
+                       np.uint8)
+  every = np.asarray(multihost_utils.process_allgather(mine))  # [P, 32 * (len(keys) + 1)]
+  if (every == every[0]).all():
+    return
+  width = 32
+  problems = []
+  if not (every[:, -width:] == every[0, -width:]).all():
+    problems.append(f"the keys compared differ (this process: {keys})")
+  else:
+    for i, key in enumerate(keys):
+      column = every[:, i * width:(i + 1) * width]
+      if not (column == column[0]).all():
+        shown = ", ".join(f"process {p}: {column[p].tobytes().hex()[:12]}"
+                          for p in range(len(column)))
+        problems.append(f"{key} differs ({shown})")
+  raise DisagreementError(
+      f"process {jax.process_index()} of {jax.process_count()}: the processes were not "
+      "started alike: " + "; ".join(problems) +
+      ". Start every process with the same command, config and code.")

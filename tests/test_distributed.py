@@ -83,3 +83,37 @@ def test_bad_start_arguments_are_named(args, message):
 def test_no_arguments_and_no_cluster_is_one_process():
   process = distributed.start()
   assert (process.index, process.count, process.is_writer) == (0, 1, True)
+
+
+_AGREE = textwrap.dedent("""
+    import sys
+    from oel_jax import distributed
+
+    address, index, config = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    distributed.start(address, 2, index, timeout_s=60)
+    try:
+      distributed.check_agreement({"config": config, "code": "v1"})
+    except distributed.DisagreementError as e:
+      print("DISAGREE", e)
+      sys.exit(3)
+    print("AGREE")
+""")
+
+
+@pytest.mark.parametrize("configs", [("a", "a"), ("a", "b")])
+def test_processes_started_differently_stop_naming_the_difference(configs):
+  address = f"127.0.0.1:{_free_port()}"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  workers = [subprocess.Popen([sys.executable, "-c", _AGREE, address, str(i), configs[i]],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+  results = [(w.communicate(timeout=180), w.returncode) for w in workers]
+  for i, ((out, err), code) in enumerate(results):
+    if configs[0] == configs[1]:
+      assert code == 0 and "AGREE" in out, err[-3000:]
+    else:
+      assert code == 3, err[-3000:]
+      assert f"process {i} of 2" in out and "config differs" in out and "code" not in \
+          out.split("started alike:")[1].split(".")[0]
+      assert distributed.digest("a")[:12] in out and distributed.digest("b")[:12] in out
