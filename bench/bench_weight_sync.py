@@ -1,10 +1,10 @@
 """Weight sync into the sampler: `Sampler.update_weights` vs a full parameter copy vs decoding.
 
-Consolidation puts the student's weights into the sampler after every optimizer step, and
-`ModelPool.sampler` syncs on every request. This measures what such a sync costs, next to
-what it would cost if it copied the parameters (a `jnp.copy` of every array, the way
-`oel_jax.consolidate.policies` copies the train state before each sync, because the train
-step donates it) and next to one `generate` call, the work a sync sits between.
+On-policy consolidation puts the student's weights into the sampler before every sampling,
+and `ModelPool.sampler` syncs on every request. This measures what such a sync costs, next
+to what it would cost if it copied the parameters (a `jnp.copy` of every array, which
+on-policy consolidation did before each sync until the sync shared the train state's
+buffers) and next to one `generate` call, the work a sync sits between.
 
 Model: Qwen3 with Qwen3-0.6B's widths and full 151,936 vocabulary, fewer layers (default
 2), random bf16 weights. Decode: a batch of 8 prompts of 32 tokens, 32 new tokens, greedy.
@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from machine import best_time, copy_bandwidth
-from oel_jax.models import Qwen3Config, init_model
+from oel_jax.models import PRESETS, init_model
 from oel_jax.sampling import Sampler
 
 PROMPT = 32
@@ -46,9 +46,8 @@ def main():
   bw = copy_bandwidth()
   print(f"machine: {os.cpu_count()} cores; copy bandwidth {bw / 1e9:.1f} GB/s; "
         f"jax {jax.__version__}, {jax.device_count()} device(s) ({jax.devices()[0].platform})")
-  config = Qwen3Config(vocab_size=151_936, hidden_size=1024, intermediate_size=3072,
-                       num_layers=args.layers, num_heads=16, num_kv_heads=8, head_dim=128,
-                       param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16)
+  config = PRESETS["Qwen3-0.6B"].replace(num_layers=args.layers, param_dtype=jnp.bfloat16,
+                                         compute_dtype=jnp.bfloat16)
   model = init_model(config)
   state = nnx.state(model)
   nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
@@ -68,7 +67,7 @@ def main():
   def copy():
     jax.block_until_ready(jax.tree.map(jnp.copy, student))
 
-  def copy_then_sync():  # today's on-policy sync: copy the donated state, then sync
+  def copy_then_sync():  # on-policy consolidation's sync before it shared the buffers
     sampler.update_weights(jax.tree.map(jnp.copy, student))
     jax.block_until_ready(sampler._params)  # pylint: disable=protected-access
 
