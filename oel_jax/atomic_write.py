@@ -37,6 +37,8 @@ import shutil
 from collections.abc import Callable, Iterator
 from typing import IO, Any
 
+from oel_jax import distributed
+
 # Temporary files are hidden (leading dot) and end in this, so a listing or glob for the
 # real names never picks one up, and a leftover from a killed process is easy to spot.
 TEMP_SUFFIX = ".tmp"
@@ -170,6 +172,10 @@ def replace_folder(path: str | os.PathLike[str], write: Callable[[str], None]) -
   A leftover ``<path>.tmp`` of a killed earlier call is deleted first; an old ``path`` only
   once ``write`` has returned.
 
+  On several processes (`oel_jax.distributed`) every process calls this and ``write``, since
+  a writer may need them all (`oel_jax.models.save_hf` gathers each tensor over the mesh and
+  has process 0 write it); the folder itself is cleared and moved by process 0 alone.
+
   Args:
     path: the folder to (re)place; its parent must exist.
     write: called with the temporary folder's path (not yet created: writers such as
@@ -180,14 +186,24 @@ def replace_folder(path: str | os.PathLike[str], write: Callable[[str], None]) -
   """
   path = os.fspath(path)
   tmp = path + TEMP_SUFFIX
-  if os.path.exists(tmp):
-    shutil.rmtree(tmp)
+  _remove_folder(tmp)
   write(tmp)
+  _move_folder(tmp, path)
+  return path
+
+
+@distributed.writer_only
+def _remove_folder(path: str) -> None:
   if os.path.exists(path):
     shutil.rmtree(path)
-  os.replace(tmp, path)
+
+
+@distributed.writer_only
+def _move_folder(source: str, path: str) -> None:
+  if os.path.exists(path):
+    shutil.rmtree(path)
+  os.replace(source, path)
   _fsync_folder(os.path.dirname(os.path.abspath(path)))
-  return path
 
 
 def _remove(path: str) -> None:

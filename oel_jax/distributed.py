@@ -1,26 +1,45 @@
-"""Starting JAX on one process or several: the first thing a run does, before any computation.
+"""One program on one process or several: starting the job, checking that its processes
+agree, and the one process that writes the run's files.
 
     process = distributed.start(coordinator_address, num_processes, process_id)
+    distributed.check_agreement({"config": config_json, "code": code_version()})
 
-With the three given, the process joins that job (`jax.distributed.initialize`). With none
-given, a cluster that JAX detects by itself (a TPU pod slice, SLURM, Open MPI, ...) is
-joined; with no such cluster the run stays one process. With more than one process on CPU,
-collectives go through gloo (XLA:CPU has no other cross-process implementation), so a job of
-several local processes on 127.0.0.1 runs the same programs a pod slice does.
+    @distributed.writer_only
+    def write_report(path, data): ...          # process 0 writes; the others wait, then read
+
+`start` is the first thing a run does, before any computation. With the three arguments
+given, the process joins that job (`jax.distributed.initialize`). With none given, a cluster
+that JAX detects by itself (a TPU pod slice, SLURM, Open MPI, ...) is joined; with no such
+cluster the run stays one process. With more than one process on CPU, collectives go through
+gloo (XLA:CPU has no other cross-process implementation), so a job of several local processes
+on 127.0.0.1 runs the same programs a pod slice does.
+
+Every process runs the same Python control flow and the same global programs; the run's
+files are written once, by process 0 (`writer_only`), into a folder every process sees (a
+shared file system). The other processes skip each write and wait for it at a barrier, so
+that whatever they read next (a done-file, a checkpoint to load) is there. orbax checkpoints
+are the exception: every process saves and restores its own shards, as orbax expects.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import functools
 import hashlib
 import logging
-from collections.abc import Mapping
+import os
+import zlib
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # What jax.distributed.initialize says when asked to detect a cluster and none is there.
 _NO_CLUSTER = "coordinator_address should be defined"
@@ -147,3 +166,113 @@ def check_agreement(values: Mapping[str, str]) -> None:
       f"process {jax.process_index()} of {jax.process_count()}: the processes were not "
       "started alike: " + "; ".join(problems) +
       ". Start every process with the same command, config and code.")
+
+
+def code_version() -> str:
+  """A digest of the oel_jax package as installed: every file under its folder (sources,
+  prompts, the tiny tokenizer), by relative path and content.
+
+  Works the same from a git checkout and from a pip install (no git needed), and changes
+  with any edit, committed or not, which a version string or ``git describe`` would miss.
+  """
+  root = os.path.dirname(os.path.abspath(__file__))
+  h = hashlib.sha256()
+  for folder, subfolders, files in os.walk(root):
+    subfolders[:] = sorted(d for d in subfolders if d != "__pycache__")
+    for name in sorted(files):
+      if name.endswith((".pyc", ".pyo")):
+        continue
+      path = os.path.join(folder, name)
+      h.update(os.path.relpath(path, root).encode("utf-8") + b"\0")
+      with open(path, "rb") as f:
+        h.update(hashlib.sha256(f.read()).digest())
+  return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer.
+
+
+def _several() -> bool:
+  # Without jax.distributed there is one process; asking JAX for the count would start its
+  # backend, which a plain file write (a test, a script) has no reason to do.
+  return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def is_writer() -> bool:
+  """Whether this process writes the run's files: process 0, or the only one."""
+  return not _several() or jax.process_index() == 0
+
+
+class WriterError(RuntimeError):
+  """Process 0 failed to write a file of the run; raised on the other processes."""
+
+
+def barrier(name: str, *, failed: bool = False) -> bool:
+  """Waits until every process has reached the barrier ``name``; returns whether any of them
+  arrived ``failed``. One process: returns ``failed`` at once.
+
+  What `multihost_utils.sync_global_devices` does, plus one flag, so that an error on one
+  process stops the others instead of leaving them to wait for something that never comes.
+
+  Raises:
+    DisagreementError: the processes reached different barriers (their control flow
+      diverged), naming this process's.
+  """
+  if not _several():
+    return failed
+  mine = np.asarray([zlib.crc32(name.encode("utf-8")), int(failed)], np.uint32)
+  every = np.asarray(multihost_utils.process_allgather(mine))  # [P, 2]
+  if not (every[:, 0] == mine[0]).all():
+    raise DisagreementError(
+        f"process {jax.process_index()} of {jax.process_count()} is at barrier {name!r} and "
+        "another process at a different one: the processes' control flow diverged")
+  return bool(every[:, 1].any())
+
+
+# Set while process 0 runs a `writer_only` function: a writer it calls runs as a plain call
+# (the other processes are not running the outer one, so they would never meet its barrier).
+_WRITING: contextvars.ContextVar[bool] = contextvars.ContextVar("oel_jax_writing", default=False)
+
+
+def writer_only(write: Callable[..., T]) -> Callable[..., T | None]:
+  """Makes ``write``, a function that writes files of the run, run on process 0 only.
+
+  Every process calls the decorated function at the same point of the same control flow.
+  Process 0 runs it once every process has got there, and the others wait until it has
+  returned: so every process sees the files as a single process would, each write there for
+  every read after it and for none before it (a process that looked for a file just before
+  its write could otherwise find it already written, and take another branch). It returns
+  what ``write`` returned on process 0 and None on the others. An exception in ``write`` is
+  raised on process 0 and, as a `WriterError` naming the function, on the others. One
+  process: a plain call.
+
+  ``write`` must not run a collective (a computation over the mesh): the other processes
+  would not be there to take part. A writer that needs one (exporting a sharded model
+  gathers each tensor) runs it on every process and puts only the writing in here.
+  """
+  name = f"{write.__module__}.{write.__qualname__}"
+
+  @functools.wraps(write)
+  def run_on_writer(*args: Any, **kwargs: Any) -> T | None:
+    if _WRITING.get() or not _several():
+      return write(*args, **kwargs)
+    result, error = None, None
+    barrier(f"{name} (start)")
+    if jax.process_index() == 0:
+      token = _WRITING.set(True)
+      try:
+        result = write(*args, **kwargs)
+      except Exception as e:  # pylint: disable=broad-except
+        error = e
+      finally:
+        _WRITING.reset(token)
+    failed = barrier(f"{name} (end)", failed=error is not None)
+    if error is not None:
+      raise error
+    if failed:
+      raise WriterError(f"process 0 failed in {name} (its log says why); process "
+                        f"{jax.process_index()} stops too")
+    return result
+
+  return run_on_writer

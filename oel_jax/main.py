@@ -20,6 +20,14 @@ only checks the config; ``plot`` redraws ``plots/rounds.png`` and ``metrics.json
 ``probe`` loads ``config.model``, renders ``--prompt`` with the chat template and prints the
 most likely next tokens (a smoke test of a checkpoint).
 
+Several hosts (a TPU pod slice, GPU nodes): every process runs the same command, with
+``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` (or none of them on a
+cluster JAX detects by itself: TPU pod slices, SLURM), and a ``--workdir`` every host sees.
+The processes first check that they were started alike (the resolved config, the command's
+stage, round and workdir, the oel_jax code and the JAX version) and stop, naming what
+differs, when not; then they run the stages together, process 0 writing every file
+(`oel_jax.distributed`).
+
 Bad input (an unknown ``--config.<field>``, an invalid value, a truncated checkpoint, a
 malformed trajectory or knowledge file) ends with one line, ``error: <what, where>``, and exit
 code 2; ``--debug`` shows the Python traceback instead.
@@ -28,6 +36,7 @@ code 2; ``--debug`` shows the Python traceback instead.
 from __future__ import annotations
 
 import difflib
+import json
 import logging as py_logging
 import os
 import re
@@ -41,7 +50,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from oel_jax import chat, loop
+from oel_jax import chat, distributed, loop
 from oel_jax import config as config_lib
 from oel_jax.errors import InputError, one_line
 from oel_jax.train import NonFiniteLossError
@@ -69,6 +78,11 @@ flags.DEFINE_string("prompt", "You are on a frozen lake. Which way do you move: 
                     "[down], [left] or [right]?", "probe: the user message to complete.")
 flags.DEFINE_bool("thinking", True, "probe: render the chat template with enable_thinking.")
 flags.DEFINE_integer("top", 5, "probe: how many next-token candidates to print.")
+flags.DEFINE_string("coordinator_address", None, "Several processes: HOST:PORT of process "
+                    "0's coordinator (with --num_processes and --process_id; none of the "
+                    "three on a cluster JAX detects, e.g. a TPU pod slice or SLURM).")
+flags.DEFINE_integer("num_processes", None, "Several processes: how many.")
+flags.DEFINE_integer("process_id", None, "Several processes: this one's index, from 0.")
 
 
 def next_token_candidates(model, tokenizer, messages, *, enable_thinking: bool, top: int
@@ -196,6 +210,17 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     py_logging.getLogger("oel_jax").setLevel(py_logging.INFO)
   try:
+    # Before anything touches a device: joining a job must come first.
+    process = distributed.start(FLAGS.coordinator_address, FLAGS.num_processes,
+                                FLAGS.process_id)
+  except ValueError as e:
+    if FLAGS.debug:
+      raise
+    _fail(one_line(e))
+  if process.count > 1:
+    logging.info("process %d of %d, %d of the job's %d devices", process.index, process.count,
+                 process.local_devices, process.devices)
+  try:
     _main()
   except InputError as e:
     if FLAGS.debug:
@@ -205,12 +230,51 @@ def main(argv):
     if FLAGS.debug:
       raise
     _fail(one_line(e), code=1)
+  except distributed.DisagreementError as e:
+    if FLAGS.debug:
+      raise
+    _fail(one_line(e))
+
+
+def start_alike(config, workdir: str) -> loop.OnlineLoop:
+  """The run, once every process has checked that all were started alike.
+
+  The processes compare the resolved config (as the workdir records it), the command (stage,
+  round, workdir), the code and the JAX version, and the outcome of checking the config on
+  their own machine (a checkpoint missing on one host fails there only): all stop with the
+  same error, rather than some going on to wait for the others forever.
+
+  Raises:
+    DisagreementError: naming what differs.
+    ConfigError: the config is invalid (on every process).
+  """
+  try:
+    run, problem = loop.OnlineLoop(config, workdir), ""
+  except config_lib.ConfigError as e:
+    run, problem = None, str(e)
+  try:
+    distributed.check_agreement({
+        "config": json.dumps(config_lib.parse(config)[0].to_dict(), sort_keys=True),
+        "command": json.dumps({"stage": FLAGS.stage, "round": FLAGS.round,
+                               "workdir": workdir}),
+        "code": distributed.code_version(),
+        "jax": jax.__version__,
+        "config check": problem,
+    })
+  except distributed.DisagreementError as e:
+    if problem:  # the digests alone would not say what this process found
+      raise distributed.DisagreementError(f"{e} This process's config check: {problem}") \
+          from None
+    raise
+  if run is None:
+    raise config_lib.ConfigError(problem)
+  return run
 
 
 def _main():
   config = FLAGS.config
   workdir = FLAGS.workdir or os.path.join("runs", str(config.get("name", "oel")))
-  run = loop.OnlineLoop(config, workdir)
+  run = start_alike(config, workdir)
   stage = FLAGS.stage
   if stage == "validate":
     print(f"config OK: {config.name}, model {config.model}, {config.rounds} rounds, "

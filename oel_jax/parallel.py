@@ -3,6 +3,11 @@
 Every parameter carries a partition spec over these axis names (see
 `oel_jax.models.qwen3`); `data` and `fsdp` split the batch, `fsdp` also shards
 parameters and optimizer state, and `tp` splits heads and MLP width.
+
+Host data and the mesh, on one process or several (`oel_jax.distributed`): every process
+holds the same host values (the same games, the same batches), so `place` builds a global
+array from them with each process filling only its own devices' shards, and `to_host` brings
+a global array back whole to every process.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from oel_jax import settings
@@ -100,11 +106,33 @@ def param_sharding(path: tuple, variable: nnx.Variable, mesh: Mesh) -> NamedShar
   return NamedSharding(mesh, spec)
 
 
+def place(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+  """``value`` as a global array with ``sharding``.
+
+  A host value (a NumPy array, or an array on this process's devices) must be the same on
+  every process; each process fills only the shards of its own devices from it, so nothing
+  crosses between hosts (`jax.device_put` would also gather every process's copy to check
+  that they agree). An array already spread over several processes is resharded.
+  """
+  if isinstance(value, jax.Array) and not value.is_fully_addressable:
+    return jax.device_put(value, sharding)
+  host = np.asarray(value)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def to_host(value: jax.Array) -> np.ndarray:
+  """The whole of ``value`` as a NumPy array, on every process (an all-gather when its
+  shards are spread over several processes)."""
+  if value.is_fully_addressable or value.is_fully_replicated:
+    return np.asarray(value)
+  return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+
+
 def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
   """Places every parameter of `model` on `mesh` by its partition spec (in place)."""
   state = nnx.state(model)
   for path, variable in nnx.to_flat_state(state):
     sharding = param_sharding(path, variable, mesh)
-    variable.set_value(jax.device_put(variable.get_value(), sharding))
+    variable.set_value(place(variable.get_value(), sharding))
   nnx.update(model, state)
   return model

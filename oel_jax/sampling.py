@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from oel_jax import chat
+from oel_jax import chat, parallel
 from oel_jax.models.qwen3 import KVCache, Qwen3
 # draw and the caps are re-exported: the sampler's token choice was defined here before.
 from oel_jax.token_choice import SMALL_TOP_K_CAP, TOP_K_CAP, draw, sample_next  # noqa: F401
@@ -246,16 +246,20 @@ class Sampler:
       batch = -(-batch // shards) * shards
 
     arrays = self._pad_batch(prompts, row_seeds, prompt_len, batch)
-    args = [jnp.asarray(a) for a in arrays]
-    if self.mesh is not None:
+    if self.mesh is None:
+      args = [jnp.asarray(a) for a in arrays]
+    else:
+      # Every process holds the whole batch (they all play the same games); each places
+      # the rows of its own devices.
       sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(
           ("data", "fsdp")))
-      args = [jax.device_put(a, sharding) for a in args]
+      args = [parallel.place(a, sharding) for a in arrays]
     ids, mask, active, seeds = args
     tokens, logprobs, _ = self._jitted(
         self._params, ids, mask, active, jnp.int32(max_new_tokens), jnp.float32(temperature),
         jnp.int32(top_k), jnp.float32(top_p), seeds, gen_slots=gen_slots)
-    tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+    # Every process gets every row: each one's games go on with them.
+    tokens, logprobs = parallel.to_host(tokens), parallel.to_host(logprobs)
 
     out_tokens, out_logprobs, reasons = [], [], []
     eos = set(self.eos_ids)

@@ -264,7 +264,7 @@ class Trainer:
     if self.mesh is not None:
       params = jax.jit(copy, out_shardings=self.param_sharding)(params)
       opt_state = jax.jit(self.tx.init, out_shardings=self.opt_sharding)(params)
-      step = jax.device_put(jnp.zeros((), jnp.int32), NamedSharding(self.mesh, P()))
+      step = parallel.place(np.zeros((), np.int32), NamedSharding(self.mesh, P()))
     else:
       params = jax.jit(copy)(params)
       opt_state, step = self.tx.init(params), jnp.zeros((), jnp.int32)
@@ -394,8 +394,8 @@ class Trainer:
         state.
     """
     self.check_batch(batch)
-    if self.mesh is not None:
-      batch = jax.device_put(batch, self.batch_sharding)
+    if self.mesh is not None:  # every process holds the whole batch; each places its rows
+      batch = jax.tree.map(lambda a: parallel.place(a, self.batch_sharding), batch)
     start = time.perf_counter()
     with self._mesh_context():
       new_state, metrics = self._step(state, teacher_params, batch)

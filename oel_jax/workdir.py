@@ -17,6 +17,9 @@ Layout::
     initial/               the initial model's evaluation
     round_{r:03d}/         round r: ``<stage>.done.json`` per finished stage, and its files
 
+On several processes every file here is written by process 0 alone and the others wait for
+it (`oel_jax.distributed.writer_only`: `write_json`, `Workdir.publish`); every process reads.
+
 A done-file (``<stage>.done.json``, `DONE_FILE`) is the one record that a stage finished: it
 is written last and atomically, holds the stage's metrics and its artifacts' paths (relative
 to the workdir), and everything the run reports is rebuilt from the done-files alone, so a
@@ -33,6 +36,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from oel_jax import distributed
 from oel_jax import metrics as metrics_lib
 from oel_jax import plots
 from oel_jax.atomic_write import atomic_write_text
@@ -65,8 +69,10 @@ Round = int | str
 """A round number, or `INITIAL`."""
 
 
+@distributed.writer_only
 def write_json(path: str, data: Any) -> None:
-  """Writes ``data`` as indented JSON, atomically, making the folder if needed."""
+  """Writes ``data`` as indented JSON, atomically, making the folder if needed (process 0
+  writes, the others wait: `oel_jax.distributed.writer_only`)."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   atomic_write_text(path, json.dumps(data, indent=1, ensure_ascii=False, allow_nan=True) + "\n")
 
@@ -156,7 +162,6 @@ class Workdir:
         raise ConfigError(f"{path}: this workdir holds a run with another config ({shown}"
                           f"{', ...' if len(differ) > 5 else ''}); use the same config to "
                           "resume it, or another --workdir")
-    os.makedirs(self.path, exist_ok=True)
     write_json(path, current)
 
   # ---- done-files ----
@@ -225,9 +230,11 @@ class Workdir:
 
   # ---- reports ----
 
+  @distributed.writer_only
   def publish(self, record: dict[str, Any] | None = None) -> None:
     """Rebuilds metrics.jsonl, summary.json and the plot from the done-files; logs ``record``
-    (a stage just finished) to TensorBoard."""
+    (a stage just finished) to TensorBoard. Process 0 writes them all (the TensorBoard
+    writer lives there only); the others wait."""
     markers = self.markers()
     metrics_lib.write_jsonl(os.path.join(self.path, METRICS_FILE), markers)
     write_json(os.path.join(self.path, SUMMARY_FILE), metrics_lib.summary(markers))

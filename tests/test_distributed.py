@@ -117,3 +117,59 @@ def test_processes_started_differently_stop_naming_the_difference(configs):
       assert f"process {i} of 2" in out and "config differs" in out and "code" not in \
           out.split("started alike:")[1].split(".")[0]
       assert distributed.digest("a")[:12] in out and distributed.digest("b")[:12] in out
+
+
+_WRITE = textwrap.dedent("""
+    import json, os, sys, time
+    from oel_jax import distributed
+
+    address, index, folder = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    distributed.start(address, 2, index, timeout_s=60)
+    path = os.path.join(folder, "state.json")
+
+    @distributed.writer_only
+    def write(text):
+      with open(path, "a") as f:  # a second writer would leave two lines
+        f.write(text + "\\n")
+      return "written"
+
+    @distributed.writer_only
+    def fail():
+      raise OSError("disk full")
+
+    if index == 1:
+      time.sleep(2)  # process 0 is at write() long before this process looks for the file
+    seen_before = os.path.exists(path)
+    returned = write(f"process {index}")
+    with open(path) as f:
+      seen_after = f.read()
+    try:
+      fail()
+      error = None
+    except Exception as e:
+      error = f"{type(e).__name__}: {e}"
+    print(json.dumps({"before": seen_before, "returned": returned, "after": seen_after,
+                      "error": error, "writer": distributed.is_writer()}))
+""")
+
+
+def test_one_process_writes_and_the_others_wait_then_read(tmp_path):
+  address = f"127.0.0.1:{_free_port()}"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  workers = [subprocess.Popen([sys.executable, "-c", _WRITE, address, str(i), str(tmp_path)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+  results = []
+  for w in workers:
+    out, err = w.communicate(timeout=180)
+    assert w.returncode == 0, err[-3000:]
+    results.append(json.loads(out.strip().splitlines()[-1]))
+  first, second = results
+  # Neither saw the file before the write, both see process 0's one line after it.
+  assert [r["before"] for r in results] == [False, False]
+  assert [r["after"] for r in results] == ["process 0\n"] * 2
+  assert (first["returned"], second["returned"]) == ("written", None)
+  assert (first["writer"], second["writer"]) == (True, False)
+  assert first["error"] == "OSError: disk full"
+  assert second["error"].startswith("WriterError: process 0 failed in __main__.fail")

@@ -4,6 +4,10 @@ With a workdir, orbax checkpoints of the train state plus JSON metadata (step, d
 the metrics so far and a fingerprint of the config and inputs) are written to
 ``workdir/checkpoints`` (`open_workdir`); `restore` continues from the latest one when the
 fingerprint agrees, and `start_state` from it or from a fresh train state.
+
+On several processes every process saves and restores the checkpoints (each its own shards;
+orbax has process 0 write the metadata and finalise each one); the metrics file is process
+0's alone (`write_metrics`, `append_metrics`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from oel_jax import distributed
 from oel_jax.atomic_write import atomic_write_text
 from oel_jax.consolidate.config import ConsolidationConfig
 from oel_jax.consolidate.inputs import Prefix
@@ -59,6 +64,19 @@ def prefix_digest(prefixes: Sequence[Prefix], ids: Mapping[int, Sequence[int]]) 
 
 def metrics_line(m: Mapping[str, Any]) -> str:
   return json.dumps(m, allow_nan=False) + "\n"
+
+
+@distributed.writer_only
+def write_metrics(path: str, history: Sequence[Mapping[str, Any]]) -> None:
+  """Replaces the metrics file with ``history``'s lines, atomically (on process 0)."""
+  atomic_write_text(path, "".join(metrics_line(m) for m in history))
+
+
+@distributed.writer_only
+def append_metrics(path: str, line: Mapping[str, Any]) -> None:
+  """Appends one step's line to the metrics file (on process 0)."""
+  with open(path, "a", encoding="utf-8") as f:
+    f.write(metrics_line(line))
 
 
 def json_number(value: Any) -> Any:
@@ -207,7 +225,7 @@ def start_state(checkpoints: Checkpoints | None, metrics_path: str | None,
   if checkpoints is not None:
     state, history, start = restore(checkpoints, fingerprint, config,
                                     lambda: abstract_state(trainer, student))
-    atomic_write_text(metrics_path, "".join(metrics_line(m) for m in history))
+    write_metrics(metrics_path, history)
   if state is None:
     state = trainer.init_state(student)
   if trainer.mesh is None:

@@ -369,8 +369,7 @@ def _run_steps(stepper: _Stepper, state: TrainState, history: list[dict[str, Any
       line = _step_line(result, step, skipped_steps, len(stepper.inputs.games), config, t_step)
       history.append(line)
       if metrics_path is not None:
-        with open(metrics_path, "a", encoding="utf-8") as f:
-          f.write(ckpt.metrics_line(line))
+        ckpt.append_metrics(metrics_path, line)
       if consecutive >= config.max_consecutive_skipped_steps:
         # Before the checkpoint: running again resumes before these steps and meets them
         # again, unless the limit was raised.

@@ -35,6 +35,7 @@ import os
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+from oel_jax import distributed
 from oel_jax.atomic_write import AtomicFile
 from oel_jax.envs.trajectory_format import (
     FIELDS,
@@ -311,11 +312,14 @@ class TrajectoryWriter:
       self.abort()
 
 
+@distributed.writer_only
 def write_trajectories(path: str | os.PathLike[str], trajectories: Iterable[Trajectory]) -> int:
   """Writes ``trajectories`` to a JSONL file atomically; returns how many were written.
 
   Nothing is left half-written: if a record is invalid or the iterable raises, the file at
-  ``path`` is left as it was (absent, or its old contents) and the error propagates.
+  ``path`` is left as it was (absent, or its old contents) and the error propagates. On
+  several processes, process 0 writes and the others wait (and get None):
+  `oel_jax.distributed.writer_only`.
   """
   with TrajectoryWriter(path) as w:
     for t in trajectories:

@@ -8,6 +8,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from oel_jax import distributed
 from oel_jax.atomic_write import atomic_write_text
 from oel_jax.experience.state import ExtractionState
 
@@ -20,8 +21,9 @@ MANIFEST_KIND = "oel_jax.knowledge_set"
 MANIFEST_VERSION = 1
 
 
+@distributed.writer_only
 def save_state(path: str | os.PathLike[str], state: ExtractionState) -> None:
-  """Writes the state as JSON, atomically."""
+  """Writes the state as JSON, atomically (on process 0: `oel_jax.distributed.writer_only`)."""
   atomic_write_text(path, state.to_json())
 
 
@@ -36,13 +38,15 @@ def load_state(path: str | os.PathLike[str]) -> ExtractionState:
     raise ValueError(f"{path}: {e}") from None
 
 
+@distributed.writer_only
 def write_knowledge_set(folder: str | os.PathLike[str], state: ExtractionState) -> list[str]:
   """Writes ``knowledge_{k}.txt`` per run and then ``manifest.json`` into ``folder``.
 
   Any old manifest is removed first, so a manifest is only ever next to the files it names.
+  On several processes, process 0 writes and the others wait: `oel_jax.distributed.writer_only`.
 
   Returns:
-    The knowledge file paths, by run.
+    The knowledge file paths, by run (None on processes other than 0).
   """
   folder = os.fspath(folder)
   os.makedirs(folder, exist_ok=True)

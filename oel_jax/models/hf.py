@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from oel_jax import parallel
+from oel_jax import distributed, parallel
 from oel_jax.atomic_write import atomic_write_text
 from oel_jax.models import safetensors_io
 from oel_jax.models.qwen3 import Qwen3, Qwen3Config, abstract_model
@@ -245,10 +245,6 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = jnp.float32, compute_dtype:
   return nnx.merge(graphdef, state)
 
 
-def _host(array: jax.Array) -> np.ndarray:
-  return np.asarray(jax.device_get(array))
-
-
 def save_hf(model: Qwen3, path: str | os.PathLike, *, dtype: Any = None,
             max_shard_bytes: int | None = None, tokenizer: Any = None) -> None:
   """Writes `model` as a Hugging Face Qwen3 checkpoint directory.
@@ -256,6 +252,9 @@ def save_hf(model: Qwen3, path: str | os.PathLike, *, dtype: Any = None,
   The result loads with `transformers.Qwen3ForCausalLM.from_pretrained(path)` (and vLLM).
   Each file is written to a temporary name and renamed; `config.json` (and the index,
   when sharded) come last, so a reader never sees a half-written checkpoint.
+
+  On several processes (`oel_jax.distributed`) every process calls it: each tensor is
+  gathered from the devices holding its shards, one at a time, and process 0 writes it.
 
   Args:
     model: the model to export.
@@ -266,7 +265,7 @@ def save_hf(model: Qwen3, path: str | os.PathLike, *, dtype: Any = None,
     tokenizer: if given, saved beside the weights (`save_pretrained`).
   """
   path = os.fspath(path)
-  os.makedirs(path, exist_ok=True)
+  _make_folder(path)
   config = model.config
   dtype = np.dtype(dtype or config.param_dtype)
   mappings = {m.hf_key: m for m in tensor_mappings(config)}
@@ -274,9 +273,11 @@ def save_hf(model: Qwen3, path: str | os.PathLike, *, dtype: Any = None,
   nbytes = [(key, math.prod(m.hf_shape) * dtype.itemsize) for key, m in mappings.items()]
   shards = safetensors_io.plan_shards(nbytes, max_shard_bytes)
 
+  def gather(key: str) -> np.ndarray:  # on several processes, a collective
+    return parallel.to_host(params[mappings[key].nnx_path].get_value())
+
   def fetch(key: str) -> np.ndarray:
-    m = mappings[key]
-    return m.to_hf(_host(params[m.nnx_path].get_value())).astype(dtype)
+    return mappings[key].to_hf(gather(key)).astype(dtype)
 
   if len(shards) == 1:
     names = [SINGLE_FILE]
@@ -284,18 +285,37 @@ def save_hf(model: Qwen3, path: str | os.PathLike, *, dtype: Any = None,
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
   for name, keys in zip(names, shards):
     specs = {k: (mappings[k].hf_shape, dtype) for k in keys}
-    safetensors_io.write(os.path.join(path, name), specs, fetch)
+    if distributed.is_writer():
+      safetensors_io.write(os.path.join(path, name), specs, fetch)
+    else:  # no file here, but each gather needs every process, in the writer's order
+      for key in keys:
+        gather(key)
+  hf_config = config.to_hf()
+  hf_config["torch_dtype"] = hf_config["dtype"] = dtype.name
+  index = None
   if len(shards) > 1:
     index = {"metadata": {"total_size": sum(n for _, n in nbytes)},
              "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
+  _finish_folder(path, hf_config, index, tokenizer)
+
+
+@distributed.writer_only
+def _make_folder(path: str) -> None:
+  os.makedirs(path, exist_ok=True)
+
+
+@distributed.writer_only
+def _finish_folder(path: str, hf_config: dict[str, Any], index: dict[str, Any] | None,
+                   tokenizer: Any) -> None:
+  """What follows the weights: the index (or a stale one removed), the tokenizer, and
+  config.json last, so that a reader never takes a half-written checkpoint for a whole one."""
+  if index is not None:
     _write_json(os.path.join(path, INDEX_FILE), index)
-  stale = SINGLE_FILE if len(shards) > 1 else INDEX_FILE
+  stale = SINGLE_FILE if index is not None else INDEX_FILE
   if os.path.exists(os.path.join(path, stale)):
     os.unlink(os.path.join(path, stale))
   if tokenizer is not None:
     tokenizer.save_pretrained(path)
-  hf_config = config.to_hf()
-  hf_config["torch_dtype"] = hf_config["dtype"] = dtype.name
   _write_json(os.path.join(path, "config.json"), hf_config)
 
 

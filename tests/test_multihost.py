@@ -1,0 +1,120 @@
+"""One program, many hosts: the CLI on 2 processes x 2 CPU devices against 1 process x 4.
+
+Both run ``configs/tiny.py`` (one round, shortened) on the same mesh: data 2 (across the two
+processes, as across hosts) x tp 2 (within each). The two-process job must write exactly the
+files the one-process run writes, once each and whole, with the same trajectories and
+knowledge and the same final weights to float tolerance. Processes started with different
+configs must both stop at once, naming the difference.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+
+import numpy as np
+import pytest
+
+from tiny_loop_run import ROOT, main_command, main_env
+
+# configs/tiny.py cut to what shows the job behaves as one process: one round, no initial
+# or in-context evaluation, no IF-Eval, shorter replies; the mesh splits the batch across
+# processes (data) and the heads within each (tp).
+SHORT = ("--config.rounds=1", "--config.evaluation.initial=False",
+         "--config.evaluation.in_context=False", "--config.ifeval.enabled=False",
+         "--config.rollout.max_new_tokens=16", "--config.evaluation.max_new_tokens=16",
+         "--config.evaluation.num_games=4", "--config.extraction.max_new_tokens=16",
+         "--config.consolidation.max_new_tokens=16",
+         "--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.mesh.tp=2",
+         "--config.progress=False")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def run_job(processes: int, devices: int, args_of, timeout: float = 900
+            ) -> list[subprocess.CompletedProcess]:
+  """Runs ``python -m oel_jax.main`` as ``processes`` processes of one job with ``devices``
+  CPU devices each; ``args_of(i)`` are process i's arguments. Returns each one's result."""
+  env = dict(main_env(), JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  job = []
+  if processes > 1:
+    address = f"127.0.0.1:{_free_port()}"
+    job = [f"--coordinator_address={address}", f"--num_processes={processes}"]
+  workers = [subprocess.Popen(
+      main_command(*args_of(i), *job, *([f"--process_id={i}"] if job else [])), cwd=ROOT,
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(processes)]
+  results = []
+  try:
+    for i, w in enumerate(workers):
+      out, err = w.communicate(timeout=timeout)
+      results.append(subprocess.CompletedProcess(w.args, w.returncode, out, err))
+  finally:
+    for w in workers:
+      if w.poll() is None:
+        w.kill()
+  return results
+
+
+def _files(workdir: str) -> list[str]:
+  return sorted(os.path.relpath(os.path.join(folder, name), workdir)
+                for folder, _, names in os.walk(workdir) for name in names)
+
+
+def _read(path: str, workdir: str) -> bytes:
+  with open(path, "rb") as f:
+    # The evaluated model is named by its path in the workdir.
+    return f.read().replace(workdir.encode(), b"W")
+
+
+@pytest.mark.slow
+def test_two_processes_write_what_one_process_writes(tmp_path):
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  [single] = run_job(1, 4, lambda i: (f"--workdir={one}", *SHORT))
+  assert single.returncode == 0, single.stderr[-3000:]
+  job = run_job(2, 2, lambda i: (f"--workdir={two}", *SHORT))
+  for i, p in enumerate(job):
+    assert p.returncode == 0, f"process {i}:\n{p.stderr[-3000:]}"
+
+  # Exactly the files of the one-process run: one copy each, no leftover temporary file.
+  # TensorBoard names its event file by time and host; orbax's checkpoint folders hold each
+  # process's shards of the train state, by design.
+  def comparable(files):
+    return [f for f in files if not f.startswith("tensorboard/events.out.tfevents.") and
+            "/consolidation/checkpoints/" not in "/" + f]
+
+  files = _files(two)
+  assert comparable(files) == comparable(_files(one))
+  assert not [f for f in files if f.endswith(".tmp") or "/." in "/" + f], files
+  assert len([f for f in files if f.startswith("tensorboard/")]) == 1
+
+  for name in ("trajectories/extraction.jsonl", "trajectories/consolidation.jsonl",
+               "evaluation/games.jsonl", "knowledge/knowledge_0.txt",
+               "knowledge/knowledge_1.txt"):
+    path = os.path.join("round_000", name)
+    assert _read(os.path.join(two, path), two) == _read(os.path.join(one, path), one), path
+
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  a, b = (load_file(os.path.join(w, "round_000", "model", "model.safetensors"))
+          for w in (two, one))
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_processes_started_with_different_configs_both_stop_naming_it(tmp_path):
+  workdir = str(tmp_path / "run")
+  job = run_job(2, 1, lambda i: (f"--workdir={workdir}", *SHORT[:-4], "--config.mesh.data=2",
+                                 f"--config.seed={i}"), timeout=300)
+  for i, p in enumerate(job):
+    assert p.returncode == 2, f"process {i}:\n{p.stderr[-3000:]}"
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: process {i} of 2: the processes were not started alike: "
+                           "config differs"), last
+  assert not os.path.exists(workdir)  # stopped before anything was written
