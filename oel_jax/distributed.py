@@ -132,36 +132,42 @@ def digest(text: str) -> str:
 
 def check_agreement(values: Mapping[str, str]) -> None:
   """Stops every process of the job, naming what differs, unless all hold the same
-  ``values`` (e.g. ``{"config": resolved config JSON, "code": version}``).
+  ``values`` (e.g. ``{"config.seed": "0", "code": code_version()}``).
 
-  Every process must call it with the same keys, in any order; only digests travel. One
-  process: nothing to compare.
+  Only digests travel: first one of all the keys and one of all the values (so processes
+  that compare different sets of keys get a clear error, not a collective of mismatched
+  sizes), then, when the values differ, one per key to name those that differ. One process:
+  nothing to compare.
 
   Raises:
-    DisagreementError: on every process, naming each key that differs and each process's
-      digest of it.
+    DisagreementError: on every process, naming each key that differs, this process's
+      value of it when short, and each process's digest of it.
   """
-  if jax.process_count() == 1:
+  if not _several():
     return
   keys = sorted(values)
-  # One 32-byte digest per value, then one of the key names.
-  mine = np.frombuffer(b"".join(bytes.fromhex(digest(text))
-                                for text in [values[k] for k in keys] + ["\n".join(keys)]),
-                       np.uint8)
-  every = np.asarray(multihost_utils.process_allgather(mine))  # [P, 32 * (len(keys) + 1)]
-  if (every == every[0]).all():
+  width = 32  # bytes of a sha256 digest
+
+  def gather(texts: list[str]) -> np.ndarray:  # [P, width * len(texts)]
+    mine = np.frombuffer(b"".join(bytes.fromhex(digest(t)) for t in texts), np.uint8)
+    return np.asarray(multihost_utils.process_allgather(mine))
+
+  whole = gather(["\n".join(keys), "\n".join(values[k] for k in keys)])
+  if (whole == whole[0]).all():
     return
-  width = 32
   problems = []
-  if not (every[:, -width:] == every[0, -width:]).all():
-    problems.append(f"the keys compared differ (this process: {keys})")
+  if not (whole[:, :width] == whole[0, :width]).all():
+    problems.append(f"the processes compare different sets of values ({len(keys)} here), as "
+                    "processes running different code would")
   else:
+    every = gather([values[k] for k in keys])
     for i, key in enumerate(keys):
       column = every[:, i * width:(i + 1) * width]
       if not (column == column[0]).all():
+        here = f"this process: {values[key]}; " if len(values[key]) <= 80 else ""
         shown = ", ".join(f"process {p}: {column[p].tobytes().hex()[:12]}"
                           for p in range(len(column)))
-        problems.append(f"{key} differs ({shown})")
+        problems.append(f"{key} differs ({here}digests {shown})")
   raise DisagreementError(
       f"process {jax.process_index()} of {jax.process_count()}: the processes were not "
       "started alike: " + "; ".join(problems) +

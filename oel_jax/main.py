@@ -50,7 +50,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from oel_jax import chat, distributed, loop
+from oel_jax import chat, distributed, loop, parallel
 from oel_jax import config as config_lib
 from oel_jax.errors import InputError, one_line
 from oel_jax.train import NonFiniteLossError
@@ -89,7 +89,8 @@ def next_token_candidates(model, tokenizer, messages, *, enable_thinking: bool, 
                           ) -> list[tuple[str, int, float]]:
   """The `top` most likely next tokens after the rendered chat: (text, id, probability)."""
   ids = chat.encode_chat(tokenizer, messages, enable_thinking=enable_thinking)
-  logits = model(jnp.asarray([ids]))[0, -1]
+  # Whole on every process, whichever devices hold the vocabulary's shards.
+  logits = jnp.asarray(parallel.to_host(model(jnp.asarray([ids]))[0, -1]))
   # Rows past the tokenizer's length are padding the tokenizer can never produce.
   probs = jax.nn.softmax(logits[: len(tokenizer)])
   best = jax.lax.top_k(probs, top)
@@ -236,13 +237,24 @@ def main(argv):
     _fail(one_line(e))
 
 
-def start_alike(config, workdir: str) -> loop.OnlineLoop:
-  """The run, once every process has checked that all were started alike.
+def _flat(tree: Mapping, prefix: str = "") -> dict[str, object]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out
 
-  The processes compare the resolved config (as the workdir records it), the command (stage,
-  round, workdir), the code and the JAX version, and the outcome of checking the config on
-  their own machine (a checkpoint missing on one host fails there only): all stop with the
-  same error, rather than some going on to wait for the others forever.
+
+def start_alike(config, workdir: str) -> loop.OnlineLoop:
+  """The run, once every process has checked that all were started alike (one process:
+  just the run).
+
+  The processes compare the resolved config (as the workdir records it, field by field), the
+  command (stage, round, workdir), the code and the JAX version, and the outcome of checking
+  the config on their own machine (a checkpoint missing on one host fails there only): all
+  stop with the same error, rather than some going on to wait for the others forever.
 
   Raises:
     DisagreementError: naming what differs.
@@ -252,20 +264,21 @@ def start_alike(config, workdir: str) -> loop.OnlineLoop:
     run, problem = loop.OnlineLoop(config, workdir), ""
   except config_lib.ConfigError as e:
     run, problem = None, str(e)
-  try:
-    distributed.check_agreement({
-        "config": json.dumps(config_lib.parse(config)[0].to_dict(), sort_keys=True),
-        "command": json.dumps({"stage": FLAGS.stage, "round": FLAGS.round,
-                               "workdir": workdir}),
-        "code": distributed.code_version(),
-        "jax": jax.__version__,
-        "config check": problem,
-    })
-  except distributed.DisagreementError as e:
-    if problem:  # the digests alone would not say what this process found
-      raise distributed.DisagreementError(f"{e} This process's config check: {problem}") \
-          from None
-    raise
+  if jax.process_count() > 1:
+    recorded = config_lib.parse(config)[0].to_dict()  # the config as config.json records it
+    try:
+      distributed.check_agreement({
+          **{f"config.{k}": json.dumps(v) for k, v in _flat(recorded).items()},
+          "--stage": FLAGS.stage, "--round": FLAGS.round, "--workdir": workdir,
+          "code": distributed.code_version(),
+          "jax": jax.__version__,
+          "config check": problem,
+      })
+    except distributed.DisagreementError as e:
+      if problem:  # the digests alone would not say what this process found
+        raise distributed.DisagreementError(f"{e} This process's config check: {problem}") \
+            from None
+      raise
   if run is None:
     raise config_lib.ConfigError(problem)
   return run

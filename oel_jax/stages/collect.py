@@ -8,6 +8,17 @@ pool is ``config.consolidation_games`` further boards, sampled with the deployme
 Board seeds are ``game_seeds("train", config.seed, round_, ...)``, fresh every round.
 
 Writes ``trajectories/extraction.jsonl`` and ``trajectories/consolidation.jsonl``.
+
+On several processes (hosts) every process plays every game: the same seeds and the same
+sampled tokens (`oel_jax.sampling.Sampler.generate` returns every row to every process) give
+the same trajectories, which process 0 writes. Each generation is one program over all the
+devices, so the device work is split, not repeated; what every host repeats is the Python
+side (environments, chat templates, tokenizing and decoding): 2-3% of this stage's time with
+the tiny model, warm (14-21 ms per game and turn on a 2-core Xeon), and less with a real
+model, whose generation costs far more. Playing only a host's share of the games would save
+at most that, at the price of control flow that differs between hosts (games end at
+different turns, yet every process must join every generation) and of gathering the records
+to process 0 to write them.
 """
 
 from __future__ import annotations
