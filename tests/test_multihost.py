@@ -3,8 +3,9 @@
 Both run ``configs/tiny.py`` (one round, shortened) on the same mesh: data 2 (across the two
 processes, as across hosts) x tp 2 (within each). The two-process job must write exactly the
 files the one-process run writes, once each and whole, with the same trajectories and
-knowledge and the same final weights to float tolerance. Processes started with different
-configs must both stop at once, naming the difference.
+knowledge and the same final weights to float tolerance; and restore its own orbax
+checkpoint on both processes. Processes started with different configs must both stop at
+once, naming the difference.
 """
 
 from __future__ import annotations
@@ -16,16 +17,19 @@ import subprocess
 import numpy as np
 import pytest
 
+from oel_jax.models.safetensors_io import SafetensorsFile
 from tiny_loop_run import ROOT, main_command, main_env
 
 # configs/tiny.py cut to what shows the job behaves as one process: one round, no initial
 # or in-context evaluation, no IF-Eval, shorter replies; the mesh splits the batch across
-# processes (data) and the heads within each (tp).
+# processes (data) and the heads within each (tp). The bfloat16 export loads the round's
+# model back onto the mesh and writes it again.
 SHORT = ("--config.rounds=1", "--config.evaluation.initial=False",
          "--config.evaluation.in_context=False", "--config.ifeval.enabled=False",
          "--config.rollout.max_new_tokens=16", "--config.evaluation.max_new_tokens=16",
          "--config.evaluation.num_games=4", "--config.extraction.max_new_tokens=16",
          "--config.consolidation.max_new_tokens=16",
+         "--config.export.dtype=bfloat16",
          "--config.mesh.data=2", "--config.mesh.fsdp=1", "--config.mesh.tp=2",
          "--config.progress=False")
 
@@ -108,12 +112,33 @@ def test_two_processes_write_what_one_process_writes(tmp_path):
     path = os.path.join("round_000", name)
     assert _read(os.path.join(two, path), two) == _read(os.path.join(one, path), one), path
 
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-  a, b = (load_file(os.path.join(w, "round_000", "model", "model.safetensors"))
-          for w in (two, one))
-  assert a.keys() == b.keys()
-  for key in a:
-    np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  for folder in ("model", "export"):
+    _assert_same_weights(os.path.join(two, "round_000", folder),
+                         os.path.join(one, "round_000", folder))
+
+  # Both processes restore the last consolidation checkpoint (each its own shards) and
+  # export the same model again.
+  model = os.path.join(two, "round_000", "model")
+  os.rename(model, str(tmp_path / "model"))
+  os.unlink(os.path.join(two, "round_000", "consolidate.done.json"))
+  again = finish(start_job(2, 2, lambda i: (f"--workdir={two}", *SHORT, "--stage=consolidate",
+                                            "--round=0")))
+  for i, p in enumerate(again):
+    assert p.returncode == 0, f"process {i}:\n{p.stderr[-3000:]}"
+    assert "consolidation: resuming from step 2" in p.stderr
+  _assert_same_weights(model, str(tmp_path / "model"), exact=True)
+
+
+def _assert_same_weights(got: str, want: str, exact: bool = False) -> None:
+  # Ours reads bfloat16 (safetensors.numpy does not).
+  a, b = (SafetensorsFile(os.path.join(w, "model.safetensors")) for w in (got, want))
+  assert sorted(a.keys()) == sorted(b.keys())
+  for key in a.keys():
+    x, y = (np.asarray(f.read(key), np.float32) for f in (a, b))
+    if exact:
+      np.testing.assert_array_equal(x, y, err_msg=key)
+    else:
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 def test_processes_started_with_different_configs_both_stop_naming_it(tmp_path):
