@@ -107,7 +107,7 @@ def offline() -> bool:
   now, or was when huggingface_hub was imported (its HTTP calls then refuse anyway)."""
   from huggingface_hub import constants  # pylint: disable=import-outside-toplevel
   value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-  return value.upper() in _TRUE or constants.is_offline_mode()
+  return value.upper() in _TRUE or bool(constants.HF_HUB_OFFLINE)
 
 
 def resolve_model(spec: str) -> str:
@@ -136,7 +136,10 @@ def resolve_model(spec: str) -> str:
         "owner/name@revision, e.g. Qwen/Qwen3-4B)")
   # Imported here: huggingface_hub pulls in its HTTP stack, which directories never need.
   import huggingface_hub  # pylint: disable=import-outside-toplevel
-  from huggingface_hub import errors as hub_errors  # pylint: disable=import-outside-toplevel
+  from huggingface_hub import utils as hub_utils  # pylint: disable=import-outside-toplevel
+  # huggingface_hub >= 2 names a snapshot whose cached file listing shows missing files; older
+  # versions return such a snapshot, and `_missing_files` below catches what it lacks.
+  incomplete = getattr(getattr(huggingface_hub, "errors", None), "IncompleteSnapshotError", ())
 
   cache, is_offline = cache_dir(), offline()
   revision = hub.revision or "main"
@@ -144,10 +147,9 @@ def resolve_model(spec: str) -> str:
     directory = huggingface_hub.snapshot_download(
         hub.repo_id, revision=revision, cache_dir=cache, local_files_only=is_offline,
         allow_patterns=list(CHECKPOINT_FILES), ignore_patterns=list(_SUBFOLDERS))
-  except (hub_errors.HfHubHTTPError, hub_errors.EntryNotFoundError,
-          hub_errors.OfflineModeIsEnabled, hub_errors.HFValidationError, OSError) as e:
-    if isinstance(e, hub_errors.LocalEntryNotFoundError) and \
-        not isinstance(e, hub_errors.IncompleteSnapshotError):
+  except (hub_utils.HfHubHTTPError, hub_utils.EntryNotFoundError,
+          hub_utils.OfflineModeIsEnabled, hub_utils.HFValidationError, OSError) as e:
+    if isinstance(e, hub_utils.LocalEntryNotFoundError) and not isinstance(e, incomplete):
       # The library's message is generic here; what the cache does hold says more.
       reason = _cache_state(cache, hub.repo_id, revision, e)
       if not is_offline:  # The Hub was unreachable: say why as well.
