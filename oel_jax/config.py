@@ -117,7 +117,8 @@ class ExtractionSection(ExtractionConfig):
   """`ExtractionConfig` plus the loop's choice of extractor."""
 
   model: str = settings.text("")
-  """"" = the deployed model extracts; else a checkpoint directory (a baseline)."""
+  """"" = the deployed model extracts; else a checkpoint directory or a hub id
+  (``owner/name[@revision]``, `oel_jax.hub`) (a baseline)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,7 +248,8 @@ class RunConfig:
   """A label for logs and plots."""
 
   model: str = settings.text("tiny")
-  """"tiny" (built-in, random weights) or a Hugging Face checkpoint directory."""
+  """"tiny" (built-in, random weights), a Hugging Face checkpoint directory, or a hub id
+  ``owner/name[@revision]`` resolved into the huggingface_hub cache (`oel_jax.hub`)."""
 
   tokenizer: str = settings.text("")
   """"" = the model's (tiny: the built-in tiny tokenizer)."""

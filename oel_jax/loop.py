@@ -56,7 +56,7 @@ import jax
 import ml_collections
 from tqdm.auto import tqdm
 
-from oel_jax import tiny
+from oel_jax import hub, tiny
 # DTYPES, default_config and stage_seed are the loop's API too (configs/ import them here).
 from oel_jax.config import (  # pylint: disable=unused-import
     DTYPES, ConfigError, RunConfig, default_config, parse, stage_seed)
@@ -102,6 +102,11 @@ class Plan:
   """The model's vocabulary rows (None when it could not be read before loading)."""
   mesh_shape: dict[str, int]
   """Mesh axis sizes, resolved against the devices present."""
+  model_dirs: dict[str, str] = dataclasses.field(default_factory=dict)
+  """Where the models the config names (``model``, ``extraction.model``) lie on this host: a
+  directory maps to itself, a hub id to its snapshot in the huggingface_hub cache
+  (`oel_jax.hub.resolve_model`); "tiny" is absent. Resolved once here, so that every stage loads
+  the same snapshot even if the hub's branch moves during the run."""
 
   @property
   def extraction(self) -> ExtractionConfig:
@@ -146,18 +151,30 @@ class Plan:
     return self.config.rollout_for(round_, pool)
 
 
-def _model_vocab(model: str, errors: list[str]) -> int | None:
+def _resolve(field: str, spec: str, errors: list[str], dirs: dict[str, str]) -> str | None:
+  """``spec``'s checkpoint directory (recorded in ``dirs``), or None with the error added."""
+  try:
+    dirs[spec] = hub.resolve_model(spec)
+  except hub.ModelNotFoundError as e:
+    errors.append(f"config.{field}: {one_line(e)}")
+    return None
+  return dirs[spec]
+
+
+def _model_vocab(model: str, errors: list[str], dirs: dict[str, str]) -> int | None:
   if model == "tiny":
     return tiny.tiny_config().vocab_size
-  if not os.path.isdir(model):
+  if not os.path.isdir(model) and hub.parse_hub_id(model) is None:
     errors.append(f"config.model: {model!r} is neither 'tiny' nor a checkpoint directory "
-                  "(download a hub model first, e.g. `huggingface-cli download Qwen/Qwen3-4B "
-                  "--local-dir /ckpt/Qwen3-4B`, and pass that directory)")
+                  "nor a hub id (owner/name or owner/name@revision, e.g. Qwen/Qwen3-4B)")
+    return None
+  path = _resolve("model", model, errors, dirs)
+  if path is None:
     return None
   try:
     # Every header is read now, so that a truncated or mismatched checkpoint stops the run
     # before any work rather than at its first load.
-    return check_hf(model).vocab_size
+    return check_hf(path).vocab_size
   except Exception as e:  # pylint: disable=broad-except
     errors.append(f"config.model: {one_line(e)}")
     return None
@@ -173,12 +190,13 @@ def plan(config: ml_collections.ConfigDict | Mapping[str, Any] | RunConfig, *,
   """
   run, errors = parse(config)
   ok = At("config", errors).ok
-  vocab = _model_vocab(run.model, errors) if ok("model") else None
+  dirs: dict[str, str] = {}
+  vocab = _model_vocab(run.model, errors, dirs) if ok("model") else None
   if vocab is not None and ok("train.k") and run.train.k > vocab:
     errors.append(f"config.train.k ({run.train.k}) exceeds the model's vocabulary ({vocab} rows)")
   extractor = run.extraction.model
-  if ok("extraction.model") and extractor and not os.path.isdir(extractor):
-    errors.append(f"config.extraction.model: {extractor!r} is not a checkpoint directory")
+  if ok("extraction.model") and extractor:
+    _resolve("extraction.model", extractor, errors, dirs)
   ifeval = run.ifeval
   if ok("ifeval.enabled", "ifeval.path") and ifeval.enabled and not os.path.isfile(ifeval.path):
     errors.append(f"config.ifeval.path: {ifeval.path!r} is not a file (IF-Eval's "
@@ -191,7 +209,7 @@ def plan(config: ml_collections.ConfigDict | Mapping[str, Any] | RunConfig, *,
     errors.extend(found)
   if errors:
     raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
-  return Plan(config=run, model_vocab_size=vocab, mesh_shape=mesh_shape)
+  return Plan(config=run, model_vocab_size=vocab, mesh_shape=mesh_shape, model_dirs=dirs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +237,7 @@ class OnlineLoop:
     self.config: RunConfig = self.plan.config
     self.files = Workdir(workdir, self.config)
     self.workdir = self.files.path
-    self.pool = ModelPool(self.config, self.plan.mesh_shape)
+    self.pool = ModelPool(self.config, self.plan.mesh_shape, self.plan.model_dirs)
 
   # ---- the workdir ----
 

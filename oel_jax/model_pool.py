@@ -6,7 +6,9 @@
     trainer = pool.trainer(model, train_config)   # the consolidation step, compiled once
 
 A stage names the weights it wants by path: the deployed model of a round (the config's
-model, or the previous round's ``model/``), an extractor checkpoint, a model to export.
+model, or the previous round's ``model/``), an extractor checkpoint, a model to export. The
+config's own names may be hub ids: the pool reads them from the directories the plan resolved
+them to (`local`), so the config and the done-files keep what the user wrote.
 `sampler` returns the one sampler of that architecture with those weights synced in on every
 call, so the compiled programs are reused across rounds and roles and no record of what a
 sampler holds has to be kept right: whoever asks for a sampler gets the weights they named,
@@ -16,6 +18,7 @@ puts each array on the sampler's sharding, a no-op for arrays already there.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -35,11 +38,15 @@ class ModelPool:
   Args:
     config: the run's settings (model, tokenizer, dtypes, sampler sizes).
     mesh_shape: mesh axis sizes, resolved against the devices (`oel_jax.loop.Plan`).
+    model_dirs: the checkpoint directory of each model name the config holds
+      (`oel_jax.loop.Plan.model_dirs`: hub ids to their cache snapshots); other names are paths.
   """
 
-  def __init__(self, config: RunConfig, mesh_shape: dict[str, int]):
+  def __init__(self, config: RunConfig, mesh_shape: dict[str, int],
+               model_dirs: Mapping[str, str] | None = None):
     self.config = config
     self.mesh_shape = dict(mesh_shape)
+    self.model_dirs = dict(model_dirs or {})
     self._model: tuple[str, Any] | None = None
     self._tokenizer: Any = None
     self._samplers: dict[Any, Sampler] = {}
@@ -50,12 +57,17 @@ class ModelPool:
     """The run's tokenizer (the model's own, or the tiny one); with ``path``, that
     checkpoint's own tokenizer (an extractor of another family)."""
     if path is not None:
-      return chat.load_tokenizer(path)
+      return chat.load_tokenizer(self.local(path))
     if self._tokenizer is None:
       name = self.config.tokenizer or self.config.model
       self._tokenizer = tiny.load_tiny_tokenizer() if name == "tiny" else \
-          chat.load_tokenizer(name)
+          chat.load_tokenizer(self.local(name))
     return self._tokenizer
+
+  def local(self, path: str) -> str:
+    """Where the model named ``path`` lies: a hub id of the config maps to the snapshot the plan
+    resolved it to; any other name is already a path (or "tiny")."""
+    return self.model_dirs.get(path, path)
 
   def mesh(self) -> jax.sharding.Mesh | None:
     """The device mesh (None on a single device)."""
@@ -68,6 +80,7 @@ class ModelPool:
   def load(self, path: str) -> Any:
     """Loads ``"tiny"`` or a HF checkpoint; the last one loaded stays (real models are
     large), so asking for it again costs nothing."""
+    path = self.local(path)
     if self._model is not None and self._model[0] == path:
       return self._model[1]
     param = getattr(jnp, self.config.param_dtype)

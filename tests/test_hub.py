@@ -1,0 +1,247 @@
+"""oel_jax.hub: hub ids resolved offline from a cache laid out as huggingface_hub lays it out.
+
+The cache is built by hand (blobs named by their etag, snapshots of symlinks into blobs/, refs
+holding commit hashes) from the tiny model's checkpoints, and huggingface_hub's own cache scanner
+is asked to read it back, so the layout is the library's and not our idea of it.
+"""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+
+import huggingface_hub
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from oel_jax import config as config_lib
+from oel_jax import hub, loop, tiny
+from oel_jax.models import load_hf, save_hf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = "tiny-org/tiny-qwen3"
+# Commits as huggingface_hub names them (40 hex digits); any such string will do.
+MAIN = hashlib.sha1(b"main").hexdigest()
+V2 = hashlib.sha1(b"v2").hexdigest()
+PARTIAL = hashlib.sha1(b"partial").hexdigest()
+LISTED = hashlib.sha1(b"listed").hexdigest()
+IDS = jnp.asarray([[1, 7, 42, 300, 5, 9]])
+
+
+def _add_snapshot(cache, repo, commit, source, refs=(), only=None):
+  """Adds ``source``'s files to ``cache`` as huggingface_hub stores a download of ``commit``."""
+  storage = os.path.join(cache, "models--" + repo.replace("/", "--"))
+  snapshot = os.path.join(storage, "snapshots", commit)
+  os.makedirs(snapshot)
+  os.makedirs(os.path.join(storage, "blobs"), exist_ok=True)
+  for name in sorted(os.listdir(source)):
+    if only is not None and name not in only:
+      continue
+    with open(os.path.join(source, name), "rb") as f:
+      data = f.read()
+    # A blob is named by its etag: the sha256 of an LFS file (the weights), the git blob sha1
+    # of any other file.
+    if name.endswith(".safetensors"):
+      etag = hashlib.sha256(data).hexdigest()
+    else:
+      etag = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    blob = os.path.join(storage, "blobs", etag)
+    if not os.path.exists(blob):
+      with open(blob, "wb") as f:
+        f.write(data)
+    os.symlink(os.path.relpath(blob, snapshot), os.path.join(snapshot, name))
+  for ref in refs:
+    path = os.path.join(storage, "refs", ref)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+      f.write(commit)  # no newline, as huggingface_hub writes a ref
+
+
+@pytest.fixture(scope="module")
+def hf_home(tmp_path_factory):
+  """``HF_HOME`` with a cache at ``hub/``: REPO's main (the tiny model, one file), v2 (another
+  seed, sharded with an index, also reachable by ``refs/pr/1``) and a partial download."""
+  root = tmp_path_factory.mktemp("hub")
+  sources = {"main": str(root / "src_main"), "v2": str(root / "src_v2")}
+  tiny.write_tiny_checkpoint(sources["main"])
+  save_hf(tiny.tiny_model(seed=1), sources["v2"], tokenizer=tiny.load_tiny_tokenizer(),
+          max_shard_bytes=6_000_000)
+  assert "model.safetensors.index.json" in os.listdir(sources["v2"])
+  cache = str(root / "hf_home" / "hub")
+  _add_snapshot(cache, REPO, MAIN, sources["main"], refs=["main"])
+  _add_snapshot(cache, REPO, V2, sources["v2"], refs=["v2", "refs/pr/1"])
+  _add_snapshot(cache, REPO, PARTIAL, sources["main"], refs=["partial"], only={"config.json"})
+  # An interrupted download as huggingface_hub >= 2 leaves it: the commit's file listing
+  # (trees/<commit>.json, written with the library's own private writer) beside a snapshot
+  # that lacks some of the files. The layout test checks that the library reads it back.
+  _add_snapshot(cache, REPO, LISTED, sources["main"], refs=["listed"], only={"config.json"})
+  try:
+    from huggingface_hub import _tree_cache  # pylint: disable=import-outside-toplevel
+  except ImportError:  # huggingface_hub < 2 keeps no listing: that case is not built
+    _tree_cache = None
+  if _tree_cache is not None:
+    _tree_cache.write_tree_cache(os.path.join(cache, "models--tiny-org--tiny-qwen3"), LISTED, {
+        name: _tree_cache.TreeCacheEntry(
+            size=os.path.getsize(os.path.join(sources["main"], name)),
+            blob_id=hashlib.sha1(name.encode()).hexdigest())
+        for name in os.listdir(sources["main"])})
+  return {"home": str(root / "hf_home"), "cache": cache, "listed": _tree_cache is not None,
+          **sources}
+
+
+@pytest.fixture
+def offline(hf_home, monkeypatch):
+  """The cache above as huggingface_hub's, offline."""
+  monkeypatch.setenv("HF_HUB_CACHE", hf_home["cache"])
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  return hf_home
+
+
+def _snapshot(hf_home, commit):
+  return os.path.join(hf_home["cache"], "models--tiny-org--tiny-qwen3", "snapshots", commit)
+
+
+def _logits(path):
+  return np.asarray(load_hf(path)(IDS))
+
+
+def test_the_cache_reads_back_through_huggingface_hub(hf_home):
+  info = huggingface_hub.scan_cache_dir(hf_home["cache"])
+  assert not info.warnings, info.warnings
+  (repo,) = info.repos
+  assert (repo.repo_id, repo.repo_type) == (REPO, "model")
+  refs = {r.commit_hash: set(r.refs) for r in repo.revisions}
+  assert refs == {MAIN: {"main"}, V2: {"v2", "refs/pr/1"}, PARTIAL: {"partial"},
+                  LISTED: {"listed"}}
+  if hf_home["listed"]:
+    listed = huggingface_hub.get_cached_repo_tree(REPO, revision="listed",
+                                                  cache_dir=hf_home["cache"])
+    assert "model.safetensors" in {f.path for f in listed}
+  for revision, commit in ((None, MAIN), ("v2", V2), (V2, V2)):
+    assert huggingface_hub.try_to_load_from_cache(
+        REPO, "config.json", cache_dir=hf_home["cache"], revision=revision) == \
+        os.path.join(_snapshot(hf_home, commit), "config.json")
+
+
+def test_hub_ids_resolve_to_their_snapshots_and_load_as_the_directories(offline, monkeypatch):
+  main, v2 = _snapshot(offline, MAIN), _snapshot(offline, V2)
+  assert hub.resolve_model(REPO) == main
+  for revision in ("v2", V2, "refs/pr/1"):
+    assert hub.resolve_model(f"{REPO}@{revision}") == v2
+  assert hub.resolve_model(f"{REPO}@{MAIN}") == main
+  np.testing.assert_array_equal(_logits(main), _logits(offline["main"]))
+  np.testing.assert_array_equal(_logits(v2), _logits(offline["v2"]))
+  assert not np.allclose(_logits(main), _logits(v2))  # the revision chose other weights
+  # HF_HOME alone names the same cache (its hub/ folder), as huggingface_hub reads it.
+  monkeypatch.delenv("HF_HUB_CACHE")
+  monkeypatch.setenv("HF_HOME", offline["home"])
+  assert hub.resolve_model(f"{REPO}@v2") == v2
+
+
+@pytest.mark.parametrize("spec, reason", [
+    ("tiny-org/absent", "the cache holds no revision of it (no models--tiny-org--absent/)"),
+    (f"{REPO}@nope", "it holds no ref 'nope' (refs: listed, main, partial, refs/pr/1, v2;"),
+    (f"{REPO}@{'0' * 40}", f"it holds no snapshot of commit {'0' * 40}"),
+    (f"{REPO}@partial", "lacks model.safetensors (or model.safetensors.index.json"),
+    (f"{REPO}@listed", f"The cached snapshot for '{REPO}' (revision 'listed', commit {LISTED}) "
+                       "is incomplete"),
+])
+def test_what_the_cache_lacks_is_named_with_how_to_fill_it(offline, spec, reason):
+  if spec.endswith("@listed") and not offline["listed"]:
+    pytest.skip("this huggingface_hub keeps no file listing of a commit")
+  with pytest.raises(hub.ModelNotFoundError) as e:
+    hub.resolve_model(spec)
+  message = str(e.value)
+  repo, _, revision = spec.partition("@")
+  revision = revision or "main"
+  assert message.startswith(f"{spec!r} is not a directory here, and hub id {repo} "
+                            f"(revision {revision}) could not be resolved in the Hugging Face "
+                            f"cache {offline['cache']} (HF_HUB_OFFLINE=1: the cache only): ")
+  assert reason in message
+  assert f"`hf download {repo} --revision {revision} --cache-dir {offline['cache']}`" in message
+
+
+def test_a_directory_passes_through_and_other_names_are_refused(offline, tmp_path, monkeypatch):
+  assert hub.resolve_model(offline["main"]) == offline["main"]
+  # A directory wins over a hub id of the same spelling (a relative path such as ckpt/model).
+  os.makedirs(tmp_path / REPO)
+  monkeypatch.chdir(tmp_path)
+  assert hub.resolve_model(REPO) == REPO
+  for spec in ("/nonexistent/Qwen3-4B", "runs/x/round_000/model", "./Qwen3", "a/b@"):
+    with pytest.raises(hub.ModelNotFoundError, match="is neither a checkpoint directory nor a "
+                       r"hub id \(owner/name or owner/name@revision"):
+      hub.resolve_model(spec)
+  assert hub.parse_hub_id("Qwen/Qwen3-8B") == hub.HubId("Qwen/Qwen3-8B")
+  assert hub.parse_hub_id("Qwen/Qwen3-8B@refs/pr/3") == hub.HubId("Qwen/Qwen3-8B", "refs/pr/3")
+  for spec in ("tiny", "Qwen3-8B", "/ckpt/Qwen3-8B", "a/b/c", "a--b/c", "owner/na..me"):
+    assert hub.parse_hub_id(spec) is None, spec
+
+
+def test_index_digest_names_the_checkpoint_not_its_layout(offline, tmp_path):
+  main = _snapshot(offline, MAIN)
+  digest = hub.index_digest(main)
+  # A plain copy (no symlinks, as on a shared filesystem) of the same files: the same digest.
+  copy = str(tmp_path / "copy")
+  shutil.copytree(main, copy)
+  assert not os.path.islink(os.path.join(copy, "config.json"))
+  assert hub.index_digest(copy) == digest
+  assert hub.index_digest(offline["main"]) == digest
+  # Files a run does not read do not count.
+  with open(os.path.join(copy, "README.md"), "w", encoding="utf-8") as f:
+    f.write("notes")
+  assert hub.index_digest(copy) == digest
+  assert hub.index_digest(_snapshot(offline, V2)) != digest
+  # Same architecture, same headers and sizes, other weights (another seed): the sampled data
+  # blocks tell them apart.
+  other = str(tmp_path / "seed1")
+  save_hf(tiny.tiny_model(seed=1), other, tokenizer=tiny.load_tiny_tokenizer())
+  assert os.path.getsize(os.path.join(other, "model.safetensors")) == \
+      os.path.getsize(os.path.join(main, "model.safetensors"))
+  assert hub.index_digest(other) != digest
+  with open(os.path.join(copy, "config.json"), encoding="utf-8") as f:
+    config = json.load(f)
+  config["rope_theta"] = 10_000.0
+  with open(os.path.join(copy, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(config, f)
+  assert hub.index_digest(copy) != digest
+  with pytest.raises(hub.ModelNotFoundError, match="is not a checkpoint directory"):
+    hub.index_digest(str(tmp_path / "absent"))
+
+
+def test_the_config_takes_a_hub_id_and_records_it(offline, tmp_path, caplog):
+  """The path main takes: plan validates and resolves, the pool loads from the snapshot, the
+  workdir records the id as given and a resumed run with the same id matches it."""
+  spec = f"{REPO}@v2"
+  c = config_lib.load_config_file(os.path.join(ROOT, "configs", "tiny.py"))
+  c.model = spec
+  c.extraction.model = REPO
+  with caplog.at_level(logging.INFO, logger="oel_jax.hub"):
+    run = loop.OnlineLoop(c, str(tmp_path / "run"), num_devices=1)
+  assert run.plan.model_dirs == {spec: _snapshot(offline, V2), REPO: _snapshot(offline, MAIN)}
+  assert run.plan.model_vocab_size == tiny.tiny_config().vocab_size
+  assert f"resolved to {_snapshot(offline, V2)}" in caplog.text
+  assert run.config.model == spec
+  np.testing.assert_array_equal(np.asarray(run.load_model(run.deployed_path(0))(IDS)),
+                                _logits(offline["v2"]))
+  assert len(run.tokenizer()) == tiny.TOKENIZER_LEN
+  assert len(run.pool.tokenizer(run.config.extraction.model)) == tiny.TOKENIZER_LEN
+  run.check_workdir()
+  with open(os.path.join(run.workdir, loop.CONFIG_FILE), encoding="utf-8") as f:
+    recorded = json.load(f)
+  assert recorded["model"] == spec and recorded["extraction"]["model"] == REPO
+  loop.OnlineLoop(c, run.workdir, num_devices=1).check_workdir()  # resumes: same config
+
+  c.model = "tiny-org/absent"
+  c.extraction.model = f"{REPO}@nope"
+  with pytest.raises(loop.ConfigError) as e:
+    loop.plan(c, num_devices=1)
+  message = str(e.value)
+  assert "config.model: 'tiny-org/absent' is not a directory here, and hub id tiny-org/absent " \
+         "(revision main) could not be resolved" in message
+  assert "config.extraction.model: 'tiny-org/tiny-qwen3@nope' is not a directory here" in message
+  c.model = "/nonexistent/Qwen3-4B"
+  with pytest.raises(loop.ConfigError, match="config.model: '/nonexistent/Qwen3-4B' is neither "
+                     "'tiny' nor a checkpoint directory nor a hub id"):
+    loop.plan(c, num_devices=1)
