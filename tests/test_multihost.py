@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import tempfile
 
 import numpy as np
 import pytest
@@ -40,7 +41,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def start_job(processes: int, devices: int, args_of) -> list[subprocess.Popen]:
+def start_job(processes: int, devices: int, args_of) -> list[tuple[subprocess.Popen, ...]]:
   """Starts ``python -m oel_jax.main`` as ``processes`` processes of one job with ``devices``
   CPU devices each; ``args_of(i)`` are process i's arguments."""
   env = dict(main_env(), JAX_PLATFORMS="cpu",
@@ -49,25 +50,35 @@ def start_job(processes: int, devices: int, args_of) -> list[subprocess.Popen]:
   if processes > 1:
     address = f"127.0.0.1:{_free_port()}"
     job = [f"--coordinator_address={address}", f"--num_processes={processes}"]
-  return [subprocess.Popen(
-      main_command(*args_of(i), *job, *([f"--process_id={i}"] if job else [])), cwd=ROOT,
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-      for i in range(processes)]
+  workers = []
+  for i in range(processes):
+    # Files, not pipes: a process blocked on a full pipe would stall the others'
+    # collectives while this test waits on another process.
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+    command = main_command(*args_of(i), *job, *([f"--process_id={i}"] if job else []))
+    workers.append((subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err,
+                                     text=True), out, err))
+  return workers
 
 
-def finish(workers: list[subprocess.Popen], timeout: float = 900
+def finish(workers: list[tuple[subprocess.Popen, ...]], timeout: float = 900
            ) -> list[subprocess.CompletedProcess]:
   """Each worker's result once all have ended (any still running after ``timeout`` is
   killed)."""
   results = []
   try:
-    for w in workers:
-      out, err = w.communicate(timeout=timeout)
-      results.append(subprocess.CompletedProcess(w.args, w.returncode, out, err))
+    for process, out, err in workers:
+      process.wait(timeout=timeout)
+      out.seek(0)
+      err.seek(0)
+      results.append(subprocess.CompletedProcess(process.args, process.returncode, out.read(),
+                                                 err.read()))
   finally:
-    for w in workers:
-      if w.poll() is None:
-        w.kill()
+    for process, out, err in workers:
+      if process.poll() is None:
+        process.kill()
+      out.close()
+      err.close()
   return results
 
 
