@@ -2,12 +2,31 @@
 
 Eight simulated CPU devices let the sharding tests build real meshes; the flag must be
 set before JAX initialises its backend, so it lives here, ahead of any test import.
+
+One XLA compilation cache per test session, in a fresh temporary folder, is shared by the
+test process and every process it starts (the main job's runs, notebook kernels): much of the
+suite's time is XLA compiling programs that an earlier process already compiled, such as the
+tiny loop's sampler and train step in each restart of the killed run (tests/test_loop.py) and
+in the CLI runs of tests/test_main.py. A hit needs the same program, compile options and
+devices, so it returns what compiling would; and as the folder starts empty, every program is
+still compiled at least once in each session.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+
+_xla_cache = tempfile.mkdtemp(prefix="oel_jax_tests_xla_cache_")
+atexit.register(shutil.rmtree, _xla_cache, ignore_errors=True)
+# Set, not defaulted: a cache left by an earlier session or another checkout is never read.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _xla_cache
+# JAX caches only programs that took a second or more to compile; on a loaded 2-core machine
+# the many small ones that each run compiles again add up too.
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

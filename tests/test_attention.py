@@ -1,5 +1,7 @@
 """Blockwise causal attention against plain softmax attention, values and gradients."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +34,20 @@ def _inputs(t, *, pad, seed=0, b=2, kh=2, g=3, d=8):
   return q, k, v, jnp.asarray(mask)
 
 
+@functools.partial(jax.jit, static_argnums=(5, 6, 7))
+def _values_and_grads(q, k, v, mask, real, t, block_q, block_k):
+  """Both attentions and their gradients, with a cotangent on real query rows only (padding
+  rows feed nothing). One program per shape: op by op, the two backward passes cost several
+  times more in per-op compiles."""
+  out = blockwise_causal_attention(q, k, v, mask, block_q=block_q, block_k=block_k)
+  ct = jax.random.normal(jax.random.key(t), out.shape) * real[:, None, None, :, None]
+  loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * ct)
+  grads = jax.grad(loss(lambda q, k, v: blockwise_causal_attention(
+      q, k, v, mask, block_q=block_q, block_k=block_k)), argnums=(0, 1, 2))(q, k, v)
+  ref_grads = jax.grad(loss(lambda q, k, v: _plain(q, k, v, mask)), argnums=(0, 1, 2))(q, k, v)
+  return out, _plain(q, k, v, mask), grads, ref_grads
+
+
 # Lengths that divide the blocks and lengths that do not; blocks larger than the sequence.
 @pytest.mark.parametrize("t,block_q,block_k", [(16, 4, 4), (13, 4, 4), (13, 8, 3), (11, 3, 5),
                                                (7, 16, 16)])
@@ -40,18 +56,11 @@ def test_blockwise_equals_plain_attention(t, block_q, block_k, pad):
   q, k, v, mask = _inputs(t, pad=pad, seed=t)
   real = np.asarray(mask, bool)  # queries that see at least one key (left padding: not all)
   real &= np.cumsum(np.asarray(mask), 1) > 0
-  out = blockwise_causal_attention(q, k, v, mask, block_q=block_q, block_k=block_k)
-  ref = _plain(q, k, v, mask)
+  out, ref, grads, ref_grads = _values_and_grads(q, k, v, mask, jnp.asarray(real), t,
+                                                 block_q, block_k)
   assert np.isfinite(np.asarray(out)).all()
   sel = lambda x: np.asarray(x).transpose(0, 3, 1, 2, 4)[real]
   np.testing.assert_allclose(sel(out), sel(ref), atol=2e-6, rtol=1e-5)
-
-  # Gradients with a cotangent on real query rows only (padding rows feed nothing).
-  ct = jax.random.normal(jax.random.key(t), out.shape) * real[:, None, None, :, None]
-  loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v) * ct)
-  grads = jax.grad(loss(lambda q, k, v: blockwise_causal_attention(
-      q, k, v, mask, block_q=block_q, block_k=block_k)), argnums=(0, 1, 2))(q, k, v)
-  ref_grads = jax.grad(loss(lambda q, k, v: _plain(q, k, v, mask)), argnums=(0, 1, 2))(q, k, v)
   for name, a, b in zip("qkv", grads, ref_grads):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4,
                                err_msg=f"d{name}")

@@ -1,5 +1,8 @@
 """The consolidation train step: loss, accumulation, sharding, learning, failure handling."""
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +23,24 @@ CONFIG = Qwen3Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_l
 # compared to 5% of one step.
 PARAM_ATOL = 5e-5
 
+STEP = TrainConfig(learning_rate=1e-3, k=16)
+"""The step most tests take; they share its compiled program (`_trainer`)."""
+
+_TRAINERS: dict = {}
+
+
+def _trainer(student, cfg, mesh=None, devices=None):
+  """This module's one `Trainer` per model config, train config and mesh (a `MeshConfig` over
+  the first `devices` devices): a test that takes a step another test has taken reuses its
+  jitted program, as consolidation reuses one trainer for every step. The trainer keeps no
+  state between steps besides that program; tests of tracing and compiling build their own."""
+  key = (student.config, cfg, mesh, devices)
+  if key not in _TRAINERS:
+    mesh = None if mesh is None else parallel.make_mesh(
+        mesh, None if devices is None else jax.devices()[:devices])
+    _TRAINERS[key] = Trainer(student, cfg, mesh=mesh)
+  return _TRAINERS[key]
+
 
 def _random_batch(rng, rows, knowledge, *, vocab=64):
   prompts = [rng.integers(1, vocab, rng.integers(3, 8)).tolist() for _ in range(rows)]
@@ -36,9 +57,17 @@ def setup():
   return batch, (sp, tp, resp)
 
 
-def _gathered_logits(model, ids, mask, index):
-  logits = model(ids, attention_mask=mask)
+@functools.partial(jax.jit, static_argnums=0)
+def _logits_at(graphdef, params, ids, mask, index):
+  """The model's plain logits (the whole vocabulary, no chunks) at the response positions.
+  Jitted: run op by op, a forward and backward pass costs far more in per-op compiles and
+  dispatch than compiling it once; the arithmetic is the same."""
+  logits = nnx.merge(graphdef, params)(ids, attention_mask=mask)
   return jnp.take_along_axis(logits, index[..., None], axis=1)
+
+
+def _gathered_logits(model, ids, mask, index):
+  return _logits_at(*nnx.split(model), ids, mask, index)
 
 
 def test_batch_alignment(setup):
@@ -53,7 +82,7 @@ def test_batch_alignment(setup):
     assert batch.teacher_ids[i][: len(tp[i])].tolist() == tp[i]
 
 
-@pytest.mark.parametrize("cfg", [TrainConfig(learning_rate=1e-3, k=16),
+@pytest.mark.parametrize("cfg", [STEP,
                                  TrainConfig(learning_rate=1e-3, k=5, temperature=1.3,
                                              renormalize=True),
                                  TrainConfig(learning_rate=1e-3, k=5, temperature=1.3,
@@ -61,13 +90,13 @@ def test_batch_alignment(setup):
 def test_step_loss_and_update_match_a_plain_reference(setup, cfg):
   batch, _ = setup
   student, teacher = init_model(CONFIG, seed=1), init_model(CONFIG, seed=2)
-  trainer = Trainer(student, cfg)
+  trainer = _trainer(student, cfg)
   state = trainer.init_state(student)
   params0 = jax.tree.map(np.asarray, nnx.state(student))
 
   def plain_loss(params):
-    s = nnx.merge(trainer.graphdef, params)
-    ls = _gathered_logits(s, batch.student_ids, batch.student_mask, batch.student_index)
+    ls = _logits_at(trainer.graphdef, params, batch.student_ids, batch.student_mask,
+                    batch.student_index)
     lt = _gathered_logits(teacher, batch.teacher_ids, batch.teacher_mask,
                           batch.teacher_index)
     return losses.topk_reverse_kl(ls, lt, batch.response_mask, k=cfg.k,
@@ -114,7 +143,7 @@ def test_micro_batches_accumulate_to_the_same_step(setup):
   student, teacher = init_model(CONFIG, seed=1), init_model(CONFIG, seed=2)
   results = []
   for m in (1, 4):
-    trainer = Trainer(student, TrainConfig(learning_rate=1e-3, k=16, micro_batches=m))
+    trainer = _trainer(student, dataclasses.replace(STEP, micro_batches=m))
     state, metrics = trainer.train_step(trainer.init_state(student),
                                         trainer.teacher_params(teacher), batch)
     results.append((metrics, jax.tree.map(np.asarray, state.params)))
@@ -128,12 +157,10 @@ def test_micro_batches_accumulate_to_the_same_step(setup):
 def test_sharded_step_equals_single_device(setup, axes):
   batch, _ = setup
   student, teacher = init_model(CONFIG, seed=1), init_model(CONFIG, seed=2)
-  cfg = TrainConfig(learning_rate=1e-3, k=16)
-  single = Trainer(student, cfg)
+  single = _trainer(student, STEP)
   s_state, s_metrics = single.train_step(single.init_state(student),
                                          single.teacher_params(teacher), batch)
-  mesh = parallel.make_mesh(parallel.MeshConfig(**axes))
-  sharded = Trainer(student, cfg, mesh=mesh)
+  sharded = _trainer(student, STEP, mesh=parallel.MeshConfig(**axes))
   state = sharded.init_state(student)
   state, metrics = sharded.train_step(state, sharded.teacher_params(teacher), batch)
   assert metrics["loss"] == pytest.approx(s_metrics["loss"], rel=1e-5)
@@ -176,8 +203,8 @@ def test_context_distillation_learns_the_knowledge():
   state = trainer.init_state(student)
 
   def held_out_kl(params, batch):
-    s = nnx.merge(trainer.graphdef, params)
-    ls = _gathered_logits(s, batch.student_ids, batch.student_mask, batch.student_index)
+    ls = _logits_at(trainer.graphdef, params, batch.student_ids, batch.student_mask,
+                    batch.student_index)
     lt = _gathered_logits(teacher, batch.teacher_ids, batch.teacher_mask,
                           batch.teacher_index)
     return float(losses.topk_reverse_kl(ls, lt, batch.response_mask, k=0))
@@ -202,12 +229,13 @@ def test_context_distillation_learns_the_knowledge():
 def test_non_finite_loss_stops_with_state_unchanged(setup):
   batch, _ = setup
   student = init_model(CONFIG, seed=1)
-  trainer = Trainer(student, TrainConfig(learning_rate=1e-3, k=16))
+  trainer = _trainer(student, STEP)
   state = trainer.init_state(student)
   before = jax.tree.map(np.asarray, state.params)
   teacher = trainer.teacher_params(init_model(CONFIG, seed=2))
   bad_teacher = jax.tree.map(lambda x: x, teacher)
-  bad_teacher["final_norm"]["scale"][...] = jnp.full((64,), jnp.nan)
+  # float32 like the weights it replaces: a weak-typed NaN would retrace the step.
+  bad_teacher["final_norm"]["scale"][...] = jnp.full((64,), jnp.nan, jnp.float32)
   with pytest.raises(NonFiniteLossError, match="non-finite loss nan.*not updated") as err:
     trainer.train_step(state, bad_teacher, batch)
   kept = err.value.state
@@ -281,7 +309,7 @@ def test_rematerialised_layers_give_the_same_step(setup):
   for remat in (False, True):
     config = CONFIG.replace(remat=remat)
     student, teacher = init_model(config, seed=1), init_model(config, seed=2)
-    trainer = Trainer(student, TrainConfig(learning_rate=1e-3, k=16, micro_batches=2))
+    trainer = _trainer(student, dataclasses.replace(STEP, micro_batches=2))
     state, metrics = trainer.train_step(trainer.init_state(student),
                                         trainer.teacher_params(teacher), batch)
     results.append((metrics, jax.tree.map(np.asarray, state.params)))
@@ -294,16 +322,15 @@ def test_sharded_rematerialised_step_equals_single_device_plain(setup):
   """The layer scan under a mesh (stacked weights constrained to their shardings, micro-batch
   scan, fsdp x tp) against the plain single-device step."""
   batch, _ = setup
-  cfg = TrainConfig(learning_rate=1e-3, k=16, micro_batches=2)
+  cfg = dataclasses.replace(STEP, micro_batches=2)
   plain = init_model(CONFIG, seed=1)
-  single = Trainer(plain, cfg)
+  single = _trainer(plain, cfg)
   s_state, s_metrics = single.train_step(single.init_state(plain),
                                          single.teacher_params(init_model(CONFIG, seed=2)),
                                          batch)
   config = CONFIG.replace(remat=True)
   student, teacher = init_model(config, seed=1), init_model(config, seed=2)
-  sharded = Trainer(student, cfg, mesh=parallel.make_mesh(parallel.MeshConfig(fsdp=2, tp=2),
-                                                          jax.devices()[:4]))
+  sharded = _trainer(student, cfg, mesh=parallel.MeshConfig(fsdp=2, tp=2), devices=4)
   state, metrics = sharded.train_step(sharded.init_state(student),
                                       sharded.teacher_params(teacher), batch)
   assert metrics["loss"] == pytest.approx(s_metrics["loss"], rel=1e-5)
