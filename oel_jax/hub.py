@@ -4,6 +4,7 @@
     resolve_model("Qwen/Qwen3-8B")           # main's snapshot: .../models--Qwen--Qwen3-8B/snapshots/<commit>
     resolve_model("Qwen/Qwen3-8B@v1.0")      # a branch or tag; a 40-hex commit hash works too
     index_digest(directory)                  # what the processes of one run compare
+    check_same_files({"config.model 'Qwen/Qwen3-8B'": directory})  # every process, before loading
 
 ``config.model`` and ``config.extraction.model`` take a checkpoint directory or a hub id
 ``owner/name[@revision]``. A hub id is resolved with `huggingface_hub.snapshot_download` into the
@@ -28,7 +29,11 @@ import logging
 import os
 import re
 import struct
+from collections.abc import Mapping
 
+import jax
+
+from oel_jax import distributed
 from oel_jax.errors import InputError, one_line
 
 _log = logging.getLogger(__name__)
@@ -50,8 +55,11 @@ _TRUE = {"1", "ON", "YES", "TRUE"}
 # after this (it also refuses "--" and "..").
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
-# Blocks of tensor data `index_digest` hashes per safetensors file, and their size.
-_SAMPLES, _SAMPLE_BYTES = 8, 1 << 16
+# What `index_digest` reads of each tensor: the whole of one up to `_WHOLE_TENSOR` bytes, else
+# `_SAMPLES` blocks of `_SAMPLE_BYTES` spread evenly from its first byte to its last. About
+# 256 KiB a tensor whatever the model's size: Qwen3-8B's 399 tensors cost ~70 MB of reads.
+_WHOLE_TENSOR = 1 << 18
+_SAMPLES, _SAMPLE_BYTES = 4, 1 << 16
 
 
 class ModelNotFoundError(InputError):
@@ -225,18 +233,30 @@ def index_digest(directory: str | os.PathLike) -> str:
 
   A multi-process run resolves ``config.model`` on every host (each into its own cache, or all
   from one shared directory), computes this digest of what it got, and compares the digests
-  across processes (`oel_jax.distributed.check_agreement`) before loading, so that hosts which
-  resolved a moving branch at different moments, or hold a partial or different copy, stop
-  with an error instead of training on different weights.
+  across processes (`check_same_files`) before loading, so that hosts which resolved a moving
+  branch at different moments, or hold a partial or different copy, stop with an error instead
+  of training on different weights.
 
   Covered: every top-level file of `CHECKPOINT_FILES` (weights, index, config, tokenizer, chat
   template) by name and size; the whole content of every file but the weights; of each
-  safetensors file its header (every tensor's name, dtype, shape and offsets) and
-  ``_SAMPLES`` blocks of its tensor data at fixed, evenly spread offsets. So two checkpoints of
-  one architecture with different weights differ (any fine-tune changes the sampled blocks),
-  while a single changed byte away from the samples does not: what is compared is which
-  checkpoint a host holds, not its integrity. Nothing depends on the layout: a cache snapshot
-  (symlinks into ``blobs/``) and a plain copy of the same files give the same digest.
+  safetensors file its header (every tensor's name, dtype, shape and offsets) and, of every
+  tensor in it, all its bytes when it is small (norm scales; up to ``_WHOLE_TENSOR`` bytes),
+  else ``_SAMPLES`` blocks of ``_SAMPLE_BYTES`` from its first byte to its last.
+
+  Why samples, not every byte: hashing a 16 GB checkpoint whole costs each host a full read
+  of it at every start (tens of seconds from a local disk, minutes and N times the traffic
+  from a shared file system), while after `oel_jax.models.load_hf` each host reads only its
+  own shards. Sampling every tensor costs about 256 KiB a tensor whatever the model's size, and
+  still tells apart any two checkpoints that differ in a whole tensor: another revision, a
+  fine-tune of any subset of the tensors (a fine-tune or a merged LoRA changes every element of
+  a tensor it touches), a partial or truncated download (the sizes differ), another config or
+  tokenizer. What it misses is an edit confined to a few elements of a large tensor away from
+  the samples (a bit flip, a hand-edited embedding row): what is compared is which checkpoint
+  a host holds, not its integrity. The hub's own content hashes (the names of the cache's
+  blobs) would be exact and free, but exist only in a cache: a host reading a plain shared
+  directory could not be compared with one reading its cache without hashing every byte.
+  Nothing here depends on the layout: a cache snapshot (symlinks into ``blobs/``) and a plain
+  copy of the same files give the same digest.
 
   Raises:
     ModelNotFoundError: ``directory`` is not a directory.
@@ -262,19 +282,67 @@ def index_digest(directory: str | os.PathLike) -> str:
   return digest.hexdigest()
 
 
+class DifferentFilesError(distributed.DisagreementError):
+  """The processes of one job hold different files for a model they are to load."""
+
+
+def check_same_files(checkpoints: Mapping[str, str]) -> None:
+  """Stops every process of the job unless all hold the same files for each checkpoint.
+
+  Every process calls it at the same point of its control flow, before loading, with the same
+  names: ``checkpoints`` maps what the user named (e.g. ``"config.model 'Qwen/Qwen3-8B'"``)
+  to the directory it was resolved to on this host, which may differ from host to host (each
+  its own cache). Each process computes `index_digest` of each directory, and
+  `oel_jax.distributed.check_agreement` compares them. One process: nothing to compare, nothing
+  read.
+
+  Raises:
+    DifferentFilesError: on every process, naming each checkpoint whose files differ, each
+      process's digest of it, and the directory this process read.
+  """
+  if not checkpoints or not (jax.distributed.is_initialized() and jax.process_count() > 1):
+    return
+  digests = {}
+  for name, directory in checkpoints.items():
+    try:
+      digests[f"files of {name}"] = index_digest(directory)
+    except (OSError, InputError) as e:
+      # Compared, not raised: a process that stopped here would leave the others waiting in
+      # the comparison for ever.
+      digests[f"files of {name}"] = f"unreadable ({one_line(e)})"
+  try:
+    distributed.check_agreement(digests)
+  except distributed.DisagreementError as e:
+    here = "; ".join(f"{name} is {directory}" for name, directory in checkpoints.items())
+    raise DifferentFilesError(
+        f"{e} The files differ, not the command: on this process {here}. Every process must "
+        "load the same checkpoint: pin a commit (owner/name@<40-hex commit>) so that each host "
+        "resolves the same snapshot, or have every host read one shared directory, or copy "
+        "the same files to each.") from None
+
+
 def _hash_safetensors(f, size: int, content) -> None:
-  """Feeds a safetensors file's header and sampled data blocks to ``content``."""
+  """Feeds a safetensors file's header and each of its tensors' sampled bytes to ``content``."""
   head = f.read(8)
   content.update(head)
   if len(head) < 8:
     return
   # A header that overruns the file is hashed as far as it goes: the size already differs.
   header_end = min(8 + struct.unpack("<Q", head)[0], size)
-  content.update(f.read(header_end - 8))
-  data = size - header_end
-  if data <= 0:
-    return
-  step = max((data - _SAMPLE_BYTES) // max(_SAMPLES - 1, 1), 0)
-  for i in range(_SAMPLES):
-    f.seek(header_end + i * step)
-    content.update(f.read(_SAMPLE_BYTES))
+  header = f.read(header_end - 8)
+  content.update(header)
+  try:
+    spans = sorted({tuple(int(o) for o in entry["data_offsets"])
+                    for key, entry in json.loads(header).items() if key != "__metadata__"})
+  except (ValueError, TypeError, KeyError, AttributeError):
+    return  # Not a header: hashed as bytes above, and `check_hf` names what is wrong.
+  for begin, end in spans:
+    length = end - begin
+    if length <= _WHOLE_TENSOR:
+      blocks = [(begin, length)]
+    else:
+      step = (length - _SAMPLE_BYTES) // (_SAMPLES - 1)
+      blocks = [(begin + i * step, _SAMPLE_BYTES) for i in range(_SAMPLES)]
+    for offset, length in blocks:
+      f.seek(header_end + offset)
+      content.update(f.read(length))

@@ -8,7 +8,10 @@
 A stage names the weights it wants by path: the deployed model of a round (the config's
 model, or the previous round's ``model/``), an extractor checkpoint, a model to export. The
 config's own names may be hub ids: the pool reads them from the directories the plan resolved
-them to (`local`), so the config and the done-files keep what the user wrote.
+them to (`local`), so the config and the done-files keep what the user wrote. On several
+processes, the first time any of them is read the processes check that they hold the same files
+for each (`oel_jax.hub.check_same_files`): each host may have resolved a hub id into its own
+cache, or a directory path may name different copies on different hosts.
 `sampler` returns the one sampler of that architecture with those weights synced in on every
 call, so the compiled programs are reused across rounds and roles and no record of what a
 sampler holds has to be kept right: whoever asks for a sampler gets the weights they named,
@@ -25,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oel_jax import chat, parallel, tiny
+from oel_jax import chat, hub, parallel, tiny
 from oel_jax.config import RunConfig
 from oel_jax.models import load_hf
 from oel_jax.sampling import Sampler
@@ -52,6 +55,7 @@ class ModelPool:
     self._samplers: dict[Any, Sampler] = {}
     self._trainer: Trainer | None = None
     self._mesh: Any = None
+    self._files_checked = False
 
   def tokenizer(self, path: str | None = None) -> Any:
     """The run's tokenizer (the model's own, or the tiny one); with ``path``, that
@@ -66,8 +70,30 @@ class ModelPool:
 
   def local(self, path: str) -> str:
     """Where the model named ``path`` lies: a hub id of the config maps to the snapshot the plan
-    resolved it to; any other name is already a path (or "tiny")."""
+    resolved it to; any other name is already a path (or "tiny").
+
+    The first time it is asked for a model the config names, every process of the job checks
+    that all hold the same files for each of them (every process asks at the same point of the
+    same control flow: a collective).
+
+    Raises:
+      oel_jax.hub.DifferentFilesError: the processes hold different files for one of them.
+    """
+    if path in self.model_dirs and not self._files_checked:
+      self._files_checked = True
+      hub.check_same_files(self._config_checkpoints())
     return self.model_dirs.get(path, path)
+
+  def _config_checkpoints(self) -> dict[str, str]:
+    """What the config named, as users will recognise it, to the directory it was resolved
+    to on this host."""
+    fields: dict[str, list[str]] = {}
+    for field, spec in (("model", self.config.model),
+                        ("extraction.model", self.config.extraction.model)):
+      if spec in self.model_dirs:
+        fields.setdefault(spec, []).append(f"config.{field}")
+    return {f"{' and '.join(names)} {spec!r}": self.model_dirs[spec]
+            for spec, names in fields.items()}
 
   def mesh(self) -> jax.sharding.Mesh | None:
     """The device mesh (None on a single device)."""

@@ -239,3 +239,73 @@ def test_mesh_that_does_not_divide_names_the_parameter(checkpoints):
   # 2 kv heads cannot split over tp=8.
   with pytest.raises(ValueError, match=r"layers\.0\.attn\.k_proj: dimension 1 .* size 2.*tp"):
     load_hf(path, mesh=mesh)
+
+
+# ---- loading onto a mesh reads each process's parts only ----
+
+
+def _count_reads(monkeypatch) -> list[tuple[str, int]]:
+  """Every tensor part read from a safetensors file from now on: (key, bytes)."""
+  reads = []
+  read = safetensors_io.SafetensorsFile.read
+
+  def counted(self, key, box=None):
+    part = read(self, key, box)
+    reads.append((key, part.nbytes))
+    return part
+
+  monkeypatch.setattr(safetensors_io.SafetensorsFile, "read", counted)
+  return reads
+
+
+def test_a_part_of_a_parameter_reads_its_part_of_the_tensor():
+  """Any slices of our parameter, also ones no partition spec makes (a head's half of
+  head_dim, strided), equal the same slices of the whole tensor transposed and reshaped."""
+  from oel_jax.models.hf import tensor_mappings  # pylint: disable=import-outside-toplevel
+  config = Qwen3Config(vocab_size=24, hidden_size=12, intermediate_size=20, num_layers=1,
+                       num_heads=4, num_kv_heads=2, head_dim=6, tie_word_embeddings=False)
+  mappings = {m.hf_key.replace("model.layers.0.", ""): m for m in tensor_mappings(config)}
+  rng = np.random.default_rng(0)
+
+  class File:  # a safetensors file that holds one tensor, read as the real one is
+    def __init__(self, array):
+      self.array = array
+
+    def read(self, key, box=None):
+      return self.array if box is None else self.array[tuple(slice(*b) for b in box)]
+
+  slicings = [(), (slice(0, 6),), (slice(3, 9), slice(1, 3)),
+              (slice(None), slice(1, 4), slice(2, 5)), (slice(1, 12, 2), slice(0, 4, 3))]
+  for name in ("self_attn.q_proj.weight", "self_attn.o_proj.weight", "mlp.down_proj.weight",
+               "model.embed_tokens.weight", "self_attn.k_norm.weight"):
+    m = mappings[name]
+    whole = rng.standard_normal(m.hf_shape).astype(np.float32)
+    want = m.to_nnx(whole)
+    for index in slicings:
+      index = index[:len(m.nnx_shape)]
+      np.testing.assert_array_equal(m.read(File(whole), index), want[index], err_msg=name)
+
+
+@pytest.mark.parametrize("axes, dtype", [(dict(data=2, fsdp=2, tp=2), jnp.float32),
+                                         (dict(data=1, fsdp=8, tp=1), jnp.bfloat16)])
+def test_load_onto_mesh_is_bit_identical_and_reads_each_part_once(checkpoints, monkeypatch,
+                                                                   axes, dtype):
+  hf, path = checkpoints[False]
+  single = dict(nnx.to_flat_state(nnx.state(load_hf(path, dtype=dtype), nnx.Param)))
+  reads = _count_reads(monkeypatch)
+  mesh = parallel.make_mesh(parallel.MeshConfig(**axes))
+  sharded = dict(nnx.to_flat_state(nnx.state(load_hf(path, dtype=dtype, mesh=mesh), nnx.Param)))
+  for key, variable in single.items():
+    whole = np.asarray(variable.get_value())
+    array = sharded[key].get_value()
+    assert array.dtype == whole.dtype
+    for shard in array.addressable_shards:
+      np.testing.assert_array_equal(np.asarray(shard.data), whole[shard.index], err_msg=str(key))
+  # Each part is read once, replicas sharing it, so the parts add up to the checkpoint; and a
+  # parameter split over fsdp x tp is read as that many parts, none of them whole.
+  sizes = {k: v.numel() * v.element_size() for k, v in hf.state_dict().items()}
+  assert sum(n for _, n in reads) == sum(sizes.values())
+  parts = axes["fsdp"] * axes["tp"]
+  for key, nbytes in reads:
+    if key.endswith(("proj.weight", "embed_tokens.weight", "lm_head.weight")):
+      assert nbytes == sizes[key] // parts, key

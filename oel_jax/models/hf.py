@@ -1,10 +1,12 @@
 """Hugging Face Qwen3 checkpoints <-> the NNX model.
 
 The mapping is one table: each rule names a Hugging Face key pattern, the NNX parameter
-path, the symbolic shape on each side and the transpose between them. Loading streams
-tensors one at a time from memory-mapped safetensors onto their shardings; exporting
-fetches one parameter at a time into the file being written. Neither ever holds the
-whole model twice in host memory.
+path, the symbolic shape on each side and the transpose between them. Loading builds each
+parameter from memory-mapped safetensors one at a time, each process reading only the part of
+the checkpoint tensor that its own devices hold (rows and columns of the file, transposed and
+reshaped as the rule says): on several hosts, none reads or holds the whole model. Exporting
+fetches one parameter at a time into the file being written. Neither ever holds the whole
+model twice in host memory.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import math
 import os
 import re
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +101,57 @@ class TensorMapping:
     if self.transpose is not None:
       array = np.transpose(array, self.transpose)
     return array.reshape(self.nnx_shape)
+
+  def read(self, file: safetensors_io.SafetensorsFile,
+           index: tuple[slice, ...] = ()) -> np.ndarray:
+    """``self.to_nnx(file.read(self.hf_key))[index]``, from only the part of the checkpoint
+    tensor that this part of our parameter comes from (a view into the file: nothing is read
+    until it is used).
+
+    Our parameter is the checkpoint tensor transposed, then with axes split (``N*D`` into
+    ``N, D``): each axis of the transposed tensor feeds a group of our axes, and a position
+    along it is the row-major position within the group. The slices ``index`` takes of a group
+    bound a range of positions, which is what is read of that axis; the group's elements are
+    then taken from it (a reshape when the group's inner axes are whole, as every partition
+    spec of `oel_jax.models.qwen3` has them).
+    """
+    ranges = [range(*(index[a] if a < len(index) else slice(None)).indices(n))
+              for a, n in enumerate(self.nnx_shape)]
+    order = self.transpose or tuple(range(len(self.hf_shape)))
+    box: list[tuple[int, int]] = [(0, 0)] * len(self.hf_shape)
+    picks = []  # per transposed axis: positions within what is read, shaped as its group
+    for axis, group in enumerate(self._groups(order)):
+      flat = np.zeros((), np.int64)
+      for a in group:
+        flat = flat[..., None] * self.nnx_shape[a] + np.arange(
+            ranges[a].start, ranges[a].stop, ranges[a].step)
+      start = int(flat.min()) if flat.size else 0
+      box[order[axis]] = (start, int(flat.max()) + 1 if flat.size else 0)
+      picks.append(flat - start)
+    part = np.transpose(file.read(self.hf_key, box), order)
+    for axis in reversed(range(len(picks))):  # last first: earlier axes keep their numbers
+      pick = picks[axis]
+      split = part.shape[:axis] + pick.shape + part.shape[axis + 1:]
+      if pick.size == part.shape[axis] and (pick.ravel() == np.arange(pick.size)).all():
+        part = part.reshape(split)
+      else:
+        part = np.take(part, pick, axis=axis)
+    return part
+
+  def _groups(self, order: tuple[int, ...]) -> list[list[int]]:
+    """Our axes, grouped by the axis of the transposed checkpoint tensor they split."""
+    groups, axis = [], 0
+    for size in (self.hf_shape[i] for i in order):
+      group, product = [], 1
+      while not group or product < size:
+        group.append(axis)
+        product *= self.nnx_shape[axis]
+        axis += 1
+      if product != size:
+        raise AssertionError(f"{self.hf_key}: {self.nnx_shape} does not split {self.hf_shape}")
+      groups.append(group)
+    groups[-1] += range(axis, len(self.nnx_shape))  # trailing axes of size 1
+    return groups
 
   def to_hf(self, array: np.ndarray) -> np.ndarray:
     if self.transpose is None:
@@ -215,7 +268,8 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = jnp.float32, compute_dtype:
       with `model.safetensors.index.json`.
     dtype: parameter dtype (weights are cast tensor by tensor while loading).
     compute_dtype: activation/matmul dtype; defaults to `dtype`.
-    mesh: place each parameter on this mesh by its partition spec; None: default device.
+    mesh: place each parameter on this mesh by its partition spec, each process reading
+      only the parts its own devices hold; None: the default device.
     remat: rematerialise decoder layers in the backward pass.
 
   Raises:
@@ -233,16 +287,34 @@ def load_hf(path: str | os.PathLike, *, dtype: Any = jnp.float32, compute_dtype:
   np_dtype = np.dtype(dtype)
   for m in mappings:
     variable = variables[m.nnx_path]
-    host = m.to_nnx(files[m.hf_key].read(m.hf_key))
+    file = files[m.hf_key]
     if mesh is None:
-      array = jnp.asarray(host.astype(np_dtype))
+      array = jnp.asarray(np.ascontiguousarray(m.read(file), np_dtype))
     else:
       sharding = parallel.param_sharding(m.nnx_path, variable, mesh)
-      array = jax.make_array_from_callback(
-          m.nnx_shape, sharding, lambda index, host=host: host[index].astype(np_dtype))
+      array = jax.make_array_from_callback(m.nnx_shape, sharding,
+                                           _shard_reader(m, file, np_dtype))
     variable.set_value(array)
-    del host
   return nnx.merge(graphdef, state)
+
+
+def _shard_reader(m: TensorMapping, file: safetensors_io.SafetensorsFile, dtype: np.dtype
+                  ) -> Callable[[tuple[slice, ...]], np.ndarray]:
+  """What `jax.make_array_from_callback` calls for each of this process's devices: the
+  device's part of the parameter, read from the file alone.
+
+  Devices that hold the same part (replicas along the mesh's ``data`` axis) get the same
+  array, read once.
+  """
+  parts: dict[tuple, np.ndarray] = {}
+
+  def part(index: tuple[slice, ...]) -> np.ndarray:
+    key = tuple((s.start, s.stop, s.step) for s in index)
+    if key not in parts:
+      parts[key] = np.ascontiguousarray(m.read(file, index), dtype)
+    return parts[key]
+
+  return part
 
 
 def save_hf(model: Qwen3, path: str | os.PathLike, *, dtype: Any = None,

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import struct
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -101,13 +101,29 @@ class SafetensorsFile:
   def dtype(self, key: str) -> np.dtype:
     return self._entries[key][0]
 
-  def read(self, key: str) -> np.ndarray:
-    """The tensor as a read-only memory-mapped array (no copy until used)."""
+  def read(self, key: str, box: Sequence[tuple[int, int]] | None = None) -> np.ndarray:
+    """The tensor, or the part of it ``box`` names, as a read-only memory-mapped view.
+
+    Nothing is read until the view is used, and then only the file pages its elements lie
+    in: a box of rows is one contiguous run of the file, a box of columns one run per row.
+
+    Args:
+      key: the tensor's name.
+      box: ``(start, stop)`` along each dimension; None: the whole tensor.
+    """
     dtype, shape, begin, end = self._entries[key]
+    if box is not None and (len(box) != len(shape) or not all(
+        0 <= lo <= hi <= n for (lo, hi), n in zip(box, shape))):
+      raise ValueError(f"{self.path}: box {tuple(box)} does not fit tensor '{key}' of shape "
+                       f"{shape}")
     if begin == end:
-      return np.zeros(shape, dtype)
-    return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin,
-                     shape=shape)
+      whole = np.zeros(shape, dtype)
+    else:
+      whole = np.asarray(np.memmap(self.path, dtype=dtype, mode="r",
+                                   offset=self._data_start + begin, shape=shape))
+    if box is None:
+      return whole
+    return whole[tuple(slice(lo, hi) for lo, hi in box)]
 
 
 def write(path: str | os.PathLike, specs: Mapping[str, tuple[tuple[int, ...], np.dtype]],
