@@ -313,7 +313,10 @@ def check_same_files(checkpoints: Mapping[str, str]) -> None:
   try:
     distributed.check_agreement(digests)
   except distributed.DisagreementError as e:
-    here = "; ".join(f"{name} is {directory}" for name, directory in checkpoints.items())
+    # Each process's digest of what it computed, as the message lists them.
+    here = "; ".join(f"{name} is {directory} (digest "
+                     f"{distributed.digest(digests[f'files of {name}'])[:12]})"
+                     for name, directory in checkpoints.items())
     raise DifferentFilesError(
         f"{e} The files differ, not the command: on this process {here}. Every process must "
         "load the same checkpoint: pin a commit (owner/name@<40-hex commit>) so that each host "

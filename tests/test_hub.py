@@ -10,12 +10,14 @@ import json
 import logging
 import os
 import shutil
+import struct
 
 import huggingface_hub
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from hub_cache import add_snapshot
 from oel_jax import config as config_lib
 from oel_jax import hub, loop, tiny
 from oel_jax.models import load_hf, save_hf
@@ -30,35 +32,6 @@ LISTED = hashlib.sha1(b"listed").hexdigest()
 IDS = jnp.asarray([[1, 7, 42, 300, 5, 9]])
 
 
-def _add_snapshot(cache, repo, commit, source, refs=(), only=None):
-  """Adds ``source``'s files to ``cache`` as huggingface_hub stores a download of ``commit``."""
-  storage = os.path.join(cache, "models--" + repo.replace("/", "--"))
-  snapshot = os.path.join(storage, "snapshots", commit)
-  os.makedirs(snapshot)
-  os.makedirs(os.path.join(storage, "blobs"), exist_ok=True)
-  for name in sorted(os.listdir(source)):
-    if only is not None and name not in only:
-      continue
-    with open(os.path.join(source, name), "rb") as f:
-      data = f.read()
-    # A blob is named by its etag: the sha256 of an LFS file (the weights), the git blob sha1
-    # of any other file.
-    if name.endswith(".safetensors"):
-      etag = hashlib.sha256(data).hexdigest()
-    else:
-      etag = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-    blob = os.path.join(storage, "blobs", etag)
-    if not os.path.exists(blob):
-      with open(blob, "wb") as f:
-        f.write(data)
-    os.symlink(os.path.relpath(blob, snapshot), os.path.join(snapshot, name))
-  for ref in refs:
-    path = os.path.join(storage, "refs", ref)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-      f.write(commit)  # no newline, as huggingface_hub writes a ref
-
-
 @pytest.fixture(scope="module")
 def hf_home(tmp_path_factory):
   """``HF_HOME`` with a cache at ``hub/``: REPO's main (the tiny model, one file), v2 (another
@@ -70,13 +43,13 @@ def hf_home(tmp_path_factory):
           max_shard_bytes=6_000_000)
   assert "model.safetensors.index.json" in os.listdir(sources["v2"])
   cache = str(root / "hf_home" / "hub")
-  _add_snapshot(cache, REPO, MAIN, sources["main"], refs=["main"])
-  _add_snapshot(cache, REPO, V2, sources["v2"], refs=["v2", "refs/pr/1"])
-  _add_snapshot(cache, REPO, PARTIAL, sources["main"], refs=["partial"], only={"config.json"})
+  add_snapshot(cache, REPO, MAIN, sources["main"], refs=["main"])
+  add_snapshot(cache, REPO, V2, sources["v2"], refs=["v2", "refs/pr/1"])
+  add_snapshot(cache, REPO, PARTIAL, sources["main"], refs=["partial"], only={"config.json"})
   # An interrupted download as huggingface_hub >= 2 leaves it: the commit's file listing
   # (trees/<commit>.json, written with the library's own private writer) beside a snapshot
   # that lacks some of the files. The layout test checks that the library reads it back.
-  _add_snapshot(cache, REPO, LISTED, sources["main"], refs=["listed"], only={"config.json"})
+  add_snapshot(cache, REPO, LISTED, sources["main"], refs=["listed"], only={"config.json"})
   try:
     from huggingface_hub import _tree_cache  # pylint: disable=import-outside-toplevel
   except ImportError:  # huggingface_hub < 2 keeps no listing: that case is not built
@@ -208,6 +181,38 @@ def test_index_digest_names_the_checkpoint_not_its_layout(offline, tmp_path):
   assert hub.index_digest(copy) != digest
   with pytest.raises(hub.ModelNotFoundError, match="is not a checkpoint directory"):
     hub.index_digest(str(tmp_path / "absent"))
+
+
+def _add_to_element(file, key, byte):
+  """Adds 1 to the float32 element of tensor ``key`` that holds its byte ``byte`` (-1: the last),
+  in place."""
+  with open(file, "r+b") as f:
+    (length,) = struct.unpack("<Q", f.read(8))
+    begin, end = json.loads(f.read(length))[key]["data_offsets"]
+    f.seek(8 + length + begin + (byte % (end - begin)) // 4 * 4)
+    value = np.frombuffer(f.read(4), np.float32) + 1
+    f.seek(-4, os.SEEK_CUR)
+    f.write(value.tobytes())
+  return end - begin
+
+
+@pytest.mark.parametrize("key, byte, seen", [
+    # A small tensor is hashed whole: any element.
+    ("model.layers.1.self_attn.q_norm.weight", 60, True),
+    # A large one (the 2 MB embedding) by blocks from its first byte to its last.
+    ("model.embed_tokens.weight", 0, True),
+    ("model.embed_tokens.weight", -1, True),
+    # What it does not see: a few elements of a large tensor away from the blocks (the digest
+    # names which checkpoint a host holds; it does not check its integrity).
+    ("model.embed_tokens.weight", 200_000, False),
+])
+def test_index_digest_samples_every_tensor(offline, tmp_path, key, byte, seen):
+  copy = str(tmp_path / "copy")
+  shutil.copytree(offline["main"], copy)
+  digest = hub.index_digest(copy)
+  nbytes = _add_to_element(os.path.join(copy, "model.safetensors"), key, byte)
+  assert (nbytes <= hub._WHOLE_TENSOR) == key.endswith("norm.weight")
+  assert (hub.index_digest(copy) != digest) == seen
 
 
 def test_the_config_takes_a_hub_id_and_records_it(offline, tmp_path, caplog):
