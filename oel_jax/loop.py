@@ -106,7 +106,9 @@ class Plan:
   """Where the models the config names (``model``, ``extraction.model``) lie on this host: a
   directory maps to itself, a hub id to its snapshot in the huggingface_hub cache
   (`oel_jax.hub.resolve_model`); "tiny" is absent. Resolved once here, so that every stage loads
-  the same snapshot even if the hub's branch moves during the run."""
+  the same snapshot even if the hub's branch moves during the run. Each process resolves on its
+  own host; before the first is read, the processes check that they all hold the same files
+  (`oel_jax.model_pool.ModelPool.check_files`)."""
 
   @property
   def extraction(self) -> ExtractionConfig:

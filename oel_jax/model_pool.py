@@ -1,6 +1,7 @@
 """The models of a run, loaded once, and the samplers that play and extract with them.
 
     pool = ModelPool(config, mesh_shape)          # nothing is loaded yet
+    pool.check_files()                            # all processes: the same checkpoint files?
     model = pool.load(path)                       # "tiny" or a Hugging Face checkpoint
     sampler = pool.sampler(path)                  # that model's weights are in it now
     trainer = pool.trainer(model, train_config)   # the consolidation step, compiled once
@@ -9,9 +10,10 @@ A stage names the weights it wants by path: the deployed model of a round (the c
 model, or the previous round's ``model/``), an extractor checkpoint, a model to export. The
 config's own names may be hub ids: the pool reads them from the directories the plan resolved
 them to (`local`), so the config and the done-files keep what the user wrote. On several
-processes, the first time any of them is read the processes check that they hold the same files
-for each (`oel_jax.hub.check_same_files`): each host may have resolved a hub id into its own
-cache, or a directory path may name different copies on different hosts.
+processes, when `check_files` is first called (at the latest, when the first of them is read),
+the processes check that they hold the same files for each (`oel_jax.hub.check_same_files`):
+each host may have resolved a hub id into its own cache, or a directory path may name different
+copies on different hosts.
 `sampler` returns the one sampler of that architecture with those weights synced in on every
 call, so the compiled programs are reused across rounds and roles and no record of what a
 sampler holds has to be kept right: whoever asks for a sampler gets the weights they named,
@@ -72,17 +74,27 @@ class ModelPool:
     """Where the model named ``path`` lies: a hub id of the config maps to the snapshot the plan
     resolved it to; any other name is already a path (or "tiny").
 
-    The first time it is asked for a model the config names, every process of the job checks
-    that all hold the same files for each of them (every process asks at the same point of the
-    same control flow: a collective).
+    Asked for a model the config names, it first runs `check_files` (every process asks at
+    the same point of the same control flow).
 
     Raises:
       oel_jax.hub.DifferentFilesError: the processes hold different files for one of them.
     """
-    if path in self.model_dirs and not self._files_checked:
+    if path in self.model_dirs:
+      self.check_files()
+    return self.model_dirs.get(path, path)
+
+  def check_files(self) -> None:
+    """Checks, the first time it is called, that every process of the job holds the same files
+    for each model the config names (`oel_jax.hub.check_same_files`); later calls, and a run of
+    one process, do nothing. A collective: every process calls it at the same point.
+
+    Raises:
+      oel_jax.hub.DifferentFilesError: on every process, naming the models whose files differ.
+    """
+    if not self._files_checked:
       self._files_checked = True
       hub.check_same_files(self._config_checkpoints())
-    return self.model_dirs.get(path, path)
 
   def _config_checkpoints(self) -> dict[str, str]:
     """What the config named, as users will recognise it, to the directory it was resolved

@@ -215,7 +215,7 @@ def test_index_digest_samples_every_tensor(offline, tmp_path, key, byte, seen):
   assert (hub.index_digest(copy) != digest) == seen
 
 
-def test_the_config_takes_a_hub_id_and_records_it(offline, tmp_path, caplog):
+def test_the_config_takes_a_hub_id_and_records_it(offline, tmp_path, caplog, monkeypatch):
   """The path main takes: plan validates and resolves, the pool loads from the snapshot, the
   workdir records the id as given and a resumed run with the same id matches it."""
   spec = f"{REPO}@v2"
@@ -228,10 +228,14 @@ def test_the_config_takes_a_hub_id_and_records_it(offline, tmp_path, caplog):
   assert run.plan.model_vocab_size == tiny.tiny_config().vocab_size
   assert f"resolved to {_snapshot(offline, V2)}" in caplog.text
   assert run.config.model == spec
+  checked = []  # what the pool has the processes compare, once, before the first read
+  monkeypatch.setattr(hub, "check_same_files", checked.append)
   np.testing.assert_array_equal(np.asarray(run.load_model(run.deployed_path(0))(IDS)),
                                 _logits(offline["v2"]))
   assert len(run.tokenizer()) == tiny.TOKENIZER_LEN
   assert len(run.pool.tokenizer(run.config.extraction.model)) == tiny.TOKENIZER_LEN
+  assert checked == [{f"config.model {spec!r}": _snapshot(offline, V2),
+                      f"config.extraction.model {REPO!r}": _snapshot(offline, MAIN)}]
   run.check_workdir()
   with open(os.path.join(run.workdir, loop.CONFIG_FILE), encoding="utf-8") as f:
     recorded = json.load(f)
