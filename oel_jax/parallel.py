@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Sequence
 
 import jax
@@ -136,3 +137,159 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
     variable.set_value(place(variable.get_value(), sharding))
   nnx.update(model, state)
   return model
+
+
+# --------------------------------------------------------------------------------------
+# Collectives in compiled programs
+# --------------------------------------------------------------------------------------
+
+COLLECTIVE_OPS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
+                  "collective-permute")
+
+_DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2,
+                "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
+                "f64": 8, "c64": 8, "c128": 16}
+
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
+_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([a-z][a-z0-9\-]*)\((.*)$")
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9][a-z]*)?)\[([0-9,]*)\]")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[([0-9,]+)\]<=")
+_LISTED_GROUPS = re.compile(r"replica_groups=\{\{([0-9,]*)\}")
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+_CALLED = re.compile(
+    r"\b(?:body|condition|calls|to_apply|true_computation|false_computation|"
+    r"branch_computations)=(\{[^}]*\}|%?[\w.\-]+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class HloArray:
+  """One array type in HLO text."""
+
+  dtype: str
+  """HLO element type (f32, bf16, s32, ...)."""
+  shape: tuple[int, ...]
+  """Dimensions."""
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def bytes(self) -> int:
+    return int(self.size * _DTYPE_BYTES.get(self.dtype, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class HloInstruction:
+  """One instruction of a compiled HLO module, as much of it as the collective counts need."""
+
+  name: str
+  """Its name in the module."""
+  opcode: str
+  """all-gather, while, fusion, ..."""
+  results: tuple[HloArray, ...]
+  """The arrays it produces (several for a tuple)."""
+  called: tuple[str, ...]
+  """Computations it runs (a loop's body and condition, a fusion's, a branch's ...)."""
+  group_size: int
+  """Devices in each of a collective's replica groups (1 when the text names none)."""
+
+  @property
+  def collective(self) -> str | None:
+    """Which of `COLLECTIVE_OPS` it is (the ``-done`` half of an asynchronous one), or None."""
+    op = self.opcode.removesuffix("-done")
+    return op if op in COLLECTIVE_OPS and not self.opcode.endswith("-start") else None
+
+  @property
+  def collective_bytes(self) -> int:
+    """Per device, the size of the whole buffer a collective works on: what an all-gather
+    assembles, what an all-reduce sums, what a reduce-scatter splits (its result times the
+    group), what an all-to-all or a permute sends."""
+    result = sum(a.bytes for a in self.results)
+    return result * self.group_size if self.collective == "reduce-scatter" else result
+
+
+def _arrays(text: str) -> tuple[HloArray, ...]:
+  return tuple(HloArray(dtype, tuple(int(d) for d in dims.split(",") if d))
+               for dtype, dims in _ARRAY.findall(text))
+
+
+def parse_hlo(text: str) -> dict[str, list[HloInstruction]]:
+  """The computations of an HLO module's text (``compiled.as_text()``), by name, and
+  ``"ENTRY"`` for the entry computation."""
+  computations: dict[str, list[HloInstruction]] = {}
+  current = None
+  for line in text.splitlines():
+    if current is None:
+      match = _COMPUTATION.match(line)
+      if match:
+        current = computations.setdefault(match.group(1), [])
+        if line.startswith("ENTRY"):
+          computations["ENTRY"] = current
+      continue
+    if line.startswith("}"):
+      current = None
+      continue
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    name, result_type, opcode, rest = match.groups()
+    depth, end = 1, len(rest)  # the operand list ends at its matching parenthesis
+    for i, ch in enumerate(rest):
+      depth += {"(": 1, ")": -1}.get(ch, 0)
+      if depth == 0:
+        end = i
+        break
+    called = tuple(c.strip().lstrip("%") for group in _CALLED.findall(rest[end:])
+                   for c in group.strip("{}").split(",") if c.strip())
+    current.append(HloInstruction(name, opcode, _arrays(result_type), called,
+                                  _group_size(rest[end:])))
+  return computations
+
+
+def _group_size(attributes: str) -> int:
+  """Devices per replica group, in any of the three ways HLO text writes the groups."""
+  iota, listed = _IOTA_GROUPS.search(attributes), _LISTED_GROUPS.search(attributes)
+  mesh = _MESH_GROUPS.search(attributes)
+  if iota:  # [groups, size]<=[devices]
+    return int(iota.group(1).split(",")[-1])
+  if listed:  # {{0,1},{2,3}}
+    return len(listed.group(1).split(","))
+  if mesh:  # mesh['axis_0'=4,'axis_1'=2] {'axis_1'}: the named axes form a group
+    sizes = dict(re.findall(r"'([^']+)'=(\d+)", mesh.group(1)))
+    return math.prod(int(sizes.get(a, 1)) for a in re.findall(r"'([^']+)'", mesh.group(2)))
+  return 1
+
+
+def reachable(computations: dict[str, list[HloInstruction]], root: str) -> list[str]:
+  """`root` and every computation it calls, directly or not."""
+  seen, todo = [], [root]
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in computations:
+      continue
+    seen.append(name)
+    todo.extend(c for inst in computations[name] for c in inst.called)
+  return seen
+
+
+def collectives(computations: dict[str, list[HloInstruction]], root: str
+                ) -> list[HloInstruction]:
+  """The collectives `root` may run, in it and in everything it calls (every branch)."""
+  return [inst for name in reachable(computations, root) for inst in computations[name]
+          if inst.collective]
+
+
+def collective_bytes(computations: dict[str, list[HloInstruction]], root: str) -> int:
+  """Per device, the bytes of the collectives one run of `root` performs
+  (`HloInstruction.collective_bytes`): of a conditional, its costliest branch; a loop
+  inside counts once."""
+  total = 0
+  for inst in computations.get(root, []):
+    if inst.collective:
+      total += inst.collective_bytes
+    elif inst.called:
+      called = [collective_bytes(computations, c) for c in inst.called]
+      total += max(called) if inst.opcode == "conditional" else sum(called)
+  return total

@@ -14,6 +14,7 @@ from, after all three; for greedy decoding, the model's own log-softmax at tempe
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Sequence
 
 import jax
@@ -140,7 +141,10 @@ class Sampler:
     # Committed to their current placement, as `update_weights` places new ones: an
     # uncommitted and a committed argument are different cache keys to jit, so leaving
     # these uncommitted made the first weight swap recompile every program once.
-    self._params = jax.tree.map(lambda x: jax.device_put(x, x.sharding), params)
+    # Abstract weights (`jax.ShapeDtypeStruct`s) build a sampler for `lower` alone.
+    self._params = jax.tree.map(
+        lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.device_put(x, x.sharding),
+        params)
     self.num_compilations = 0
     self._jitted = jax.jit(self._generate, static_argnames=("gen_slots",))
 
@@ -236,24 +240,14 @@ class Sampler:
       if n + max_new_tokens > self.max_seq_len:
         raise ValueError(f"prompt {i} has {n} tokens; with max_new_tokens={max_new_tokens} "
                          f"it exceeds max_seq_len={self.max_seq_len}")
-    prompt_len = min(bucket_size(max(lengths), self.min_prompt_bucket,
-                                 self.buckets_per_doubling),
-                     self.max_seq_len - max_new_tokens)
-    gen_slots = bucket_size(max_new_tokens, 16)
-    batch = bucket_size(len(prompts), self.min_batch_bucket, self.buckets_per_doubling)
-    if self.mesh is not None:  # whole rows per batch shard
-      shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-      batch = -(-batch // shards) * shards
-
+    batch, prompt_len, gen_slots = self._buckets(len(prompts), max(lengths), max_new_tokens)
     arrays = self._pad_batch(prompts, row_seeds, prompt_len, batch)
     if self.mesh is None:
       args = [jnp.asarray(a) for a in arrays]
     else:
       # Every process holds the whole batch (they all play the same games); each places
       # the rows of its own devices.
-      sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(
-          ("data", "fsdp")))
-      args = [parallel.place(a, sharding) for a in arrays]
+      args = [parallel.place(a, self._batch_sharding()) for a in arrays]
     ids, mask, active, seeds = args
     tokens, logprobs, _ = self._jitted(
         self._params, ids, mask, active, jnp.int32(max_new_tokens), jnp.float32(temperature),
@@ -271,6 +265,40 @@ class Sampler:
       out_logprobs.append(logprobs[row, :n].tolist())
       reasons.append("length" if stop is None else "stop")
     return GenerationOutput(out_tokens, out_logprobs, reasons)
+
+  def _buckets(self, rows: int, longest_prompt: int, max_new_tokens: int
+               ) -> tuple[int, int, int]:
+    """The program's shapes for a call: padded batch, prompt length and generated slots."""
+    prompt_len = min(bucket_size(longest_prompt, self.min_prompt_bucket,
+                                 self.buckets_per_doubling),
+                     self.max_seq_len - max_new_tokens)
+    gen_slots = bucket_size(max_new_tokens, 16)
+    batch = bucket_size(rows, self.min_batch_bucket, self.buckets_per_doubling)
+    if self.mesh is not None:  # whole rows per batch shard
+      shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+      batch = -(-batch // shards) * shards
+    return batch, prompt_len, gen_slots
+
+  def _batch_sharding(self) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+
+  def lower(self, rows: int, prompt_len: int, max_new_tokens: int) -> jax.stages.Lowered:
+    """The program `generate` runs for `rows` prompts of up to `prompt_len` tokens, lowered
+    for compile-only analysis (memory, collectives); the weights may be abstract."""
+    if min(rows, prompt_len, max_new_tokens) < 1 or prompt_len + max_new_tokens > self.max_seq_len:
+      raise ValueError(f"lower: rows={rows}, prompt_len={prompt_len} and max_new_tokens="
+                       f"{max_new_tokens} must be >= 1, prompt_len + max_new_tokens <= "
+                       f"max_seq_len={self.max_seq_len}")
+    batch, prompt_len, gen_slots = self._buckets(rows, prompt_len, max_new_tokens)
+    sharding = None if self.mesh is None else self._batch_sharding()
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                         sharding=getattr(x, "sharding", None)),
+                          self._params)
+    return self._jitted.lower(
+        params, spec((batch, prompt_len), jnp.int32), spec((batch, prompt_len), jnp.int32),
+        spec((batch,), jnp.bool_), jnp.int32(max_new_tokens), jnp.float32(1.0), jnp.int32(0),
+        jnp.float32(1.0), spec((batch, 2), jnp.uint32), gen_slots=gen_slots)
 
   def _pad_batch(self, prompts: Sequence[Sequence[int]], row_seeds: np.ndarray,
                  prompt_len: int, batch: int) -> tuple[np.ndarray, ...]:
@@ -310,3 +338,37 @@ class Sampler:
       reasoning, answer = chat.split_reasoning(text)
       replies.append(ChatCompletion(text, reasoning, answer, tokens, logprobs, reason))
     return replies
+
+
+def decode_loop(compiled_hlo: str) -> tuple[dict[str, list[parallel.HloInstruction]],
+                                             tuple[str, ...]]:
+  """The computations of a compiled `Sampler` program (`parallel.parse_hlo`) and those of
+  its decode loop, which run once per generated token: the body and condition of the entry
+  computation's while loop that carries the most bytes (its carry holds the KV cache)."""
+  computations = parallel.parse_hlo(compiled_hlo)
+  loops = [inst for inst in computations["ENTRY"] if inst.opcode == "while"]
+  if not loops:
+    raise ValueError("decode_loop: the program's entry computation has no while loop")
+  decode = max(loops, key=lambda inst: sum(a.bytes for a in inst.results))
+  return computations, decode.called
+
+
+def decode_step_collectives(compiled_hlo: str) -> tuple[list[parallel.HloInstruction], int]:
+  """The collectives a decode step of a compiled `Sampler` program may run (in any branch),
+  and the bytes one step moves per device (the costliest branch of each conditional)."""
+  computations, loop = decode_loop(compiled_hlo)
+  return ([inst for name in loop for inst in parallel.collectives(computations, name)],
+          sum(parallel.collective_bytes(computations, name) for name in loop))
+
+
+def weight_gathers(collectives: Sequence[parallel.HloInstruction], params: Any,
+                   mesh: jax.sharding.Mesh) -> list[parallel.HloInstruction]:
+  """The all-gathers among `collectives` that assemble a whole weight matrix of `params`
+  (or its share of one tp shard): as many elements as the matrix, or the matrix over a
+  divisor of the tp axis. In a decode step that means weights gathered over fsdp every
+  token, where moving activations instead would move a tiny fraction of those bytes."""
+  tp = mesh.shape["tp"]
+  sizes = {math.prod(p.shape) // k for p in jax.tree.leaves(params) if len(p.shape) >= 2
+           for k in range(1, tp + 1) if tp % k == 0}
+  return [inst for inst in collectives
+          if inst.collective == "all-gather" and any(a.size in sizes for a in inst.results)]

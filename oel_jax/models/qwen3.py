@@ -422,14 +422,33 @@ class DecoderLayer(nnx.Module):
     return x, kv
 
 
+def _mesh_has(*axes: str) -> bool:
+  """Whether a mesh with all of `axes` is active (sharding constraints apply only then)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and set(axes) <= set(mesh.axis_names)
+
+
+def embed_tokens(embedding: jax.Array, input_ids: jax.Array) -> jax.Array:
+  """Rows of `embedding` `[V, H]` at `input_ids` `[B, T]` -> `[B, T, H]`, batch-sharded.
+
+  Under a mesh the table is first gathered over fsdp (kept split over tp along V): a lookup
+  into a table split along H by fsdp gives rows split along H, which XLA cannot turn into
+  rows split along the batch (fsdp again) without replicating them whole, in the forward
+  pass and in the gradient's scatter. Split along V only, the lookup is the usual
+  vocabulary-parallel one (each tp shard looks up its rows, a sum over tp joins them).
+  """
+  if _mesh_has(TP):
+    embedding = jax.lax.with_sharding_constraint(embedding, P(TP, None))
+  return constrain_batch(jnp.take(embedding, input_ids, axis=0))
+
+
 def constrain_batch(x: jax.Array) -> jax.Array:
   """Pins dimension 0 to the mesh's batch axes (data, fsdp) when a mesh is active.
 
   Parameters shard along fsdp too, so without this XLA may choose to split activations
   along the hidden dimension and keep every row on every device.
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not {DATA, FSDP} <= set(mesh.axis_names):
+  if not _mesh_has(DATA, FSDP):
     return x
   return jax.lax.with_sharding_constraint(x, P((DATA, FSDP)))
 
@@ -545,7 +564,7 @@ class Qwen3(nnx.Module):
       causal = jnp.arange(cache.slots)[None, :] <= query_slot[:, None]  # [T, S]
       attend = causal[None] & (slot_mask[:, None, :] > 0)
 
-    x = constrain_batch(jnp.take(self.embed[...], input_ids, axis=0).astype(c.compute_dtype))
+    x = embed_tokens(self.embed[...], input_ids).astype(c.compute_dtype)
     new_k, new_v = [], []
     if c.remat and cache is None:
       x = _scan_layers(self.layers, x, positions, attend)
