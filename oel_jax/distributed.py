@@ -28,12 +28,16 @@ Each process's watchdog thread (`start`) posts a heartbeat to the job's key-valu
 (on process 0's coordinator) every few seconds and reads everyone's; a process whose
 heartbeat has not moved for ``peer_timeout_s`` is taken for dead, and one that stopped on an
 error (`stop`) is named at once. Either way the watchdog prints that line and ends its own
-process (exit 1): a survivor would otherwise wait in its next collective, on a TPU or GPU
-for ever (on CPU, gloo's collective fails as soon as the peer's socket closes, and the
-process would then wait at JAX's shutdown barrier). JAX's own heartbeat, at twice that time,
-is the backstop should the watchdog thread ever be starved. Process 0 runs the key-value
-store: when it dies, JAX itself ends the others within about a second (SIGABRT, its message
-"Terminating process because the JAX distributed service detected fatal errors").
+process (exit 1, skipping JAX's shutdown barrier, which would wait for the dead). Without it
+(JAX 0.10.2 on CPU, measured) a survivor stuck in a collective, or busy between two, was
+ended only by JAX's heartbeat timeout (100 s by default) with SIGABRT and a C++ stack trace;
+one whose gloo collective failed at once (the peer's socket closed) printed that error and
+then waited at the shutdown barrier for as long. JAX's heartbeat, now at twice the peer
+timeout, remains the backstop should the watchdog thread ever be starved. Process 0 runs the
+key-value store: when it dies, JAX itself ends the others within about a second (SIGABRT,
+"Terminating process because the JAX distributed service detected fatal errors ... another
+task died"), before any watchdog can say more. A run that ends well says so (`finish`), so
+that its exit alarms no one.
 """
 
 from __future__ import annotations
