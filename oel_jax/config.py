@@ -369,21 +369,19 @@ class RunConfig:
     return out
 
   def resolve_mesh(self, num_devices: int) -> tuple[dict[str, int], list[str]]:
-    """The mesh's axis sizes over ``num_devices`` devices, and what does not fit on them
-    (each consolidation step's games must split evenly over the batch shards)."""
+    """The mesh's axis sizes over ``num_devices`` devices, and what does not fit on them.
+
+    The batches need not divide by the mesh: a consolidation step's rows (one per turn of
+    its games, so their number varies) are padded up to micro_batches x data x fsdp rows
+    without a scored token, and the sampler pads its batch the same way."""
     try:
       shape = self.mesh.resolve(num_devices)
     except ValueError as e:
       return {}, [f"config.mesh: {e}"]
-    shards = shape["data"] * shape["fsdp"]
     per_step, micro = self.consolidation.games_per_step, self.train.micro_batches
     if per_step % micro:
       return shape, [f"config.consolidation.games_per_step ({per_step}) is not divisible by "
                      f"config.train.micro_batches ({micro})"]
-    if (per_step // micro) % shards:
-      return shape, [f"config.consolidation.games_per_step ({per_step}) / "
-                     f"config.train.micro_batches ({micro}) is not divisible by the mesh's "
-                     f"data x fsdp = {shards} devices (config.mesh)"]
     return shape, []
 
   # ---- what the stages get ----

@@ -19,22 +19,46 @@ files are written once, by process 0 (`writer_only`), into a folder every proces
 shared file system). The other processes skip each write and wait for it at a barrier, so
 that whatever they read next (a done-file, a checkpoint to load) is there. orbax checkpoints
 are the exception: every process saves and restores its own shards, as orbax expects.
+
+A process that dies stops the others within a bounded time, with one line naming it:
+
+    error: process 0 of 2: process 1 has given no sign of life for 60 s (it died or hangs); ...
+
+Each process's watchdog thread (`start`) posts a heartbeat to the job's key-value store
+(on process 0's coordinator) every few seconds and reads everyone's; a process whose
+heartbeat has not moved for ``peer_timeout_s`` is taken for dead, and one that stopped on an
+error (`stop`) is named at once. Either way the watchdog prints that line and ends its own
+process (exit 1, skipping JAX's shutdown barrier, which would wait for the dead). Without it
+(JAX 0.10.2 on CPU, measured) a survivor stuck in a collective, or busy between two, was
+ended only by JAX's heartbeat timeout (100 s by default) with SIGABRT and a C++ stack trace;
+one whose gloo collective failed at once (the peer's socket closed) printed that error and
+then waited at the shutdown barrier for as long. JAX's heartbeat, now at twice the peer
+timeout, remains the backstop should the watchdog thread ever be starved. Process 0 runs the
+key-value store: when it dies, JAX itself ends the others within about a second (SIGABRT,
+"Terminating process because the JAX distributed service detected fatal errors ... another
+task died"), before any watchdog can say more. A run that ends well says so (`finish`), so
+that its exit alarms no one.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextvars
 import dataclasses
 import functools
 import hashlib
 import logging
 import os
+import sys
+import threading
+import time
 import zlib
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import jax
 import numpy as np
+from jax._src import distributed as jax_distributed  # its client: the job's key-value store
 from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
@@ -43,6 +67,10 @@ T = TypeVar("T")
 
 # What jax.distributed.initialize says when asked to detect a cluster and none is there.
 _NO_CLUSTER = "coordinator_address should be defined"
+
+DEFAULT_PEER_TIMEOUT_S = 100
+"""How long a process may give no sign of life before the others stop: JAX's own default
+heartbeat timeout, long enough for a pod's hosts under load."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +114,8 @@ def _check(coordinator_address: str | None, num_processes: int | None,
 
 
 def start(coordinator_address: str | None = None, num_processes: int | None = None,
-          process_id: int | None = None, *, timeout_s: int = 300) -> Process:
+          process_id: int | None = None, *, timeout_s: int = 300,
+          peer_timeout_s: float = DEFAULT_PEER_TIMEOUT_S) -> Process:
   """Joins the job (see the module docstring) and returns this process's place in it.
 
   Args:
@@ -94,25 +123,35 @@ def start(coordinator_address: str | None = None, num_processes: int | None = No
     num_processes: processes in the job.
     process_id: this process's index, in ``[0, num_processes)``.
     timeout_s: how long to wait for the other processes to join.
+    peer_timeout_s: how long another process may give no sign of life before this one
+      stops (see the module docstring).
 
   Raises:
     ValueError: some but not all of the three are given, or one is invalid.
   """
   _check(coordinator_address, num_processes, process_id)
+  if isinstance(peer_timeout_s, bool) or not isinstance(peer_timeout_s, (int, float)) \
+      or not peer_timeout_s >= 1:
+    raise ValueError(f"--peer_timeout must be a number of seconds >= 1, got {peer_timeout_s!r}")
   if num_processes == 1:
     return _process()
   # Only the CPU client reads it, and it must be set before that client exists.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # JAX's heartbeat only backs the watchdog up: it ends the process without naming the
+  # dead one (and a dead non-coordinator only after this timeout).
+  backstop = dict(initialization_timeout=timeout_s,
+                  heartbeat_timeout_seconds=int(2 * peer_timeout_s))
   if coordinator_address is None:
     try:
-      jax.distributed.initialize(initialization_timeout=timeout_s)
+      jax.distributed.initialize(**backstop)
     except ValueError as e:
       if _NO_CLUSTER not in str(e):
         raise
       log.info("no cluster detected: one process")
   else:
-    jax.distributed.initialize(coordinator_address, num_processes, process_id,
-                               initialization_timeout=timeout_s)
+    jax.distributed.initialize(coordinator_address, num_processes, process_id, **backstop)
+  if _several():
+    _Watchdog.begin(peer_timeout_s)
   return _process()
 
 
@@ -282,3 +321,164 @@ def writer_only(write: Callable[..., T]) -> Callable[..., T | None]:
     return result
 
   return run_on_writer
+
+
+# ---------------------------------------------------------------------------------------------
+# A process that dies or stops on an error stops the others.
+
+
+# + process index: "beat <n>", "done", or "stopped <cause>", the cause as the others name it
+# ("process 2 has given no sign of life for 60 s (it died or hangs)"), so that every
+# process of a larger job names the one that died, not the first that stopped because of it.
+_ALIVE = "oel_jax/alive/"
+
+
+def _say(line: str) -> None:
+  sys.stdout.flush()
+  print(line, file=sys.stderr, flush=True)
+
+
+class _Watchdog:
+  """This process's heartbeat in the job's key-value store, and its watch over the others'."""
+
+  current: _Watchdog | None = None
+
+  def __init__(self, peer_timeout_s: float):
+    self.client = jax_distributed.global_state.client
+    self.index, self.count = jax.process_index(), jax.process_count()
+    self.timeout_s = float(peer_timeout_s)
+    # Ten looks per timeout, but no faster than every half second nor slower than every 5.
+    self.interval_s = min(5.0, max(0.5, self.timeout_s / 10))
+    self.failing = threading.Event()  # this process is stopping on an error of its own
+    self.finished = threading.Event()
+    self.lock = threading.Lock()      # whichever thread ends the process holds it
+    self.states: dict[int, str] = {}  # the others' last posts
+    self.lost: set[int] = set()       # processes taken for dead
+
+  @classmethod
+  def begin(cls, peer_timeout_s: float) -> None:
+    cls.current = watchdog = cls(peer_timeout_s)
+    watchdog.post("beat 0")
+    watchdog.thread = threading.Thread(target=watchdog.watch, name="oel_jax-watchdog",
+                                       daemon=True)
+    watchdog.thread.start()
+    # Before JAX's own clean-up (registered when jax was imported, so run after this): a
+    # process that reaches the end of its program has finished, whether or not it said so.
+    atexit.register(finish)
+
+  def post(self, state: str) -> None:
+    self.client.key_value_set(f"{_ALIVE}{self.index}", state, allow_overwrite=True)
+
+  def read(self) -> dict[int, str]:
+    return {int(key.rpartition("/")[2]): value
+            for key, value in self.client.key_value_dir_get(_ALIVE)}
+
+  def stopped_cause(self) -> str | None:
+    """Why another process stopped, as it named it, if one has."""
+    for p, state in sorted(self.states.items()):
+      if p != self.index and state.startswith("stopped "):
+        return state[len("stopped "):]
+    return None
+
+  def watch(self) -> None:
+    beat, heard = 0, {p: ("", time.monotonic()) for p in range(self.count) if p != self.index}
+    while not self.finished.wait(self.interval_s):
+      beat += 1
+      try:
+        self.post(f"beat {beat}")
+        self.states = self.read()
+      except Exception as e:  # pylint: disable=broad-except
+        if not self.finished.is_set():
+          first = str(e).splitlines()[0] if str(e) else ""
+          self.end("process 0, which runs the job's coordinator, cannot be reached "
+                   f"({type(e).__name__}: {first})")
+        return
+      cause = self.stopped_cause()
+      # Another process stopped: unless this one is stopping on its own error, whose
+      # main thread may be raising the same error (then it names it), give it a moment.
+      if cause and not self.failing.is_set() and not self.failing.wait(min(self.interval_s, 1)):
+        self.end(cause)
+      now = time.monotonic()
+      for p, (last, since) in heard.items():
+        state = self.states.get(p, "")
+        if state != last:
+          heard[p] = (state, now)
+        elif not state.startswith(("done", "stopped")) and now - since > self.timeout_s:
+          self.lost.add(p)
+          self.end(f"process {p} has given no sign of life for {now - since:.0f} s "
+                   "(it died or hangs)")
+
+  def end(self, cause: str, code: int = 1, line: str | None = None) -> NoReturn:
+    """Ends this process because of ``cause`` (another process's end, as the others will
+    name it too) or, given ``line``, an error of its own: prints ``error: <line>``, tells the
+    others, and exits without the shutdown barrier of `jax.distributed` (which would wait
+    for processes that are gone)."""
+    with self.lock:  # never released: the process ends here
+      if line is None:
+        line = (f"process {self.index} of {self.count}: {cause}; this process stops too. "
+                "Re-run the same command on every host to resume from the last checkpoint")
+      _say(f"error: {line}")
+      self.leave(f"stopped {cause}")
+      os._exit(code)  # pylint: disable=protected-access
+
+  def leave(self, state: str) -> None:
+    try:
+      self.post(state)
+    except Exception:  # pylint: disable=broad-except
+      return  # the coordinator is gone: nobody is left to tell
+    if self.index != 0:
+      return
+    # Process 0 runs the key-value store: when it ends, JAX ends the others at once, with
+    # its own message. So it waits (a few of their looks at most) until each has seen it
+    # go and said why it stops itself.
+    deadline = time.monotonic() + 3 * self.interval_s + 1
+    while time.monotonic() < deadline:
+      try:
+        states = self.read()
+      except Exception:  # pylint: disable=broad-except
+        return
+      if all(states.get(p, "").startswith(("stopped", "done")) or p in self.lost
+             for p in range(1, self.count)):
+        return
+      time.sleep(0.1)
+
+
+def stop(line: str, code: int, *, peer_may_be_the_cause: bool = False) -> NoReturn:
+  """Ends this process on an error, with ``error: <line>`` and exit ``code``; in a job of
+  several, after telling the others, which stop too, naming this one.
+
+  ``peer_may_be_the_cause``: the error may come from another process that died or stopped
+  (a collective that failed): first wait, up to the peer timeout, for the watchdog to find
+  such a process, and then stop naming that one instead.
+  """
+  watchdog = _Watchdog.current
+  if watchdog is None:
+    _say(f"error: {line}")
+    sys.exit(code)
+  watchdog.failing.set()
+  if peer_may_be_the_cause:
+    deadline = time.monotonic() + watchdog.timeout_s + 2 * watchdog.interval_s
+    others = [p for p in range(watchdog.count) if p != watchdog.index]
+    while time.monotonic() < deadline and watchdog.thread.is_alive():
+      cause = watchdog.stopped_cause()
+      if cause:
+        watchdog.end(cause, code)
+      if all(watchdog.states.get(p) == "done" for p in others):
+        break  # the others are fine: the error is this process's own
+      time.sleep(0.1)
+  watchdog.end(f"process {watchdog.index} stopped on an error (its log says which)", code,
+               line)
+
+
+def finish() -> None:
+  """Tells the other processes that this one has finished its work (its exit is no sign of
+  trouble), and stops watching them. Called at the end of a successful run (and at exit)."""
+  watchdog = _Watchdog.current
+  if watchdog is None or watchdog.finished.is_set():
+    return
+  watchdog.finished.set()
+  watchdog.thread.join()
+  try:
+    watchdog.post("done")
+  except Exception:  # pylint: disable=broad-except
+    pass

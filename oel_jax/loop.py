@@ -47,6 +47,7 @@ holds a record twice), TensorBoard event files in ``workdir/tensorboard/`` (tens
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Mapping
@@ -54,9 +55,10 @@ from typing import Any
 
 import jax
 import ml_collections
+from flax import nnx
 from tqdm.auto import tqdm
 
-from oel_jax import hub, tiny
+from oel_jax import hub, parallel, tiny
 # DTYPES, default_config and stage_seed are the loop's API too (configs/ import them here).
 from oel_jax.config import (  # pylint: disable=unused-import
     DTYPES, ConfigError, RunConfig, default_config, parse, stage_seed)
@@ -67,6 +69,7 @@ from oel_jax.evaluate import EvalConfig
 from oel_jax.experience import ExtractionConfig
 from oel_jax.model_pool import ModelPool
 from oel_jax.models import check_hf
+from oel_jax.models.qwen3 import Qwen3Config, abstract_model
 from oel_jax.settings import At, narrow
 from oel_jax.stages import RUNNERS
 # The workdir's names and layout are the loop's API too (tests and scripts import them here).
@@ -163,9 +166,9 @@ def _resolve(field: str, spec: str, errors: list[str], dirs: dict[str, str]) -> 
   return dirs[spec]
 
 
-def _model_vocab(model: str, errors: list[str], dirs: dict[str, str]) -> int | None:
+def _model_config(model: str, errors: list[str], dirs: dict[str, str]) -> Qwen3Config | None:
   if model == "tiny":
-    return tiny.tiny_config().vocab_size
+    return tiny.tiny_config()
   if not os.path.isdir(model) and hub.parse_hub_id(model) is None:
     errors.append(f"config.model: {model!r} is neither 'tiny' nor a checkpoint directory "
                   "nor a hub id (owner/name or owner/name@revision, e.g. Qwen/Qwen3-4B)")
@@ -176,10 +179,32 @@ def _model_vocab(model: str, errors: list[str], dirs: dict[str, str]) -> int | N
   try:
     # Every header is read now, so that a truncated or mismatched checkpoint stops the run
     # before any work rather than at its first load.
-    return check_hf(path).vocab_size
+    return check_hf(path)
   except Exception as e:  # pylint: disable=broad-except
     errors.append(f"config.model: {one_line(e)}")
     return None
+
+
+@functools.lru_cache(maxsize=4)
+def _parameters(model: Qwen3Config) -> tuple[tuple[tuple, nnx.Variable], ...]:
+  """The model's parameters, shapes and shardings only (tracing its init takes seconds)."""
+  return tuple(nnx.to_flat_state(nnx.state(abstract_model(model))))
+
+
+def _mesh_fits(model: Qwen3Config, mesh_shape: dict[str, int]) -> list[str]:
+  """What keeps the model's parameters from being split over the mesh: a sharded dimension
+  that its mesh axes do not divide (the first one found), so that a device count that cannot
+  work stops the run before any work rather than at the first load."""
+  if all(size == 1 for size in mesh_shape.values()):
+    return []
+  mesh = jax.sharding.AbstractMesh(tuple(mesh_shape.values()), tuple(mesh_shape))
+  for path, variable in _parameters(model):
+    try:
+      parallel.param_sharding(path, variable, mesh)
+    except ValueError as e:
+      return [f"config.mesh: the mesh {mesh_shape} cannot split the model's parameters: "
+              f"{one_line(e)}; pick axis sizes that divide it"]
+  return []
 
 
 def plan(config: ml_collections.ConfigDict | Mapping[str, Any] | RunConfig, *,
@@ -193,7 +218,8 @@ def plan(config: ml_collections.ConfigDict | Mapping[str, Any] | RunConfig, *,
   run, errors = parse(config)
   ok = At("config", errors).ok
   dirs: dict[str, str] = {}
-  vocab = _model_vocab(run.model, errors, dirs) if ok("model") else None
+  model = _model_config(run.model, errors, dirs) if ok("model") else None
+  vocab = None if model is None else model.vocab_size
   if vocab is not None and ok("train.k") and run.train.k > vocab:
     errors.append(f"config.train.k ({run.train.k}) exceeds the model's vocabulary ({vocab} rows)")
   extractor = run.extraction.model
@@ -209,6 +235,8 @@ def plan(config: ml_collections.ConfigDict | Mapping[str, Any] | RunConfig, *,
   if ok("mesh", "consolidation.games_per_step", "train.micro_batches"):
     mesh_shape, found = run.resolve_mesh(devices)
     errors.extend(found)
+    if mesh_shape and model is not None:
+      errors.extend(_mesh_fits(model, mesh_shape))
   if errors:
     raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
   return Plan(config=run, model_vocab_size=vocab, mesh_shape=mesh_shape, model_dirs=dirs)

@@ -26,7 +26,9 @@ cluster JAX detects by itself: TPU pod slices, SLURM), and a ``--workdir`` every
 The processes first check that they were started alike (the resolved config, the command's
 stage, round and workdir, the oel_jax code and the JAX version) and stop, naming what
 differs, when not; then they run the stages together, process 0 writing every file
-(`oel_jax.distributed`).
+(`oel_jax.distributed`). When one process dies (or gives no sign of life for
+``--peer_timeout`` seconds) or stops on an error, the others stop too, with one line naming
+it and exit code 1; the same command, run again on every host, resumes.
 
 Bad input (an unknown ``--config.<field>``, an invalid value, a truncated checkpoint, a
 malformed trajectory or knowledge file) ends with one line, ``error: <what, where>``, and exit
@@ -42,6 +44,7 @@ import os
 import re
 import sys
 import time
+import traceback
 from collections.abc import Mapping
 
 import jax
@@ -83,6 +86,9 @@ flags.DEFINE_string("coordinator_address", None, "Several processes: HOST:PORT o
                     "three on a cluster JAX detects, e.g. a TPU pod slice or SLURM).")
 flags.DEFINE_integer("num_processes", None, "Several processes: how many.")
 flags.DEFINE_integer("process_id", None, "Several processes: this one's index, from 0.")
+flags.DEFINE_float("peer_timeout", distributed.DEFAULT_PEER_TIMEOUT_S, "Several processes: "
+                   "seconds another process may give no sign of life (it died, or hangs) "
+                   "before this one stops too, naming it.")
 
 
 def next_token_candidates(model, tokenizer, messages, *, enable_thinking: bool, top: int
@@ -114,8 +120,8 @@ def probe(run) -> None:
 
 
 def _fail(message: str, code: int = 2) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(code)
+  # In a job of several processes, the others stop too, naming this one.
+  distributed.stop(message, code)
 
 
 def _config_paths(config: Mapping, prefix: str = "") -> list[str]:
@@ -213,7 +219,7 @@ def main(argv):
   try:
     # Before anything touches a device: joining a job must come first.
     process = distributed.start(FLAGS.coordinator_address, FLAGS.num_processes,
-                                FLAGS.process_id)
+                                FLAGS.process_id, peer_timeout_s=FLAGS.peer_timeout)
   except ValueError as e:
     if FLAGS.debug:
       raise
@@ -235,6 +241,15 @@ def main(argv):
     if FLAGS.debug:
       raise
     _fail(one_line(e))
+  except Exception as e:  # pylint: disable=broad-except
+    if process.count == 1:
+      raise
+    # A bug, or a collective that failed because another process died: the traceback for
+    # the first, and one line, naming the dead process when the watchdog finds it, for both.
+    traceback.print_exc()
+    distributed.stop(f"process {process.index} of {process.count}: {type(e).__name__}: "
+                     f"{one_line(e)}", 1, peer_may_be_the_cause=True)
+  distributed.finish()
 
 
 def _flat(tree: Mapping, prefix: str = "") -> dict[str, object]:

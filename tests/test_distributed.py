@@ -6,10 +6,12 @@ checked against the same sum computed in plain numpy.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -173,3 +175,107 @@ def test_one_process_writes_and_the_others_wait_then_read(tmp_path):
   assert (first["writer"], second["writer"]) == (True, False)
   assert first["error"] == "OSError: disk full"
   assert second["error"].startswith("WriterError: process 0 failed in __main__.fail")
+
+
+# A job that loses a process. Each worker runs collectives in a loop and writes its step to a
+# file; the test kills one with SIGKILL, and the others must stop within the peer timeout
+# (plus the watchdog's look interval and start-up slack), exit 1 and say which process died.
+_LOOP = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    from jax.experimental import multihost_utils
+    from oel_jax import distributed
+
+    address, count, index, timeout, idle, failing, step_file = sys.argv[1:8]
+    count, index, idle, failing = int(count), int(index), int(idle), int(failing)
+    distributed.start(address, count, index, timeout_s=60, peer_timeout_s=float(timeout))
+    try:
+      for step in range(10**6):
+        multihost_utils.process_allgather(np.asarray([step], np.int32))
+        with open(step_file, "w") as f:
+          f.write(str(step))
+        if step == 5 and index == idle:
+          time.sleep(600)  # work of its own, no collective: its peer's death goes unseen
+        if step == 20 and index == failing:
+          raise OSError("disk full")
+        time.sleep(0.05)
+    except Exception as e:
+      distributed.stop(f"process {index} of {count}: {type(e).__name__}: {e}", 1,
+                       peer_may_be_the_cause=not isinstance(e, OSError))
+""")
+
+PEER_TIMEOUT_S = 4
+
+
+def _lose_a_process(tmp_path, count: int, victim: int = -1, idle: int = -1,
+                    failing: int = -1) -> list[tuple[int, float, str]]:
+  """Runs a job of ``count`` processes; once all have passed step 5, SIGKILLs process
+  ``victim`` (if any; process ``idle`` is then at work of its own, process ``failing``
+  raises an error of its own at step 20). Each other process's return code, seconds from
+  the kill (or step 5) to its exit, and stderr."""
+  address = f"127.0.0.1:{_free_port()}"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  steps = [tmp_path / f"step_{i}" for i in range(count)]
+  errs = [open(tmp_path / f"err_{i}", "w+") for i in range(count)]
+  workers = [subprocess.Popen([sys.executable, "-c", _LOOP, address, str(count), str(i),
+                               str(PEER_TIMEOUT_S), str(idle), str(failing), str(steps[i])],
+                              env=env, stdout=subprocess.DEVNULL, stderr=errs[i], text=True)
+             for i in range(count)]
+  try:
+    deadline = time.monotonic() + 120
+    while not all(s.exists() and s.read_text() not in ("", "0", "1", "2", "3", "4")
+                  for s in steps):
+      assert time.monotonic() < deadline and all(w.poll() is None for w in workers), \
+          [open(e.name).read()[-2000:] for e in errs]
+      time.sleep(0.05)
+    if victim >= 0:
+      time.sleep(0.5)  # the others are in their next collective, or at their own work
+      workers[victim].send_signal(signal.SIGKILL)
+    start, results = time.monotonic(), []
+    for i, (worker, err) in enumerate(zip(workers, errs)):
+      if i != victim:
+        worker.wait(timeout=120)
+        err.seek(0)
+        results.append((worker.returncode, time.monotonic() - start, err.read()))
+    return results
+  finally:
+    for w in workers:
+      if w.poll() is None:
+        w.kill()
+    for e in errs:
+      e.close()
+
+
+def test_a_killed_process_stops_the_others_naming_it(tmp_path):
+  # Process 0 is in a collective with the killed one (on CPU, gloo fails it at once), process
+  # 1 at work of its own: both stop after the peer timeout, naming process 2.
+  for i, (code, seconds, err) in enumerate(_lose_a_process(tmp_path, 3, victim=2, idle=1)):
+    assert code == 1, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith(
+        f"error: process {i} of 3: process 2 has given no sign of life for {PEER_TIMEOUT_S} s "
+        "(it died or hangs); this process stops too. Re-run the same command on every "
+        "host"), err[-3000:]
+    # The watchdog looks every half second here.
+    assert PEER_TIMEOUT_S - 1 < seconds < PEER_TIMEOUT_S + 10, seconds
+
+
+def test_a_killed_coordinator_stops_the_others_at_once(tmp_path):
+  # Process 0 runs the job's key-value store: JAX ends the others when it goes, with its
+  # own message (and, when the watchdog gets there first, ours).
+  [(code, seconds, err)] = _lose_a_process(tmp_path, 2, victim=0)
+  assert code != 0, err[-3000:]
+  assert "another task died" in err or "process 0, which runs the job's coordinator, cannot " \
+      "be reached" in err, err[-3000:]
+  assert seconds < PEER_TIMEOUT_S + 10, seconds
+
+
+def test_a_process_stopping_on_its_error_stops_the_others_at_once(tmp_path):
+  (code, seconds, err), (own_code, _, own_err) = _lose_a_process(tmp_path, 2, failing=1)
+  assert own_code == 1, own_err[-3000:]
+  assert own_err.strip().splitlines()[-1] == "error: process 1 of 2: OSError: disk full"
+  assert code == 1, err[-3000:]
+  assert err.strip().splitlines()[-1].startswith(
+      "error: process 0 of 2: process 1 stopped on an error (its log says which); this "
+      "process stops too."), err[-3000:]
+  assert seconds < PEER_TIMEOUT_S, seconds  # told, not timed out

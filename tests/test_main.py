@@ -100,14 +100,14 @@ def test_bad_config_values_fail_before_any_work(tmp_path):
   workdir = tmp_path / "never"
   env = dict(main_env(), XLA_FLAGS="--xla_force_host_platform_device_count=4")
   out = run_main(f"--workdir={workdir}", "--config.train.k=5000", "--config.env=chess",
-                 env=env, timeout=300)
+                 "--config.mesh.tp=3", env=env, timeout=300)
   assert out.returncode == 2, (out.stdout, out.stderr[-2000:])
   err = out.stderr
   assert "config.train.k (5000) exceeds the model's vocabulary (2048 rows)" in err
   assert "config.env must be one of ('frozenlake', 'sokoban'), got 'chess'" in err
-  # Two games per step cannot be split over the 4 devices of the mesh.
-  assert ("config.consolidation.games_per_step (2) / config.train.micro_batches (1) is not "
-          "divisible by the mesh's data x fsdp = 4 devices") in err
+  # A tensor-parallel axis of 3 cannot be laid over the 4 devices.
+  assert ("config.mesh: {'data': 1, 'fsdp': -1, 'tp': 3}: 4 devices do not divide by the "
+          "fixed axes (product 3)") in err
   assert not workdir.exists()
 
 
