@@ -269,10 +269,11 @@ def start_alike(config, workdir: str) -> loop.OnlineLoop:
   The processes compare the resolved config (as the workdir records it, field by field), the
   command (stage, round, workdir), the code and the JAX version, and the outcome of checking
   the config on their own machine (a checkpoint missing on one host fails there only): all
-  stop with the same error, rather than some going on to wait for the others forever.
+  stop with the same error, rather than some going on to wait for the others forever. Then
+  they check that they hold the same files for every model the config names.
 
   Raises:
-    DisagreementError: naming what differs.
+    DisagreementError: naming what differs (`oel_jax.hub.DifferentFilesError`: the files).
     ConfigError: the config is invalid (on every process).
   """
   try:
@@ -296,6 +297,8 @@ def start_alike(config, workdir: str) -> loop.OnlineLoop:
       raise
   if run is None:
     raise config_lib.ConfigError(problem)
+  # Each host may have resolved a hub id into its own cache: the same files before any stage.
+  run.pool.check_files()
   return run
 
 
