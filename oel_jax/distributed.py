@@ -67,6 +67,8 @@ T = TypeVar("T")
 
 # What jax.distributed.initialize says when asked to detect a cluster and none is there.
 _NO_CLUSTER = "coordinator_address should be defined"
+# What it says when JAX's backend already runs in this process.
+_BACKEND_STARTED = "must be called before any JAX calls"
 
 DEFAULT_PEER_TIMEOUT_S = 100
 """How long a process may give no sign of life before the others stop: JAX's own default
@@ -148,6 +150,12 @@ def start(coordinator_address: str | None = None, num_processes: int | None = No
       if _NO_CLUSTER not in str(e):
         raise
       log.info("no cluster detected: one process")
+    except RuntimeError as e:
+      # JAX already ran in this process (a notebook, a test), so no cluster can be joined
+      # any more; with no arguments given, that is a run of one process.
+      if _BACKEND_STARTED not in str(e):
+        raise
+      log.warning("JAX was in use before distributed.start: no cluster detection; one process")
   else:
     jax.distributed.initialize(coordinator_address, num_processes, process_id, **backstop)
   if _several():

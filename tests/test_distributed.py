@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 
+import jax
 import pytest
 
 from oel_jax import distributed
@@ -83,6 +84,16 @@ def test_bad_start_arguments_are_named(args, message):
 
 
 def test_no_arguments_and_no_cluster_is_one_process():
+  # In a fresh process, where start() asks JAX to detect a cluster...
+  code = ("from oel_jax import distributed; p = distributed.start(); "
+          "print(p.index, p.count, p.is_writer)")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ["0", "1", "True"]
+  # ... and in one where JAX already ran, too late to join a cluster.
+  jax.numpy.ones(2).block_until_ready()
   process = distributed.start()
   assert (process.index, process.count, process.is_writer) == (0, 1, True)
 
