@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import math
 import time
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import flax
@@ -29,8 +30,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from oel_jax import losses, parallel, settings
-from oel_jax.models.qwen3 import Qwen3
+from oel_jax import losses, parallel, settings, teacher_prefix
+from oel_jax.models.qwen3 import TP, Qwen3
+from oel_jax.teacher_prefix import KnowledgePrefix, PrefixKV
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +112,13 @@ class DistillBatch:
   """`[B, R]` int32: the same for the teacher."""
   response_mask: jax.Array
   """`[B, R]` float32: 1 for response tokens scored (up to and including the first end)."""
+  teacher_context: jax.Array | None = None
+  """`[B]` int32, or None: the knowledge text (`KnowledgePrefix` row) whose cached prefix
+  each teacher row continues; then `teacher_ids` holds only the tokens after it
+  (`with_teacher_prefix`). None: `teacher_ids` holds whole teacher sequences."""
+  teacher_prefix_len: jax.Array | None = None
+  """`[B]` int32, or None: how many cached tokens each teacher row uses (its `teacher_ids`
+  sit at positions from there on; `teacher_index` counts within `teacher_ids`)."""
 
   @property
   def batch_size(self) -> int:
@@ -157,6 +166,25 @@ def make_batch(student_prompts, teacher_prompts, responses, *, pad_id: int,
     response_mask[i, :len(r)] = 1.0
   return DistillBatch(**{k: jnp.asarray(v) for k, v in out.items()},
                       response_mask=jnp.asarray(response_mask))
+
+
+def with_teacher_prefix(student_prompts, teacher_prompts, responses, contexts,
+                        prefix: KnowledgePrefix | Sequence[Sequence[int]], *, pad_id: int,
+                        student_len: int | None = None, teacher_len: int | None = None,
+                        response_len: int | None = None) -> DistillBatch:
+  """`make_batch` for a teacher that continues cached knowledge prefixes.
+
+  Row i's teacher prompt (``teacher_prompts[i]``, whole, as for `make_batch`) draws knowledge
+  text ``contexts[i]``; the tokens it shares with that text's cached prefix (``prefix.ids``,
+  or the ids themselves) are left to the cache and the rest make its `teacher_ids`
+  (``teacher_len`` pads those). Same loss and gradients as `make_batch`'s whole sequences.
+  """
+  ids = prefix.ids if isinstance(prefix, KnowledgePrefix) else prefix
+  rest, used = teacher_prefix.split_prompts(teacher_prompts, contexts, ids)
+  batch = make_batch(student_prompts, rest, responses, pad_id=pad_id, student_len=student_len,
+                     teacher_len=teacher_len, response_len=response_len)
+  return batch.replace(teacher_context=jnp.asarray(np.asarray(contexts, np.int32)),
+                       teacher_prefix_len=jnp.asarray(np.asarray(used, np.int32)))
 
 
 @flax.struct.dataclass
@@ -225,9 +253,13 @@ class Trainer:
           self.tx, lambda _, s: s, abstract_opt, self.param_sharding,
           transform_non_params=lambda _: replicated)
       self.batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
+      # Cached knowledge prefixes [C, K, P, D]: heads split over tp like the attention
+      # weights; every data/fsdp shard holds all C texts, since any row may draw any one.
+      self.prefix_sharding = NamedSharding(mesh, P(None, TP))
       self.state_sharding = TrainState(params=self.param_sharding,
                                        opt_state=self.opt_sharding, step=replicated)
     self._step = self._build_step()
+    self._prefill = self._build_prefill()
     self.num_compilations = 0
 
   # ---- checks ----
@@ -254,6 +286,33 @@ class Trainer:
         raise ValueError(f"micro-batch size {b // m} (batch {b} / {m} micro-batches) is not "
                          f"divisible by mesh axes data x fsdp ({shards})")
 
+  def check_prefix(self, batch: DistillBatch, prefix: KnowledgePrefix | None):
+    """Raises unless the batch's teacher rows and the cached prefixes go together."""
+    if (batch.teacher_context is None) != (batch.teacher_prefix_len is None):
+      raise ValueError("DistillBatch.teacher_context and teacher_prefix_len must be set "
+                       "together (see with_teacher_prefix)")
+    if batch.teacher_context is None:
+      if prefix is not None:
+        raise ValueError("train_step got teacher_prefix, but the batch's teacher rows are "
+                         "whole sequences (build it with with_teacher_prefix)")
+      return
+    if prefix is None:
+      raise ValueError("the batch's teacher rows continue cached knowledge prefixes "
+                       "(DistillBatch.teacher_context is set): pass teacher_prefix=, the "
+                       "KnowledgePrefix they were split with")
+    contexts, used = np.asarray(batch.teacher_context), np.asarray(batch.teacher_prefix_len)
+    lengths = np.asarray([len(i) for i in prefix.ids])
+    bad = (contexts < 0) | (contexts >= len(lengths))
+    if bad.any():
+      raise ValueError(f"DistillBatch.teacher_context row {int(np.argmax(bad))} names text "
+                       f"{int(contexts[bad][0])}; the prefix caches {len(lengths)} texts")
+    bad = (used < 0) | (used > lengths[contexts])
+    if bad.any():
+      i = int(np.argmax(bad))
+      raise ValueError(f"DistillBatch.teacher_prefix_len row {i} is {int(used[i])}, but text "
+                       f"{int(contexts[i])}'s cached prefix has {int(lengths[contexts[i]])} "
+                       "tokens")
+
   # ---- state ----
 
   def init_state(self, student: Qwen3) -> TrainState:
@@ -277,19 +336,70 @@ class Trainer:
       params = jax.device_put(params, self.param_sharding)
     return params
 
+  def knowledge_prefix(self, teacher_params: Any, prefix_ids: Sequence[Sequence[int]], *,
+                       pad_id: int = 0, length: int | None = None) -> KnowledgePrefix:
+    """The frozen teacher's keys and values over each knowledge text's prompt prefix.
+
+    Run once per round; `train_step` (with ``teacher_prefix=``) then computes only what
+    follows the prefix in each teacher row (`with_teacher_prefix`).
+
+    Args:
+      teacher_params: `teacher_params`' result.
+      prefix_ids: per knowledge text, the token ids its teacher prompts start with.
+      pad_id: the token right-padding the prefixes (masked).
+      length: cached slots (default: the longest prefix; bucket it to reuse the program).
+    """
+    if not len(prefix_ids):
+      raise ValueError("knowledge_prefix: no prefixes (one per knowledge text)")
+    c = len(prefix_ids)
+    p = max(len(x) for x in prefix_ids) if length is None else length
+    if p < max(len(x) for x in prefix_ids):
+      raise ValueError(f"knowledge_prefix: length {p} is shorter than the longest prefix "
+                       f"({max(len(x) for x in prefix_ids)} tokens)")
+    rows = c
+    if self.mesh is not None:  # rows split over the batch axes like a batch's
+      shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+      rows = -(-c // shards) * shards
+    ids = np.full((rows, max(p, 1)), pad_id, np.int32)
+    mask = np.zeros((rows, max(p, 1)), np.int32)
+    for i, x in enumerate(prefix_ids):
+      ids[i, :len(x)] = x
+      mask[i, :len(x)] = 1
+    if self.mesh is not None:
+      ids, mask = (parallel.place(a, self.batch_sharding) for a in (ids, mask))
+    with self._mesh_context():
+      kv = self._prefill(teacher_params, jnp.asarray(ids), jnp.asarray(mask), c)
+    return KnowledgePrefix(ids=tuple(tuple(int(t) for t in x) for x in prefix_ids), kv=kv)
+
+  def _build_prefill(self) -> Callable:
+    def run(teacher_params, ids, mask, count):
+      kv = teacher_prefix.prefill(nnx.merge(self.graphdef, teacher_params), ids, mask)
+      return jax.tree.map(lambda a: a[:count], kv)
+
+    if self.mesh is None:
+      return jax.jit(run, static_argnums=3)
+    return jax.jit(run, static_argnums=3,
+                   in_shardings=(self.param_sharding, self.batch_sharding, self.batch_sharding),
+                   out_shardings=self.prefix_sharding)
+
   def student(self, state: TrainState) -> Qwen3:
     """The student model at `state` (shares its arrays)."""
     return nnx.merge(self.graphdef, state.params)
 
   # ---- the step ----
 
-  def _loss_stats(self, params, teacher_params, batch: DistillBatch):
+  def _loss_stats(self, params, teacher_params, batch: DistillBatch, prefix_kv: PrefixKV | None):
     """Sum of per-token divergences, and sums of token statistics, over one micro-batch."""
     cfg = self.config
     student = nnx.merge(self.graphdef, params)
     teacher = nnx.merge(self.graphdef, teacher_params)
     hs, _ = student.hidden_states(batch.student_ids, attention_mask=batch.student_mask)
-    ht, _ = teacher.hidden_states(batch.teacher_ids, attention_mask=batch.teacher_mask)
+    if prefix_kv is None:
+      ht, _ = teacher.hidden_states(batch.teacher_ids, attention_mask=batch.teacher_mask)
+    else:
+      ht = teacher_prefix.hidden_states_with_prefix(
+          teacher, prefix_kv, batch.teacher_ids, batch.teacher_mask, batch.teacher_context,
+          batch.teacher_prefix_len)
     ht = jax.lax.stop_gradient(ht)
     stats = losses.per_token_divergence_from_hidden(
         _gather(hs, batch.student_index), student.unembedding(),
@@ -305,7 +415,7 @@ class Trainer:
   def _build_step(self) -> Callable:
     m = self.config.micro_batches
 
-    def step(state: TrainState, teacher_params, batch: DistillBatch):
+    def step(state: TrainState, teacher_params, batch: DistillBatch, prefix_kv):
       self.num_compilations += 1  # runs only while tracing
       tokens = jnp.sum(batch.response_mask)
       denom = jnp.maximum(tokens, 1.0)
@@ -321,7 +431,7 @@ class Trainer:
 
       def accumulate(carry, mb):
         grads, loss, sums = carry
-        (l, s), g = grad_fn(state.params, teacher_params, mb)
+        (l, s), g = grad_fn(state.params, teacher_params, mb, prefix_kv)
         grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
         if self.mesh is not None:  # accumulate sharded like the parameters
           grads = jax.lax.with_sharding_constraint(grads, self.param_sharding)
@@ -352,21 +462,23 @@ class Trainer:
 
     if self.mesh is None:
       return jax.jit(step, donate_argnums=(0,))
-    batch_sharding = jax.tree.map(lambda _: self.batch_sharding,
-                                  DistillBatch(*([0] * 7)))
+    # One sharding for every leaf of the batch (rows split) and of the prefix (heads split);
+    # also for their absent (None) fields.
     return jax.jit(step, donate_argnums=(0,),
-                   in_shardings=(self.state_sharding, self.param_sharding, batch_sharding),
+                   in_shardings=(self.state_sharding, self.param_sharding, self.batch_sharding,
+                                 self.prefix_sharding),
                    out_shardings=(self.state_sharding, NamedSharding(self.mesh, P())))
 
   def _mesh_context(self):
     return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
-  def lower(self, state, teacher_params, batch):
+  def lower(self, state, teacher_params, batch, prefix_kv: PrefixKV | None = None):
     """The lowered step for abstract or concrete inputs (compile-only analysis)."""
     with self._mesh_context():
-      return self._step.lower(state, teacher_params, batch)
+      return self._step.lower(state, teacher_params, batch, prefix_kv)
 
   def train_step(self, state: TrainState, teacher_params: Any, batch: DistillBatch, *,
+                 teacher_prefix: KnowledgePrefix | None = None,
                  skip_non_finite: bool = False) -> tuple[TrainState, dict[str, Any]]:
     """One optimizer step. `state` is donated: use the returned one.
 
@@ -377,6 +489,8 @@ class Trainer:
       state: the train state (donated).
       teacher_params: the frozen teacher's parameters (`teacher_params`).
       batch: the step's batch.
+      teacher_prefix: the round's cached knowledge prefixes (`knowledge_prefix`), for a
+        batch built by `with_teacher_prefix`; None for one built by `make_batch`.
       skip_non_finite: return normally from a non-finite step (the unchanged state, and
         metrics with ``finite`` False) instead of raising; what the official code does.
 
@@ -394,11 +508,13 @@ class Trainer:
         state.
     """
     self.check_batch(batch)
+    self.check_prefix(batch, teacher_prefix)
+    prefix_kv = None if teacher_prefix is None else teacher_prefix.kv
     if self.mesh is not None:  # every process holds the whole batch; each places its rows
       batch = jax.tree.map(lambda a: parallel.place(a, self.batch_sharding), batch)
     start = time.perf_counter()
     with self._mesh_context():
-      new_state, metrics = self._step(state, teacher_params, batch)
+      new_state, metrics = self._step(state, teacher_params, batch, prefix_kv)
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
     metrics["step_time"] = time.perf_counter() - start
     metrics["tokens_per_second"] = metrics["tokens"] / metrics["step_time"]

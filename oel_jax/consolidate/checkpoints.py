@@ -45,7 +45,7 @@ TIMING_KEYS = ("sampling_time", "train_time", "step_time", "tokens_per_second",
 """Metrics that measure time (they differ between otherwise identical runs)."""
 
 RESUMABLE_FIELDS = ("steps", "checkpoint_every", "keep_checkpoints",
-                    "max_consecutive_skipped_steps")
+                    "max_consecutive_skipped_steps", "teacher_prefix_cache")
 """Config fields that may change between an interrupted run and its resumption."""
 
 

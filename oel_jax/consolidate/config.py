@@ -90,6 +90,14 @@ class ConsolidationConfig:
   """Most prompts per sampler call (the step's prompts are split into several calls); None:
   all in one call."""
 
+  teacher_prefix_cache: bool = settings.boolean(True)
+  """Run the frozen teacher once per round over each knowledge text's shared prompt prefix
+  (chat-template opening, prompt header, the knowledge) and keep its keys and values on the
+  device (`oel_jax.teacher_prefix`); each step's teacher forward then computes only the rest
+  of its rows. The same loss and gradients, up to float rounding. False: the teacher reads
+  its whole prompt every step (no cache memory: C texts x prefix tokens x layers x 2 x
+  kv heads x head_dim per device, split over ``tp``). May change when a run is resumed."""
+
   max_consecutive_skipped_steps: int = settings.integer(3, minimum=1)
   """A step whose loss or gradient is not finite is skipped (the train state is left exactly
   as it was, as officially; the step still counts and its metrics line says

@@ -20,6 +20,7 @@ from oel_jax.consolidate.config import ConsolidationConfig
 from oel_jax.envs import Trajectory, Turn
 from oel_jax.prompts import formats
 from oel_jax.sampling import bucket_size
+from oel_jax.teacher_prefix import knowledge_prefix_ids, split_prompts
 from oel_jax.train import DistillBatch, make_batch
 
 # Tags that keep the random streams of one step apart.
@@ -195,16 +196,38 @@ def step_inputs(prefixes: Sequence[Prefix], games: Sequence[Sequence[int]],
                     student_prompts=tuple(student), teacher_prompts=tuple(teacher))
 
 
+def teacher_prefix_ids(prefixes: Sequence[Prefix], knowledge: Sequence[str], tokenizer: Any,
+                       config: ConsolidationConfig) -> list[list[int]]:
+  """Per knowledge text, the token ids every teacher prompt drawing it starts with (up to the
+  tokenizer's boundary at the end; `oel_jax.teacher_prefix.knowledge_prefix_ids`): the chat
+  template's opening and whatever the prompt format puts before the per-row content."""
+  render = lambda p, text: chat.render_chat(tokenizer, teacher_prefix(p, text).messages(),
+                                            enable_thinking=config.enable_thinking)
+  encode = lambda text: list(tokenizer.encode(text, add_special_tokens=False))
+  return knowledge_prefix_ids(render, encode, prefixes, knowledge)
+
+
 def build_batch(student_prompts: Sequence[Sequence[int]], teacher_prompts: Sequence[Sequence[int]],
                 responses: Sequence[Sequence[int]], *, pad_id: int, config: ConsolidationConfig,
-                row_multiple: int = 1) -> DistillBatch:
+                row_multiple: int = 1, contexts: Sequence[int] | None = None,
+                prefix_ids: Sequence[Sequence[int]] | None = None) -> DistillBatch:
   """The `DistillBatch` of one step, its rows and lengths padded up to buckets.
 
   Row i is ``student_prompts[i] + responses[i]`` / ``teacher_prompts[i] + responses[i]``, every
   response token scored. Padding rows (a single pad token each) have no scored token.
+
+  With ``prefix_ids`` (per knowledge text, the token ids of the teacher's cached prefix) and
+  ``contexts`` (row i's knowledge text), each teacher row holds only what follows the part of
+  its text's prefix it starts with (`oel_jax.train.with_teacher_prefix`), and the teacher's
+  length bucket is that of those rests.
   """
+  if (contexts is None) != (prefix_ids is None):
+    raise ValueError("build_batch: give contexts and prefix_ids together (or neither)")
   b = len(responses)
   rows = bucket_size(b, config.min_row_bucket, config.length_buckets_per_doubling, row_multiple)
+  used: list[int] = []
+  if prefix_ids is not None:
+    teacher_prompts, used = split_prompts(teacher_prompts, contexts, prefix_ids)
   sizes = [bucket_size(max(len(p) + len(r) for p, r in zip(prompts, responses)),
                        config.min_length_bucket, config.length_buckets_per_doubling)
            for prompts in (student_prompts, teacher_prompts)]
@@ -219,6 +242,10 @@ def build_batch(student_prompts: Sequence[Sequence[int]], teacher_prompts: Seque
     mask = np.asarray(batch.response_mask).copy()
     mask[b:] = 0.0
     batch = batch.replace(response_mask=jnp.asarray(mask))
+  if prefix_ids is not None:  # padding rows: no cached token, text 0
+    batch = batch.replace(
+        teacher_context=jnp.asarray(np.asarray(list(contexts) + [0] * (rows - b), np.int32)),
+        teacher_prefix_len=jnp.asarray(np.asarray(used + [0] * (rows - b), np.int32)))
   return batch
 
 

@@ -17,17 +17,20 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from tqdm.auto import tqdm
 
 from oel_jax import chat, engine
 from oel_jax.consolidate import checkpoints as ckpt
 from oel_jax.consolidate.config import ConsolidationConfig
 from oel_jax.consolidate.inputs import (Prefix, build_batch, build_prefixes, encode_prompt,
-                                        group_by_game, sampling_seed, step_inputs)
+                                        group_by_game, sampling_seed, step_inputs,
+                                        teacher_prefix_ids)
 from oel_jax.consolidate.policies import POLICIES, OffPolicy, OnPolicy
 from oel_jax.envs import Trajectory
 from oel_jax.models.qwen3 import Qwen3
 from oel_jax.sampling import Sampler, bucket_size
+from oel_jax.teacher_prefix import KnowledgePrefix
 from oel_jax.train import DistillBatch, NonFiniteLossError, Trainer, TrainState
 
 _log = logging.getLogger(__name__)
@@ -190,6 +193,8 @@ class _Stepper:
   """Rows per batch are a multiple of this (micro-batches x data-parallel devices)."""
   policy: OnPolicy | OffPolicy
   """Who samples the replies."""
+  teacher_prefix: KnowledgePrefix | None = None
+  """The teacher's cached knowledge prefixes (``config.teacher_prefix_cache``), or None."""
 
   def __call__(self, state: TrainState, step: int) -> _StepResult:
     """Step ``step`` (1-based): sample the replies, build the batch, take the train step."""
@@ -208,9 +213,13 @@ class _Stepper:
     sampling_time = time.perf_counter() - t0
     responses = [toks for toks, _ in replies]
     reasons = [reason for _, reason in replies]
+    cached = self.teacher_prefix
     batch = build_batch(inputs.student_prompts, inputs.teacher_prompts, responses,
-                        pad_id=self.pad_id, config=config, row_multiple=self.row_multiple)
-    state, m = self.trainer.train_step(state, self.teacher_params, batch, skip_non_finite=True)
+                        pad_id=self.pad_id, config=config, row_multiple=self.row_multiple,
+                        contexts=None if cached is None else inputs.contexts,
+                        prefix_ids=None if cached is None else cached.ids)
+    state, m = self.trainer.train_step(state, self.teacher_params, batch, teacher_prefix=cached,
+                                       skip_non_finite=True)
     return _StepResult(state=state, metrics=m, batch=batch, responses=responses,
                        reasons=reasons, sampling_time=sampling_time)
 
@@ -233,6 +242,9 @@ def _step_line(r: _StepResult, step: int, skipped_steps: int, num_games: int,
       "games_consumed": position,
       "student_len": int(batch.student_ids.shape[1]),
       "teacher_len": int(batch.teacher_ids.shape[1]),
+      # Mean prompt tokens per row the teacher read from its cached knowledge prefix (0: off).
+      "teacher_cached_tokens": (0.0 if batch.teacher_prefix_len is None else
+                                float(np.mean(np.asarray(batch.teacher_prefix_len)))),
       "response_len": int(batch.response_mask.shape[1]),
       "mean_response_tokens": generated / len(responses),
       "truncated_fraction": sum(x == "length" for x in reasons) / len(reasons),
@@ -331,6 +343,13 @@ def _stepper(data: _Inputs, tokenizer: Any, config: ConsolidationConfig, sampler
   if trainer.mesh is not None:
     row_multiple *= trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
   teacher_params = trainer.teacher_params(teacher)
+  cached = None
+  if config.teacher_prefix_cache:  # once per round: the teacher is frozen
+    ids = teacher_prefix_ids(data.prefixes, data.knowledge, tokenizer, config)
+    cached = trainer.knowledge_prefix(
+        teacher_params, ids, pad_id=pad_id,
+        length=bucket_size(max(len(x) for x in ids), config.min_length_bucket,
+                           config.length_buckets_per_doubling))
   if sampler is None:
     # Built on the train state's arrays, so its weights sit where the trainer's do (on the
     # mesh); the policy's start replaces them by copies.
@@ -339,7 +358,7 @@ def _stepper(data: _Inputs, tokenizer: Any, config: ConsolidationConfig, sampler
                       mesh=trainer.mesh)
   return _Stepper(inputs=data, tokenizer=tokenizer, config=config, sampler=sampler,
                   trainer=trainer, teacher_params=teacher_params, pad_id=pad_id,
-                  row_multiple=row_multiple, policy=POLICIES[config.mode])
+                  row_multiple=row_multiple, policy=POLICIES[config.mode], teacher_prefix=cached)
 
 
 def _run_steps(stepper: _Stepper, state: TrainState, history: list[dict[str, Any]], start: int,

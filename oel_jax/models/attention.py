@@ -45,39 +45,44 @@ def _pad_to(x, axis, multiple):
 
 
 class _Blocks:
-  """Static blocking of one call: sizes, counts and the causal range of each block."""
+  """Static blocking of one call: sizes, counts and the causal range of each block.
 
-  def __init__(self, t, block_q, block_k):
-    self.t, self.bq, self.bk = t, block_q, block_k
-    self.nq, self.nk = -(-t // block_q), -(-t // block_k)
+  T queries against S >= T keys: query t sits at key index t + S - T (the last T keys are
+  the queries' own; the first S - T are a prefix every query sees, e.g. cached ones).
+  """
+
+  def __init__(self, t, s, block_q, block_k):
+    self.t, self.s, self.bq, self.bk = t, s, block_q, block_k
+    self.offset = s - t
+    self.nq, self.nk = -(-t // block_q), -(-s // block_k)
 
   def last_key_block(self, i):
     """One past the last key block that query block i can see (causal)."""
-    last_query = jnp.minimum((i + 1) * self.bq, self.t) - 1
+    last_query = self.offset + jnp.minimum((i + 1) * self.bq, self.t) - 1
     return last_query // self.bk + 1
 
   def first_query_block(self, j):
     """The first query block that can see key block j (causal)."""
-    return (j * self.bk) // self.bq
+    return jnp.maximum(j * self.bk - self.offset, 0) // self.bq
 
 
 def _tile_scores(q_i, k_j, key_mask, i, j, blocks, scale):
   """Masked float32 scores `[B, K, G, bq, bk]` of query block i against key block j."""
   s = _einsum("btkgd,bksd->bkgts", q_i, k_j, q_i.dtype) * scale
-  q_pos = i * blocks.bq + jnp.arange(blocks.bq)
+  q_pos = blocks.offset + i * blocks.bq + jnp.arange(blocks.bq)
   k_pos = j * blocks.bk + jnp.arange(blocks.bk)
   keep = jax.lax.dynamic_slice_in_dim(key_mask, j * blocks.bk, blocks.bk, 1) > 0  # [B, bk]
   visible = (k_pos[None, :] <= q_pos[:, None])[None] & keep[:, None, :]  # [B, bq, bk]
   s = jnp.where(visible[:, None, None], s, _MASK_VALUE)
   # Keys past the end (block padding) are never offered, even to fully masked queries.
-  return jnp.where((k_pos < blocks.t)[None, None, None, None], s, -jnp.inf)
+  return jnp.where((k_pos < blocks.s)[None, None, None, None], s, -jnp.inf)
 
 
 def _forward(q, k, v, key_mask, block_q, block_k):
   """Output `[B, K, G, T, D]` (q's dtype) and log-sum-exp `[B, K, G, T]` (float32)."""
   b, t, kh, g, d = q.shape
   dt, scale = q.dtype, d ** -0.5
-  blocks = _Blocks(t, block_q, block_k)
+  blocks = _Blocks(t, k.shape[2], block_q, block_k)
   qp, kp, vp = _pad_to(q, 1, block_q), _pad_to(k, 2, block_k), _pad_to(v, 2, block_k)
   mp = _pad_to(key_mask.astype(jnp.int32), 1, block_k)
 
@@ -123,7 +128,7 @@ def _attention_bwd(block_q, block_k, res, d_out):
   q, k, v, key_mask, out, lse = res
   b, t, kh, g, d = q.shape
   dt, scale = q.dtype, d ** -0.5
-  blocks = _Blocks(t, block_q, block_k)
+  blocks = _Blocks(t, k.shape[2], block_q, block_k)
   # delta_t = sum_d dO * O: the softmax Jacobian's diagonal correction, per query.
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1)  # [B, K, G, T]
   qp, kp, vp = _pad_to(q, 1, block_q), _pad_to(k, 2, block_k), _pad_to(v, 2, block_k)
@@ -160,7 +165,7 @@ def _attention_bwd(block_q, block_k, res, d_out):
   dq0 = jnp.zeros(qp.shape, jnp.float32)
   dq, (dk, dv) = jax.lax.scan(key_block, dq0, jnp.arange(blocks.nk))
   # [nk, B, K, bk, D] -> [B, K, S, D]
-  unblock = lambda x: jnp.moveaxis(x, 0, 2).reshape(b, kh, blocks.nk * block_k, d)[:, :, :t]
+  unblock = lambda x: jnp.moveaxis(x, 0, 2).reshape(b, kh, blocks.nk * block_k, d)[:, :, :blocks.s]
   return (dq[:, :t].astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype),
           None)
 
@@ -175,9 +180,11 @@ def blockwise_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
 
   Args:
     q: `[B, T, K, G, D]` queries (RoPE applied), in the compute dtype.
-    k: `[B, K, T, D]` keys (RoPE applied), same dtype.
-    v: `[B, K, T, D]` values, same dtype.
-    key_mask: `[B, T]`, nonzero for real tokens (keys that may be attended).
+    k: `[B, K, S, D]` keys (RoPE applied), same dtype; S >= T. The last T are the queries'
+      own (query t sees keys up to S - T + t); the first S - T, a prefix every query may see
+      (S = T: plain causal self-attention).
+    v: `[B, K, S, D]` values, same dtype.
+    key_mask: `[B, S]`, nonzero for real tokens (keys that may be attended).
     block_q: query rows per block.
     block_k: key columns per block.
 
@@ -189,7 +196,8 @@ def blockwise_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     raise ValueError(f"expected q [B, T, K, G, D], k and v [B, K, T, D]; got q {q.shape}, "
                      f"k {k.shape}, v {v.shape}")
   b, t, kh, _, d = q.shape
-  if k.shape != (b, kh, t, d) or key_mask.shape != (b, t):
+  s = k.shape[2] if k.ndim == 4 else t
+  if k.shape != (b, kh, s, d) or key_mask.shape != (b, s) or s < t:
     raise ValueError(f"q {q.shape}, k {k.shape} and key_mask {key_mask.shape} disagree")
   if block_q <= 0 or block_k <= 0:
     raise ValueError(f"block sizes must be positive, got {block_q} and {block_k}")

@@ -359,19 +359,32 @@ class Attention(nnx.Module):
     With a cache, `kv` holds this layer's `[B, K, S, D]` keys and values; the new ones
     are written at slot `index` and the updated pair is returned.
     """
+    q, k, v = self.project(x, positions)
+    if kv is not None:
+      cache_k, cache_v = kv
+      k, v = write_slots(cache_k, k, index), write_slots(cache_v, v, index)
+      kv = (k, v)
+    return self.attend(q, k, v, attend), kv
+
+  def project(self, x: jax.Array, positions: jax.Array
+              ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Queries `[B, T, K, G, D]`, keys and values `[B, K, T, D]` of x `[B, T, H]` at
+    `positions` `[B, T]` (q/k norms and RoPE applied; compute dtype)."""
     c, dt = self.config, self.config.compute_dtype
     q = _einsum("bth,hnd->btnd", x, self.q_proj[...], dt)
     k = _einsum("bth,hkd->btkd", x, self.k_proj[...], dt)
     v = _einsum("bth,hkd->bktd", x, self.v_proj[...], dt).astype(dt)
     q = rope(self.q_norm(q), positions, c.rope_theta).astype(dt)
     k = rope(self.k_norm(k), positions, c.rope_theta).astype(dt).transpose(0, 2, 1, 3)
-    if kv is not None:
-      cache_k, cache_v = kv
-      k, v = write_slots(cache_k, k, index), write_slots(cache_v, v, index)
-      kv = (k, v)
     b, t = q.shape[:2]
-    groups = c.num_heads // c.num_kv_heads
-    q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
+    return q.reshape(b, t, c.num_kv_heads, c.num_heads // c.num_kv_heads, c.head_dim), k, v
+
+  def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, attend: jax.Array) -> jax.Array:
+    """The output projection `[B, T, H]` of q `[B, T, K, G, D]` attending to k, v
+    `[B, K, S, D]`: where `attend` `[B, T, S]` is set, or, given the `[B, T]` key mask
+    alone (S = T), causally and blockwise."""
+    c, dt = self.config, self.config.compute_dtype
+    b, t = q.shape[:2]
     if attend.ndim == 2:
       block = c.attention_block_size
       out = attention.blockwise_causal_attention(q, k, v, attend, block_q=block, block_k=block)
@@ -383,7 +396,7 @@ class Attention(nnx.Module):
       # when the dot itself must emit [B, T, K, G, D].
       out = _einsum("bkgts,bksd->bkgtd", probs, v, dt).astype(dt)
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, c.num_heads, c.head_dim)
-    return _einsum("btnd,ndh->bth", out, self.o_proj[...], dt).astype(dt), kv
+    return _einsum("btnd,ndh->bth", out, self.o_proj[...], dt).astype(dt)
 
 
 class MLP(nnx.Module):
