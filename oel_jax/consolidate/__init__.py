@@ -109,7 +109,8 @@ from oel_jax.consolidate.config import CONTEXTS, MODES, ConsolidationConfig
 from oel_jax.consolidate.inputs import (Prefix, StepInputs, build_batch, build_prefixes,
                                         draw_contexts, encode_prompt, group_by_game,
                                         insert_knowledge, raw_trajectory_contexts,
-                                        sampling_seed, select_prefixes, step_inputs)
+                                        sampling_seed, select_prefixes, step_inputs,
+                                        teacher_prefix_ids)
 from oel_jax.consolidate.policies import POLICIES, OffPolicy, OnPolicy
 from oel_jax.consolidate.run import ConsolidationResult, run_consolidation
 from oel_jax.sampling import bucket_size
@@ -119,6 +120,6 @@ __all__ = [
     "TIMING_KEYS", "abstract_state", "CONTEXTS", "MODES", "ConsolidationConfig", "Prefix",
     "StepInputs", "build_batch", "build_prefixes", "draw_contexts", "encode_prompt",
     "group_by_game", "insert_knowledge", "raw_trajectory_contexts", "sampling_seed",
-    "select_prefixes", "step_inputs", "POLICIES", "OffPolicy", "OnPolicy",
+    "select_prefixes", "step_inputs", "teacher_prefix_ids", "POLICIES", "OffPolicy", "OnPolicy",
     "ConsolidationResult", "run_consolidation", "bucket_size",
 ]
