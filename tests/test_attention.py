@@ -77,10 +77,47 @@ def test_blockwise_attention_in_bf16_close_to_float32():
   np.testing.assert_allclose(sel(out), sel(ref), atol=3e-2)
 
 
+@pytest.mark.parametrize("t,prefix,block_q,block_k", [(9, 7, 4, 4), (5, 16, 8, 3),
+                                                      (12, 3, 16, 16)])
+def test_blockwise_attention_after_a_key_prefix_equals_plain(t, prefix, block_q, block_k):
+  """T queries after `prefix` extra keys (a cached prefix): query t sees every unmasked
+  prefix key and its own keys up to t."""
+  rng = np.random.default_rng(t + prefix)
+  b, kh, g, d, s = 2, 2, 3, 8, t + prefix
+  q = jnp.asarray(rng.normal(size=(b, t, kh, g, d)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(b, kh, s, d)), jnp.float32) for _ in range(2))
+  mask = np.ones((b, s), np.int32)
+  mask[0, prefix - 2:prefix] = 0  # row 0 uses fewer cached slots
+  mask[1, s - 2:] = 0  # row 1's own keys are right-padded
+  mask = jnp.asarray(mask)
+  visible = (np.arange(s)[None, :] <= prefix + np.arange(t)[:, None])[None] & (
+      np.asarray(mask)[:, None, :] > 0)
+
+  def plain(q, k, v):
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k) / np.sqrt(d)
+    scores = jnp.where(visible[:, None, None], scores, -1e30)
+    return jnp.einsum("bkgts,bksd->bkgtd", jax.nn.softmax(scores, -1), v)
+
+  blockwise = lambda q, k, v: blockwise_causal_attention(q, k, v, mask, block_q=block_q,
+                                                         block_k=block_k)
+  ct = jnp.asarray(rng.normal(size=(b, kh, g, t, d)), jnp.float32)
+  values, grads = [], []
+  for f in (blockwise, plain):
+    out, vjp = jax.vjp(jax.jit(f), q, k, v)
+    values.append(np.asarray(out))
+    grads.append(vjp(ct))
+  np.testing.assert_allclose(values[0], values[1], atol=2e-6, rtol=1e-5)
+  for name, a, b_ in zip("qkv", *grads):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=2e-5, rtol=1e-4,
+                               err_msg=f"d{name}")
+
+
 def test_blockwise_attention_rejects_mismatched_shapes():
   q, k, v, mask = _inputs(8, pad="none")
   with pytest.raises(ValueError, match="disagree"):
     blockwise_causal_attention(q, k[:, :, :5], v[:, :, :5], mask)
+  with pytest.raises(ValueError, match="disagree"):  # fewer keys than queries
+    blockwise_causal_attention(q, k[:, :, :5], v[:, :, :5], mask[:, :5])
   with pytest.raises(ValueError, match="block sizes"):
     blockwise_causal_attention(q, k, v, mask, block_q=0)
 

@@ -226,9 +226,9 @@ def test_consolidation_uses_the_cache_by_default_with_the_same_steps():
   for a, b in zip(plain.metrics, cached.metrics):
     assert a["teacher_cached_tokens"] == 0 and b["teacher_cached_tokens"] > 20
     assert b["teacher_len"] < a["teacher_len"]
-    # The loss is a sum of terms of both signs near 0 (the teacher is the student with
-    # knowledge): compared to the scale of its terms, not its own.
-    assert b["loss"] == pytest.approx(a["loss"], abs=1e-7)  # ~1e-9 apart seen
+    # The loss is near 0 here (the teacher is the student with a little knowledge), so its
+    # rounding is relatively large: an absolute bound, ~100x the ~1e-9 seen.
+    assert b["loss"] == pytest.approx(a["loss"], abs=1e-7)
     for name in ("grad_norm", "teacher_entropy", "teacher_topk_mass"):
       assert b[name] == pytest.approx(a[name], rel=1e-5), name
     assert b["tokens"] == a["tokens"]
