@@ -31,7 +31,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from oel_jax import losses, parallel, settings, teacher_prefix
-from oel_jax.models.qwen3 import TP, Qwen3
+from oel_jax.models.qwen3 import FSDP, TP, Qwen3
 from oel_jax.teacher_prefix import KnowledgePrefix, PrefixKV
 
 
@@ -253,9 +253,11 @@ class Trainer:
           self.tx, lambda _, s: s, abstract_opt, self.param_sharding,
           transform_non_params=lambda _: replicated)
       self.batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
-      # Cached knowledge prefixes [C, K, P, D]: heads split over tp like the attention
-      # weights; every data/fsdp shard holds all C texts, since any row may draw any one.
-      self.prefix_sharding = NamedSharding(mesh, P(None, TP))
+      # Cached knowledge prefixes [C, K, P, D], sharded like the weights: heads split over
+      # tp as the attention's are, slots over fsdp (all C texts on every shard, since any
+      # row may draw any one); like a layer's weights, each layer's slots are gathered when
+      # the teacher's forward reaches it.
+      self.prefix_sharding = NamedSharding(mesh, P(None, TP, FSDP))
       self.state_sharding = TrainState(params=self.param_sharding,
                                        opt_state=self.opt_sharding, step=replicated)
     self._step = self._build_step()
@@ -347,7 +349,8 @@ class Trainer:
       teacher_params: `teacher_params`' result.
       prefix_ids: per knowledge text, the token ids its teacher prompts start with.
       pad_id: the token right-padding the prefixes (masked).
-      length: cached slots (default: the longest prefix; bucket it to reuse the program).
+      length: cached slots (default: the longest prefix; bucket it to reuse the program);
+        under a mesh, rounded up to a multiple of its fsdp axis (the slots split over it).
     """
     if not len(prefix_ids):
       raise ValueError("knowledge_prefix: no prefixes (one per knowledge text)")
@@ -356,12 +359,13 @@ class Trainer:
     if p < max(len(x) for x in prefix_ids):
       raise ValueError(f"knowledge_prefix: length {p} is shorter than the longest prefix "
                        f"({max(len(x) for x in prefix_ids)} tokens)")
-    rows = c
+    rows, p = c, max(p, 1)
     if self.mesh is not None:  # rows split over the batch axes like a batch's
       shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
       rows = -(-c // shards) * shards
-    ids = np.full((rows, max(p, 1)), pad_id, np.int32)
-    mask = np.zeros((rows, max(p, 1)), np.int32)
+      p = -(-p // self.mesh.shape["fsdp"]) * self.mesh.shape["fsdp"]
+    ids = np.full((rows, p), pad_id, np.int32)
+    mask = np.zeros((rows, p), np.int32)
     for i, x in enumerate(prefix_ids):
       ids[i, :len(x)] = x
       mask[i, :len(x)] = 1

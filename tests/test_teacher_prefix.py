@@ -140,8 +140,9 @@ def test_sharded_cached_step_equals_single_device():
   tp = sharded.teacher_params(teacher)
   prefix_s = sharded.knowledge_prefix(tp, prefix.ids, length=32)
   k = prefix_s.kv.k[0]
-  assert k.sharding.spec == jax.sharding.PartitionSpec(None, "tp")
-  assert k.addressable_shards[0].data.shape == (3, CONFIG.num_kv_heads // 2, 32, 16)
+  # Like the weights: heads over tp, slots over fsdp; every shard holds all three texts.
+  assert k.sharding.spec == jax.sharding.PartitionSpec(None, "tp", "fsdp")
+  assert k.addressable_shards[0].data.shape == (3, CONFIG.num_kv_heads // 2, 32 // 2, 16)
   np.testing.assert_allclose(np.asarray(k), np.asarray(prefix.kv.k[0]), atol=1e-5)
   _, m1 = sharded.train_step(sharded.init_state(student), tp, cached, teacher_prefix=prefix_s)
   assert m1["loss"] == pytest.approx(m0["loss"], rel=1e-5)

@@ -39,7 +39,12 @@ What each step does, and how it follows the official implementation (microsoft/L
   first stop token; a reply cut at the token budget is scored as it is (official
   ``get_response_mask``). One optimizer step per batch.
 - Teacher: the round-start model, frozen (official ``ref`` worker); its parameters are never
-  written (the train state holds a copy of the student's).
+  written (the train state holds a copy of the student's). Being frozen, it reads each
+  knowledge text's shared prompt prefix once per round (`ConsolidationConfig.teacher_prefix_cache`,
+  `oel_jax.teacher_prefix`): each step's teacher rows hold only what follows the part of their
+  text's cached prefix they start with (the ``teacher_len`` metric counts those tokens,
+  ``teacher_cached_tokens`` the mean cached ones per row). Same loss and gradients as reading
+  whole prompts, up to float rounding; the official code reads them whole every step.
 - Non-finite steps: a step whose loss or gradient norm is NaN or infinite is skipped, as
   officially: the train state (parameters, optimizer state, its step count) stays exactly as it
   was, the step still counts (its games are used up, its metrics line says ``skipped: true``,

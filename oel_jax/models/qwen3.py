@@ -387,7 +387,10 @@ class Attention(nnx.Module):
     b, t = q.shape[:2]
     if attend.ndim == 2:
       block = c.attention_block_size
-      out = attention.blockwise_causal_attention(q, k, v, attend, block_q=block, block_k=block)
+      # Fewer queries than a block (after a cached prefix: S > T): one block of them, not a
+      # block padded up.
+      out = attention.blockwise_causal_attention(q, k, v, attend, block_q=min(block, t),
+                                                 block_k=block)
     else:
       scores = _einsum("btkgd,bksd->bkgts", q, k, dt) * (c.head_dim ** -0.5)
       scores = jnp.where(attend[:, None, None, :, :], scores, _MASK_VALUE)
