@@ -95,8 +95,10 @@ class ConsolidationConfig:
   (chat-template opening, prompt header, the knowledge) and keep its keys and values on the
   device (`oel_jax.teacher_prefix`); each step's teacher forward then computes only the rest
   of its rows. The same loss and gradients, up to float rounding. False: the teacher reads
-  its whole prompt every step (no cache memory: C texts x prefix tokens x layers x 2 x
-  kv heads x head_dim per device, split over ``tp``). May change when a run is resumed."""
+  its whole prompt every step, and no cache is held (C texts x cached tokens x layers x 2 x
+  kv heads x head_dim values, split over the mesh's ``tp`` and ``fsdp`` axes). Always valid:
+  each row uses only the cached tokens its own prompt starts with. May change when a run is
+  resumed."""
 
   max_consecutive_skipped_steps: int = settings.integer(3, minimum=1)
   """A step whose loss or gradient is not finite is skipped (the train state is left exactly
