@@ -11,15 +11,13 @@ leaves both processes in step), so the test pays for starting a job once.
 import hashlib
 import json
 import os
-import socket
-import subprocess
 import sys
-import tempfile
 import textwrap
 
 import numpy as np
 
 from hub_cache import add_snapshot, write_random_checkpoint
+from processes import finish, free_port, spawn
 from oel_jax.models import Qwen3Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,12 +71,6 @@ _WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _commit(name: str) -> str:
   return hashlib.sha1(name.encode()).hexdigest()
 
@@ -114,30 +106,14 @@ def test_processes_compare_the_files_they_resolved_before_loading(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]),
              HF_HUB_OFFLINE="1")
-  address = f"127.0.0.1:{_free_port()}"
-  workers = []
-  for i in (0, 1):
-    # Files, not pipes: a process blocked on a full pipe would stall the other's collectives.
-    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-    command = [sys.executable, "-c", _WORKER, address, str(i), json.dumps(caches[i]), MODEL,
-               EXTRACTOR]
-    workers.append((subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err,
-                                     text=True), out, err))
+  address = f"127.0.0.1:{free_port()}"
+  workers = spawn([[sys.executable, "-c", _WORKER, address, str(i), json.dumps(caches[i]), MODEL,
+                    EXTRACTOR] for i in (0, 1)], cwd=ROOT, env=env)
   results = []
-  try:
-    for process, out, err in workers:
-      process.wait(timeout=300)
-      out.seek(0)
-      err.seek(0)
-      assert process.returncode == 0, err.read()[-3000:]
-      lines = [l.split(" ", 1)[1] for l in out.read().splitlines() if l.startswith("RESULT ")]
-      results.append({r["case"]: r for r in map(json.loads, lines)})
-  finally:
-    for process, out, err in workers:
-      if process.poll() is None:
-        process.kill()
-      out.close()
-      err.close()
+  for done in finish(workers, timeout=300):
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [l.split(" ", 1)[1] for l in done.stdout.splitlines() if l.startswith("RESULT ")]
+    results.append({r["case"]: r for r in map(json.loads, lines)})
 
   for i, got in enumerate(results):
     same, value, file = (got[case] for case in CASES)

@@ -17,9 +17,7 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import tempfile
 import time
 
 import numpy as np
@@ -28,6 +26,7 @@ import pytest
 from oel_jax import config as config_lib
 from oel_jax import loop
 from oel_jax.models.safetensors_io import SafetensorsFile
+from processes import Worker, finish, free_port, spawn
 from tiny_loop_run import ROOT, TINY_CONFIG, main_command, main_env
 
 # configs/tiny.py cut to what shows the job behaves as one process: one round, no initial
@@ -47,51 +46,16 @@ PEER_TIMEOUT_S = 5
 """--peer_timeout of the killed job: how long its survivor may wait for the dead process."""
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def start_job(processes: int, devices: int, args_of) -> list[tuple[subprocess.Popen, ...]]:
+def start_job(processes: int, devices: int, args_of) -> list[Worker]:
   """Starts ``python -m oel_jax.main`` as ``processes`` processes of one job with ``devices``
   CPU devices each; ``args_of(i)`` are process i's arguments."""
   env = dict(main_env(), JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   job = []
   if processes > 1:
-    address = f"127.0.0.1:{_free_port()}"
-    job = [f"--coordinator_address={address}", f"--num_processes={processes}"]
-  workers = []
-  for i in range(processes):
-    # Files, not pipes: a process blocked on a full pipe would stall the others'
-    # collectives while this test waits on another process.
-    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
-    command = main_command(*args_of(i), *job, *([f"--process_id={i}"] if job else []))
-    workers.append((subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err,
-                                     text=True), out, err))
-  return workers
-
-
-def finish(workers: list[tuple[subprocess.Popen, ...]], timeout: float = 900
-           ) -> list[subprocess.CompletedProcess]:
-  """Each worker's result once all have ended (any still running after ``timeout`` is
-  killed)."""
-  results = []
-  try:
-    for process, out, err in workers:
-      process.wait(timeout=timeout)
-      out.seek(0)
-      err.seek(0)
-      results.append(subprocess.CompletedProcess(process.args, process.returncode, out.read(),
-                                                 err.read()))
-  finally:
-    for process, out, err in workers:
-      if process.poll() is None:
-        process.kill()
-      out.close()
-      err.close()
-  return results
+    job = [f"--coordinator_address=127.0.0.1:{free_port()}", f"--num_processes={processes}"]
+  return spawn([main_command(*args_of(i), *job, *([f"--process_id={i}"] if job else []))
+                for i in range(processes)], cwd=ROOT, env=env)
 
 
 def _files(workdir: str) -> list[str]:
