@@ -4,8 +4,10 @@ Model: Qwen3 with Qwen3-0.6B's widths and full 151,936 vocabulary, fewer layers 
 4), random bf16 weights. Prompts of 32 tokens, 128 new tokens, greedy, batch 1/16/64.
 
 Also prints our per-step decode time against the machine's floor for that step, the
-larger of (bytes of weights + KV cache read per step / measured copy bandwidth) and
-(FLOPs per step / measured bf16 matmul rate), both measured in this run.
+larger of (bytes of weights + KV cache read per step / measured read bandwidth) and
+(FLOPs per step / measured bf16 matmul rate), both measured in this run. Read bandwidth, not
+copy bandwidth: a decode step reads its weights and cache and writes almost nothing, and a
+copy, which moves each byte twice, runs at less than half the read rate (`machine.py`).
 
   python bench/bench_sampler.py [--layers 4] [--batches 1,16,64] [--new 128]
 """
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 import transformers
 
-from machine import copy_bandwidth, matmul_rate
+from machine import copy_bandwidth, matmul_rate, read_bandwidth
 from oel_jax.models import load_hf
 from oel_jax.sampling import Sampler
 
@@ -74,9 +76,10 @@ def main():
   args = parser.parse_args()
   torch.set_num_threads(os.cpu_count())
 
-  rate, bw = matmul_rate(), copy_bandwidth()
+  rate, bw, copy = matmul_rate(), read_bandwidth(), copy_bandwidth()
   print(f"machine: {os.cpu_count()} cores; bf16 matmul {rate / 1e9:.0f} GFLOP/s; "
-        f"copy bandwidth {bw / 1e9:.1f} GB/s; jax {jax.__version__}, torch {torch.__version__}")
+        f"read bandwidth {bw / 1e9:.1f} GB/s (copy {copy / 1e9:.1f} GB/s); "
+        f"jax {jax.__version__}, torch {torch.__version__}")
   with tempfile.TemporaryDirectory() as path:
     hf = build(args.layers, path)
     model = load_hf(path, dtype=jnp.bfloat16)
