@@ -119,6 +119,9 @@ class Sampler:
     mesh: shard the batch over the mesh's (data, fsdp) axes when it divides them.
   """
 
+  shares_prefixes = True
+  """`generate` takes ``share_prefix`` (see `oel_jax.engine.TokenSampler`)."""
+
   def __init__(self, model: Qwen3, *, eos_ids: Sequence[int], pad_id: int, max_seq_len: int,
                min_prompt_bucket: int = 32, min_batch_bucket: int = 4,
                buckets_per_doubling: int = 1, mesh: jax.sharding.Mesh | None = None):
