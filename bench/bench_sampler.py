@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import transformers
 
-from machine import copy_bandwidth, matmul_rate, read_bandwidth
+from machine import best_time, copy_bandwidth, matmul_rate, read_bandwidth
 from oel_jax.models import load_hf
 from oel_jax.sampling import Sampler
 
@@ -46,17 +46,13 @@ def build(layers: int, path: str) -> transformers.Qwen3ForCausalLM:
   return model
 
 
-def time_ours(sampler, prompts, new):
-  sampler.generate(prompts, max_new_tokens=new, temperature=0)  # compile
-  sampler.generate(prompts, max_new_tokens=1, temperature=0)
-  t = time.perf_counter()
-  out = sampler.generate(prompts, max_new_tokens=new, temperature=0)
-  total = time.perf_counter() - t
-  t = time.perf_counter()
-  sampler.generate(prompts, max_new_tokens=1, temperature=0)
-  prefill = time.perf_counter() - t
-  lengths = [len(x) for x in out.tokens]
-  return total, prefill, lengths, out
+def time_ours(sampler, prompts, new, repeats):
+  """Best of `repeats`: seconds for `new` tokens and for 1 (the prefill), and the output."""
+  run = lambda n: sampler.generate(prompts, max_new_tokens=n, temperature=0)
+  run(new), run(1)  # compile
+  total, prefill = best_time(lambda: run(new), repeats), best_time(lambda: run(1), repeats)
+  out = run(new)
+  return total, prefill, [len(x) for x in out.tokens], out
 
 
 def time_transformers(model, prompts, new):
@@ -98,6 +94,7 @@ def main():
   parser.add_argument("--new", type=int, default=128)
   parser.add_argument("--peer_layers", type=int, default=4,
                       help="the layer count also run with transformers (0: none)")
+  parser.add_argument("--repeats", type=int, default=3, help="our timings: best of this many")
   args = parser.parse_args()
   torch.set_num_threads(os.cpu_count())
   layer_counts = sorted(int(n) for n in args.layers.split(","))
@@ -108,12 +105,15 @@ def main():
         f"read bandwidth {bw / 1e9:.1f} GB/s (copy {copy / 1e9:.1f} GB/s); "
         f"jax {jax.__version__}, torch {torch.__version__}")
   steps = {}  # (layers, batch) -> seconds per decode step
+  bandwidths, rates = {}, {}  # (layers, batch) -> read bandwidth, matmul rate just before
   configs = {}
   print(f"Qwen3-0.6B widths, vocab 151,936, bf16; prompt {PROMPT}, {args.new} new tokens, "
         "greedy")
-  print("| layers | batch | ours tok/s | transformers tok/s | ratio | ours ms/step | "
+  print("Each row measures the read bandwidth and matmul rate again just before its timings (on "
+        "a shared machine they move) and takes its floor from those.")
+  print("| layers | batch | read GB/s | GFLOP/s | ours tok/s | transformers tok/s | ratio | ours ms/step | "
         "floor ms/step | step/floor | greedy tokens equal |")
-  print("|---|---|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
   for layers in layer_counts:
     with tempfile.TemporaryDirectory() as path:
       hf = build(layers, path)
@@ -125,7 +125,9 @@ def main():
     rng = np.random.default_rng(0)
     for batch in batches:
       prompts = rng.integers(1, 150_000, (batch, PROMPT)).tolist()
-      total, prefill, lengths, out = time_ours(sampler, prompts, args.new)
+      bw = bandwidths[layers, batch] = read_bandwidth(repeats=3)
+      rate = rates[layers, batch] = matmul_rate()
+      total, prefill, lengths, out = time_ours(sampler, prompts, args.new, args.repeats)
       assert min(lengths) == args.new, "a row stopped early; pick another eos id"
       step = steps[layers, batch] = (total - prefill) / (args.new - 1)
       floor = floors(c, params, batch, PROMPT + args.new / 2, bw, rate)["step"]
@@ -136,7 +138,7 @@ def main():
         hf_tps = batch * args.new / hf_time
         same = np.mean([a == b for a, b in zip(out.tokens, hf_tokens)])
         peer = (f"{hf_tps:.1f}", f"{ours_tps / hf_tps:.2f}x", f"{same:.0%}")
-      print(f"| {layers} | {batch} | {ours_tps:.1f} | {peer[0]} | {peer[1]} | "
+      print(f"| {layers} | {batch} | {bw / 1e9:.1f} | {rate / 1e9:.0f} | {ours_tps:.1f} | {peer[0]} | {peer[1]} | "
             f"{step * 1e3:.1f} | {floor * 1e3:.1f} | {step / floor:.2f} | {peer[2]} |",
             flush=True)
     del sampler, model, hf
@@ -153,7 +155,8 @@ def main():
   for batch in batches:
     per_layer = (steps[hi, batch] - steps[lo, batch]) / (hi - lo)
     rest = steps[hi, batch] - hi * per_layer
-    f = floors(c, c.num_params(), batch, PROMPT + args.new / 2, bw, rate)
+    f = floors(c, c.num_params(), batch, PROMPT + args.new / 2, bandwidths[hi, batch],
+               rates[hi, batch])
     print(f"| {batch} | {per_layer * 1e3:.1f} | {f['layer'] * 1e3:.2f} | "
           f"{per_layer / f['layer']:.2f} | {rest * 1e3:.1f} | {f['head'] * 1e3:.1f} | "
           f"{rest / f['head']:.2f} | {rest / steps[hi, batch]:.0%} |", flush=True)
