@@ -69,7 +69,7 @@ def main():
     x = rng.standard_normal((batch, H), np.float32)
     forms = {"XLA bf16": (lambda: xla_form(bf16, jnp.asarray(x, jnp.bfloat16)), 2)}
     forms["PyTorch bf16"] = (lambda: torch_form(
-        [torch.from_numpy(np.asarray(w.astype(jnp.float32))).to(torch.bfloat16) for w in bf16],
+        [torch.from_numpy(np.array(w.astype(jnp.float32))).to(torch.bfloat16) for w in bf16],
         torch.from_numpy(x).to(torch.bfloat16)), 2)
     forms["XLA float32"] = (lambda: xla_form([jnp.asarray(w) for w in host],
                                              jnp.asarray(x)), 4)
