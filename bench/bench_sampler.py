@@ -46,13 +46,20 @@ def build(layers: int, path: str) -> transformers.Qwen3ForCausalLM:
   return model
 
 
-def time_ours(sampler, prompts, new, repeats):
-  """Best of `repeats`: seconds for `new` tokens and for 1 (the prefill), and the output."""
-  run = lambda n: sampler.generate(prompts, max_new_tokens=n, temperature=0)
-  run(new), run(1)  # compile
-  total, prefill = best_time(lambda: run(new), repeats), best_time(lambda: run(1), repeats)
-  out = run(new)
-  return total, prefill, [len(x) for x in out.tokens], out
+def time_ours(samplers, prompts, new, repeats):
+  """Per sampler: the best of `repeats` seconds for `new` tokens and for 1 (the prefill),
+  and the output. The samplers take turns within each repeat, so that load from other
+  processes, which moves over minutes on a shared machine, falls on all of them alike."""
+  runs = [lambda n, s=s: s.generate(prompts, max_new_tokens=n, temperature=0)
+          for s in samplers]
+  for run in runs:
+    run(new), run(1)  # compile
+  totals, prefills = [float("inf")] * len(runs), [float("inf")] * len(runs)
+  for _ in range(repeats):
+    for i, run in enumerate(runs):
+      totals[i] = min(totals[i], best_time(lambda: run(new), 1))
+      prefills[i] = min(prefills[i], best_time(lambda: run(1), 1))
+  return [(total, prefill, run(new)) for total, prefill, run in zip(totals, prefills, runs)]
 
 
 def time_transformers(model, prompts, new):
@@ -109,39 +116,44 @@ def main():
   configs = {}
   print(f"Qwen3-0.6B widths, vocab 151,936, bf16; prompt {PROMPT}, {args.new} new tokens, "
         "greedy")
-  print("Each row measures the read bandwidth and matmul rate again just before its timings (on "
-        "a shared machine they move) and takes its floor from those.")
+  print("Each batch measures the read bandwidth and matmul rate again just before its timings "
+        "(on a shared machine they move) and takes its floors from those; the layer counts' "
+        "timings take turns.")
   print("| layers | batch | read GB/s | GFLOP/s | ours tok/s | transformers tok/s | ratio | ours ms/step | "
         "floor ms/step | step/floor | greedy tokens equal |")
   print("|---|---|---|---|---|---|---|---|---|---|---|")
+  samplers, hfs = [], {}
   for layers in layer_counts:
     with tempfile.TemporaryDirectory() as path:
       hf = build(layers, path)
       model = load_hf(path, dtype=jnp.bfloat16)
-    c = configs[layers] = model.config
-    params = c.num_params()
-    sampler = Sampler(model, eos_ids=[c.vocab_size - 1], pad_id=0,
-                      max_seq_len=PROMPT + args.new + 32)
-    rng = np.random.default_rng(0)
-    for batch in batches:
-      prompts = rng.integers(1, 150_000, (batch, PROMPT)).tolist()
-      bw = bandwidths[layers, batch] = read_bandwidth(repeats=3)
-      rate = rates[layers, batch] = matmul_rate()
-      total, prefill, lengths, out = time_ours(sampler, prompts, args.new, args.repeats)
-      assert min(lengths) == args.new, "a row stopped early; pick another eos id"
+    if layers == args.peer_layers:
+      hfs[layers] = hf
+    configs[layers] = model.config
+    samplers.append(Sampler(model, eos_ids=[model.config.vocab_size - 1], pad_id=0,
+                            max_seq_len=PROMPT + args.new + 32))
+    del hf, model
+  rng = np.random.default_rng(0)
+  for batch in batches:
+    prompts = rng.integers(1, 150_000, (batch, PROMPT)).tolist()
+    bw, rate = read_bandwidth(repeats=3), matmul_rate()
+    timed = time_ours(samplers, prompts, args.new, args.repeats)
+    for layers, (total, prefill, out) in zip(layer_counts, timed):
+      c = configs[layers]
+      bandwidths[layers, batch], rates[layers, batch] = bw, rate
+      assert min(len(x) for x in out.tokens) == args.new, "a row stopped early"
       step = steps[layers, batch] = (total - prefill) / (args.new - 1)
-      floor = floors(c, params, batch, PROMPT + args.new / 2, bw, rate)["step"]
+      floor = floors(c, c.num_params(), batch, PROMPT + args.new / 2, bw, rate)["step"]
       ours_tps = batch * args.new / total
       peer = ("-", "-", "-")
-      if layers == args.peer_layers:
-        hf_time, hf_tokens = time_transformers(hf, prompts, args.new)
+      if layers in hfs:
+        hf_time, hf_tokens = time_transformers(hfs[layers], prompts, args.new)
         hf_tps = batch * args.new / hf_time
         same = np.mean([a == b for a, b in zip(out.tokens, hf_tokens)])
         peer = (f"{hf_tps:.1f}", f"{ours_tps / hf_tps:.2f}x", f"{same:.0%}")
-      print(f"| {layers} | {batch} | {bw / 1e9:.1f} | {rate / 1e9:.0f} | {ours_tps:.1f} | {peer[0]} | {peer[1]} | "
-            f"{step * 1e3:.1f} | {floor * 1e3:.1f} | {step / floor:.2f} | {peer[2]} |",
-            flush=True)
-    del sampler, model, hf
+      print(f"| {layers} | {batch} | {bw / 1e9:.1f} | {rate / 1e9:.0f} | {ours_tps:.1f} | "
+            f"{peer[0]} | {peer[1]} | {step * 1e3:.1f} | {floor * 1e3:.1f} | "
+            f"{step / floor:.2f} | {peer[2]} |", flush=True)
 
   if len(layer_counts) < 2:
     return
