@@ -9,7 +9,8 @@ Prints our per-step decode time against the machine's floor for that step, the l
 measured bf16 matmul rate), both measured in this run. Read bandwidth, not copy bandwidth:
 a decode step reads its weights and cache and writes almost nothing, and a copy, which moves
 each byte twice, runs at less than half the read rate (`machine.py`). From the two layer
-counts it also prints one decoder layer's time (the step's growth per added layer) and the
+counts it also prints one decoder layer's time (the step's growth per added layer; the layer
+counts' timings take turns, so that a shared machine's changing load falls on both) and the
 rest of the step (LM head, token choice, loop) against their own floors.
 
   python bench/bench_sampler.py [--layers 2,4] [--batches 1,16,64] [--new 128] [--peer_layers 4]
