@@ -4,7 +4,9 @@
 (batch bucket, prompt-length bucket, new-token bucket); the sampling settings, the token
 budget and the weights are traced inputs, so changing any of them, or prompt lengths
 within a bucket, reuses the program. Prompts are left-padded so that every row's next
-token lands in the same cache slot.
+token lands in the same cache slot. `generate(..., share_prefix=True)` prefills a prefix
+common to all prompts (a knowledge text) once and copies its cache to every row, in a second
+program per (batch, prefix-length, suffix-length, new-token) bucket.
 
 Each step's token is chosen by `oel_jax.token_choice.sample_next` (temperature, then top-k,
 then top-p; the log-probability reported for a token is under the distribution it was drawn
@@ -284,7 +286,7 @@ class Sampler:
     # Every row keeps at least its last token as suffix: its logits start the decode.
     shared = min(common_prefix_length(prompts), min(lengths) - 1) if share_prefix else 0
     knobs = (jnp.int32(max_new_tokens), jnp.float32(temperature), jnp.int32(top_k),
-                jnp.float32(top_p))
+             jnp.float32(top_p))
     if shared < max(self.min_prompt_bucket, 1):
       batch, prompt_len, gen_slots = self._buckets(len(prompts), max(lengths), max_new_tokens)
       ids, mask, active, seeds = self._place(self._pad_batch(prompts, row_seeds, prompt_len,
