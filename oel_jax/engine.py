@@ -23,7 +23,10 @@ class TokenSampler(Protocol):
   ``generate`` returns an object with ``tokens`` (generated ids per prompt, the stop token
   included when hit) and ``finish_reasons`` (``"stop"`` or ``"length"``). An optional
   ``max_seq_len`` attribute lets callers report over-long prompts themselves; consolidation
-  also calls ``update_weights`` (a model or its state: the weights to sample with next).
+  also calls ``update_weights`` (a model or its state: the weights to sample with next). An
+  optional ``shares_prefixes`` attribute, when True, says that ``generate`` also takes
+  ``share_prefix=True``: prefill the prefix common to all prompts once, the replies unchanged
+  (callers whose prompts all hold one knowledge text ask for it).
   """
 
   def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,

@@ -237,8 +237,11 @@ def evaluate(sampler: TokenSampler, tokenizer: Any, config: EvalConfig = EvalCon
   seeds = config.game_seeds()
   runs: dict[int, list[Trajectory]] = {}
   for s in config.sampling_seeds:
+    # One knowledge text in every prompt: prefilled once per sampler call when the sampler
+    # can (`oel_jax.sampling.Sampler.generate`'s share_prefix).
     runs[s] = rollout(sampler, tokenizer, seeds, config.rollout_config(s), model=model,
-                      knowledge=knowledge, metadata={"split": "eval"})
+                      knowledge=knowledge, metadata={"split": "eval"},
+                      share_prefix=bool(knowledge))
   if trajectory_path is not None:
     write_trajectories(trajectory_path, (t for games in runs.values() for t in games))
   return summarize(runs, with_knowledge=bool(knowledge))

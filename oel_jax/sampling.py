@@ -4,7 +4,9 @@
 (batch bucket, prompt-length bucket, new-token bucket); the sampling settings, the token
 budget and the weights are traced inputs, so changing any of them, or prompt lengths
 within a bucket, reuses the program. Prompts are left-padded so that every row's next
-token lands in the same cache slot.
+token lands in the same cache slot. `generate(..., share_prefix=True)` prefills a prefix
+common to all prompts (a knowledge text) once and copies its cache to every row, in a second
+program per (batch, prefix-length, suffix-length, new-token) bucket.
 
 Each step's token is chosen by `oel_jax.token_choice.sample_next` (temperature, then top-k,
 then top-p; the log-probability reported for a token is under the distribution it was drawn
@@ -119,6 +121,9 @@ class Sampler:
     mesh: shard the batch over the mesh's (data, fsdp) axes when it divides them.
   """
 
+  shares_prefixes = True
+  """`generate` takes ``share_prefix`` (see `oel_jax.engine.TokenSampler`)."""
+
   def __init__(self, model: Qwen3, *, eos_ids: Sequence[int], pad_id: int, max_seq_len: int,
                min_prompt_bucket: int = 32, min_batch_bucket: int = 4,
                buckets_per_doubling: int = 1, mesh: jax.sharding.Mesh | None = None):
@@ -147,6 +152,7 @@ class Sampler:
         params)
     self.num_compilations = 0
     self._jitted = jax.jit(self._generate, static_argnames=("gen_slots",))
+    self._jitted_shared = jax.jit(self._generate_shared, static_argnames=("gen_slots",))
 
   # ---- weights ----
 
@@ -174,12 +180,42 @@ class Sampler:
 
   def _generate(self, params, prompt_ids, prompt_mask, active, budget, temperature, top_k,
                 top_p, row_seeds, *, gen_slots: int):
+    """Prefills the whole prompts `[B, P]`, then decodes."""
     self.num_compilations += 1  # runs only while tracing
     model = nnx.merge(self._graphdef, params)
     batch, prompt_len = prompt_ids.shape
     cache = KVCache.zeros(self.config, batch, prompt_len + gen_slots)
     hidden, cache = model.hidden_states(prompt_ids, attention_mask=prompt_mask, cache=cache)
-    logits = _last_logits(model, hidden[:, -1])
+    return self._decode(model, hidden[:, -1], cache, active, budget, temperature, top_k, top_p,
+                        row_seeds, gen_slots)
+
+  def _generate_shared(self, params, prefix_ids, prefix_mask, suffix_ids, suffix_mask, active,
+                       budget, temperature, top_k, top_p, row_seeds, *, gen_slots: int):
+    """Prefills a prefix `[1, L]` that every row shares once, copies its cache to every row,
+    prefills each row's suffix `[B, P]` after it, then decodes.
+
+    Both parts are left-padded: a row's suffix padding sits in masked slots between the
+    prefix and the suffix, and positions count real tokens only (`positions_from_mask`), so
+    every real token has the position and attends to the tokens it has in the whole prompt.
+    """
+    self.num_compilations += 1  # runs only while tracing
+    model = nnx.merge(self._graphdef, params)
+    batch, suffix_len = suffix_ids.shape
+    cache = KVCache.zeros(self.config, 1, prefix_ids.shape[1] + suffix_len + gen_slots)
+    _, cache = model.hidden_states(prefix_ids, attention_mask=prefix_mask, cache=cache)
+    cache = KVCache(k=tuple(jnp.broadcast_to(k, (batch, *k.shape[1:])) for k in cache.k),
+                    v=tuple(jnp.broadcast_to(v, (batch, *v.shape[1:])) for v in cache.v),
+                    mask=jnp.broadcast_to(cache.mask, (batch, cache.slots)), index=cache.index)
+    hidden, cache = model.hidden_states(suffix_ids, attention_mask=suffix_mask, cache=cache)
+    return self._decode(model, hidden[:, -1], cache, active, budget, temperature, top_k, top_p,
+                        row_seeds, gen_slots)
+
+  def _decode(self, model, last_hidden, cache, active, budget, temperature, top_k, top_p,
+              row_seeds, gen_slots):
+    """The first token from the prompts' last hidden states `[B, H]`, then the decode loop
+    until every row stopped or `budget` tokens: `(tokens [B, G], logprobs [B, G], steps)`."""
+    batch = last_hidden.shape[0]
+    logits = _last_logits(model, last_hidden)
     eos = jnp.asarray(self.eos_ids, jnp.int32)
 
     keys = jax.random.wrap_key_data(row_seeds)  # [B] keys, one stream per row
@@ -218,12 +254,19 @@ class Sampler:
 
   def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-               seed: int | Sequence[int] = 0) -> GenerationOutput:
+               seed: int | Sequence[int] = 0, share_prefix: bool = False) -> GenerationOutput:
     """Generates up to `max_new_tokens` for each prompt (a list of token ids, any length).
 
     `seed`: one integer for the call (row i then draws from the stream of `(seed, i)`), or
     one per prompt, in [0, 2^64): a row's tokens then depend only on its own prompt and
     seed, not on which other prompts share the batch or where it sits in it.
+
+    `share_prefix`: prefill the longest prefix common to all prompts once (batch 1) and start
+    every row from a copy of its cache, when it is at least `min_prompt_bucket` tokens (a
+    knowledge text in every prompt of an in-context evaluation); each row's own tokens are
+    then prefilled after it. The same tokens and log-probabilities as prefilling the whole
+    prompts, up to floating-point rounding (different matmul shapes); a separate program per
+    (batch, prefix, suffix, new-token) bucket.
     """
     if not prompts:
       return GenerationOutput([], [], [])
@@ -240,18 +283,32 @@ class Sampler:
       if n + max_new_tokens > self.max_seq_len:
         raise ValueError(f"prompt {i} has {n} tokens; with max_new_tokens={max_new_tokens} "
                          f"it exceeds max_seq_len={self.max_seq_len}")
-    batch, prompt_len, gen_slots = self._buckets(len(prompts), max(lengths), max_new_tokens)
-    arrays = self._pad_batch(prompts, row_seeds, prompt_len, batch)
-    if self.mesh is None:
-      args = [jnp.asarray(a) for a in arrays]
+    # Every row keeps at least its last token as suffix: its logits start the decode.
+    shared = min(common_prefix_length(prompts), min(lengths) - 1) if share_prefix else 0
+    knobs = (jnp.int32(max_new_tokens), jnp.float32(temperature), jnp.int32(top_k),
+             jnp.float32(top_p))
+    if shared < max(self.min_prompt_bucket, 1):
+      batch, prompt_len, gen_slots = self._buckets(len(prompts), max(lengths), max_new_tokens)
+      ids, mask, active, seeds = self._place(self._pad_batch(prompts, row_seeds, prompt_len,
+                                                             batch))
+      tokens, logprobs, _ = self._jitted(self._params, ids, mask, active, *knobs, seeds,
+                                         gen_slots=gen_slots)
     else:
-      # Every process holds the whole batch (they all play the same games); each places
-      # the rows of its own devices.
-      args = [parallel.place(a, self._batch_sharding()) for a in arrays]
-    ids, mask, active, seeds = args
-    tokens, logprobs, _ = self._jitted(
-        self._params, ids, mask, active, jnp.int32(max_new_tokens), jnp.float32(temperature),
-        jnp.int32(top_k), jnp.float32(top_p), seeds, gen_slots=gen_slots)
+      suffixes = [p[shared:] for p in prompts]
+      batch, suffix_len, gen_slots = self._buckets(len(prompts), max(lengths) - shared,
+                                                   max_new_tokens, capped=False)
+      prefix_len = bucket_size(shared, self.min_prompt_bucket, self.buckets_per_doubling)
+      prefix_ids, prefix_mask, _, _ = self._pad_batch([prompts[0][:shared]], row_seeds[:1],
+                                                      prefix_len, 1)
+      if self.mesh is not None:
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        prefix_ids, prefix_mask = (parallel.place(a, replicated)
+                                   for a in (prefix_ids, prefix_mask))
+      ids, mask, active, seeds = self._place(self._pad_batch(suffixes, row_seeds, suffix_len,
+                                                             batch))
+      tokens, logprobs, _ = self._jitted_shared(
+          self._params, jnp.asarray(prefix_ids), jnp.asarray(prefix_mask), ids, mask, active,
+          *knobs, seeds, gen_slots=gen_slots)
     # Every process gets every row: each one's games go on with them.
     tokens, logprobs = parallel.to_host(tokens), parallel.to_host(logprobs)
 
@@ -266,12 +323,23 @@ class Sampler:
       reasons.append("length" if stop is None else "stop")
     return GenerationOutput(out_tokens, out_logprobs, reasons)
 
-  def _buckets(self, rows: int, longest_prompt: int, max_new_tokens: int
-               ) -> tuple[int, int, int]:
-    """The program's shapes for a call: padded batch, prompt length and generated slots."""
-    prompt_len = min(bucket_size(longest_prompt, self.min_prompt_bucket,
-                                 self.buckets_per_doubling),
-                     self.max_seq_len - max_new_tokens)
+  def _place(self, arrays: Sequence[np.ndarray]) -> list[jax.Array]:
+    """Batch inputs on the device(s): split over the mesh's batch axes when there is one."""
+    if self.mesh is None:
+      return [jnp.asarray(a) for a in arrays]
+    # Every process holds the whole batch (they all play the same games); each places
+    # the rows of its own devices.
+    return [parallel.place(a, self._batch_sharding()) for a in arrays]
+
+  def _buckets(self, rows: int, longest_prompt: int, max_new_tokens: int, *,
+               capped: bool = True) -> tuple[int, int, int]:
+    """The program's shapes for a call: padded batch, prompt length and generated slots.
+
+    `capped`: the padded prompt length stays within `max_seq_len - max_new_tokens` (off for
+    the suffixes after a shared prefix, whose bound is the whole prompt's)."""
+    prompt_len = bucket_size(longest_prompt, self.min_prompt_bucket, self.buckets_per_doubling)
+    if capped:
+      prompt_len = min(prompt_len, self.max_seq_len - max_new_tokens)
     gen_slots = bucket_size(max_new_tokens, 16)
     batch = bucket_size(rows, self.min_batch_bucket, self.buckets_per_doubling)
     if self.mesh is not None:  # whole rows per batch shard
@@ -338,6 +406,17 @@ class Sampler:
       reasoning, answer = chat.split_reasoning(text)
       replies.append(ChatCompletion(text, reasoning, answer, tokens, logprobs, reason))
     return replies
+
+
+def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+  """How many leading tokens all `prompts` have in common (the whole prompt for one)."""
+  first = np.asarray(prompts[0])
+  n = min(len(p) for p in prompts)
+  for prompt in prompts[1:]:
+    differ = np.flatnonzero(np.asarray(prompt[:n]) != first[:n])
+    if differ.size:
+      n = int(differ[0])
+  return n
 
 
 def decode_loop(compiled_hlo: str) -> tuple[dict[str, list[parallel.HloInstruction]],

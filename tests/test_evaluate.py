@@ -187,3 +187,52 @@ def test_tiny_model_evaluation_through_the_real_sampler(tok, tmp_path):
   # Different sampling seeds, same maps, other replies.
   assert [g.seed for g in saved[:4]] == [g.seed for g in saved[4:]]
   assert [g.turns[0].response for g in saved[:4]] != [g.turns[0].response for g in saved[4:]]
+
+
+class _PrefixSharingScript(ScriptedSampler):
+  """The scripted sampler, declaring that it prefills shared prefixes (it just logs the ask)."""
+
+  shares_prefixes = True
+
+  def generate(self, prompts, *, share_prefix=False, **kwargs):
+    out = super().generate(prompts, **kwargs)
+    self.calls[-1].kwargs["share_prefix"] = share_prefix
+    return out
+
+
+def test_in_context_evaluation_asks_for_the_shared_prefix(tok):
+  """With knowledge, every sampler call asks a sampler that can for its shared-prefix prefill;
+  without knowledge, or from a sampler that cannot (`ScriptedSampler`), nothing is passed."""
+  config = EvalConfig(env="sokoban", num_games=3, sampling_seeds=(5,), max_new_tokens=MAX_NEW,
+                      progress=False)
+  sharing = _PrefixSharingScript(tok, _policy())
+  evaluate(sharing, tok, config, model=MODEL, knowledge="- EXPERIENCE ITEM: push boxes.")
+  assert sharing.calls and all(c.kwargs["share_prefix"] for c in sharing.calls)
+  plain = _PrefixSharingScript(tok, _policy())
+  evaluate(plain, tok, config, model=MODEL)
+  assert plain.calls and not any(c.kwargs["share_prefix"] for c in plain.calls)
+
+
+def test_tiny_model_in_context_evaluation_with_a_shared_prefix(tok, tmp_path):
+  """In-context evaluation through the real sampler: the knowledge prefix prefilled once per
+  call, every reply and metric the same as with the whole prompts prefilled (a sampler told
+  it cannot share)."""
+  knowledge = "\n".join(f"- EXPERIENCE ITEM: on lake {i}, [up] and [down] are swapped."
+                        for i in range(6))
+  config = EvalConfig(num_games=4, sampling_seeds=(0,), max_new_tokens=12, progress=False)
+  shared = Sampler(tiny.tiny_model(), eos_ids=chat.stop_token_ids(tok), pad_id=tiny.PAD_ID,
+                   max_seq_len=1024)
+  whole = Sampler(tiny.tiny_model(), eos_ids=chat.stop_token_ids(tok), pad_id=tiny.PAD_ID,
+                  max_seq_len=1024)
+  whole.shares_prefixes = False
+  results, games = [], []
+  for name, sampler in (("shared", shared), ("whole", whole)):
+    path = tmp_path / f"{name}.jsonl"
+    results.append(evaluate(sampler, tok, config, model=MODEL, knowledge=knowledge,
+                            trajectory_path=str(path)))
+    games.append(load_trajectories(path))
+  assert shared._jitted_shared._cache_size() >= 1  # pylint: disable=protected-access
+  assert whole._jitted_shared._cache_size() == 0  # pylint: disable=protected-access
+  assert results[0] == results[1]
+  replies = [[[t.response for t in g.turns] for g in run] for run in games]
+  assert replies[0] == replies[1] and sum(map(len, replies[0])) > 4

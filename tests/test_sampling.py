@@ -10,7 +10,7 @@ from flax import nnx
 from hf_reference import make_hf_model
 from oel_jax import chat, parallel, tiny
 from oel_jax.models import load_hf
-from oel_jax.sampling import Sampler, bucket_size
+from oel_jax.sampling import Sampler, bucket_size, common_prefix_length
 
 VOCAB = 128
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 40, 41, 42], [3, 4], [9, 9, 9, 1, 2], [77], [20] * 17]
@@ -341,3 +341,65 @@ def test_update_weights_moves_weights_placed_elsewhere(ref):
   assert [x.sharding for x in jax.tree.leaves(sampler._params)] == before
   assert {len(b) for b in _buffers(sampler._params)} == {8}
   # pylint: enable=protected-access
+
+
+def _knowledge_prompts(seed: int = 0) -> list[list[int]]:
+  """Prompts sharing a 45-token prefix (a knowledge text), then suffixes of 1 to 19 tokens;
+  two suffixes start alike, so the common prefix is not where any row's suffix starts."""
+  rng = np.random.default_rng(seed)
+  prefix = rng.integers(1, VOCAB - 1, 45).tolist()
+  suffixes = [rng.integers(1, VOCAB - 1, n).tolist() for n in (1, 7, 19, 3, 12)]
+  suffixes[4][:2] = suffixes[1][:2]
+  return [prefix + s for s in suffixes]
+
+
+def test_shared_prefix_equals_whole_prompts(ref):
+  """Prefilling the common prefix once gives the whole-prompt prefill's tokens, greedy and
+  sampled with the same seeds, with rows whose own parts differ in length and some stops."""
+  _, _, model = ref
+  prompts = _knowledge_prompts()
+  free = Sampler(model, eos_ids=[VOCAB - 1], pad_id=0, max_seq_len=128, min_prompt_bucket=8)
+  runs = free.generate(prompts, max_new_tokens=20, temperature=0).tokens
+  # A stop token that one row generates late and another never: some rows stop, some do not.
+  eos = [next(t for t in runs[2][3:] if any(t not in r for r in runs))]
+  sampler = Sampler(model, eos_ids=eos, pad_id=0, max_seq_len=128, min_prompt_bucket=8)
+  greedy = sampler.generate(prompts, max_new_tokens=20, temperature=0)
+  assert "stop" in greedy.finish_reasons and "length" in greedy.finish_reasons
+  seeds = [5, 2 ** 63 + 1, 17, 0, 99]
+  for kw in [dict(temperature=0), dict(temperature=1.0, seed=seeds),
+             dict(temperature=0.7, top_k=20, top_p=0.8, seed=3)]:
+    whole = sampler.generate(prompts, max_new_tokens=20, **kw)
+    shared = sampler.generate(prompts, max_new_tokens=20, share_prefix=True, **kw)
+    assert shared.tokens == whole.tokens, kw
+    assert shared.finish_reasons == whole.finish_reasons
+    np.testing.assert_allclose(np.concatenate(shared.logprobs),
+                               np.concatenate(whole.logprobs), atol=1e-5)
+  assert sampler._jitted_shared._cache_size() == 1  # the shared path ran, one program
+
+
+def test_shared_prefix_too_short_prefills_whole_prompts(ref):
+  """A common prefix under `min_prompt_bucket` tokens saves nothing: the usual program runs."""
+  _, _, model = ref
+  sampler = Sampler(model, eos_ids=[VOCAB - 1], pad_id=0, max_seq_len=128, min_prompt_bucket=8)
+  prompts = [[4, 5, 6] + p for p in PROMPTS]
+  out = sampler.generate(prompts, max_new_tokens=6, temperature=0, share_prefix=True)
+  assert sampler._jitted_shared._cache_size() == 0  # pylint: disable=protected-access
+  assert out.tokens == sampler.generate(prompts, max_new_tokens=6, temperature=0).tokens
+  assert common_prefix_length(prompts) == 3
+  assert common_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 3
+  assert common_prefix_length([[1, 2, 3]]) == 3
+
+
+def test_shared_prefix_on_a_mesh(ref):
+  _, path, model = ref
+  mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tp=2))
+  multi = Sampler(load_hf(path, mesh=mesh), eos_ids=[VOCAB - 1], pad_id=0, max_seq_len=128,
+                  min_prompt_bucket=8, mesh=mesh)
+  single = Sampler(model, eos_ids=[VOCAB - 1], pad_id=0, max_seq_len=128, min_prompt_bucket=8)
+  prompts = _knowledge_prompts(1)
+  a = single.generate(prompts, max_new_tokens=8, temperature=0)
+  b = multi.generate(prompts, max_new_tokens=8, temperature=0, share_prefix=True)
+  assert multi._jitted_shared._cache_size() == 1  # pylint: disable=protected-access
+  assert a.tokens == b.tokens
+  np.testing.assert_allclose(np.concatenate(a.logprobs), np.concatenate(b.logprobs),
+                             atol=1e-4)

@@ -204,9 +204,12 @@ def _encode_turn(tokenizer: Any, messages: list[formats.Message], config: Rollou
 
 
 def _sample_turn(sampler: engine.TokenSampler, requests: list[tuple[int, list[int]]],
-                 config: RolloutConfig) -> tuple[list[tuple[list[int], str]], int]:
+                 config: RolloutConfig, share_prefix: bool = False
+                 ) -> tuple[list[tuple[list[int], str]], int]:
   """``(tokens, finish_reason)`` per ``(seed, prompt ids)`` request, and the calls made."""
   kwargs = config.sampling_params.generate_kwargs()
+  if share_prefix and getattr(sampler, "shares_prefixes", False):
+    kwargs["share_prefix"] = True
   calls = 0
 
   def answer(chunk: list[tuple[int, list[int]]], _: int) -> list[tuple[list[int], str]]:
@@ -273,7 +276,8 @@ class _Games:
 
 
 def _play(games: _Games, sampler: engine.TokenSampler, tokenizer: Any, config: RolloutConfig,
-          knowledge: str | None, prompt_format: formats.PromptFormat) -> None:
+          knowledge: str | None, prompt_format: formats.PromptFormat,
+          share_prefix: bool = False) -> None:
   """Resets the games and plays them in lockstep, one turn of every running game at a time."""
   for env in games.envs:
     env.reset()
@@ -283,7 +287,8 @@ def _play(games: _Games, sampler: engine.TokenSampler, tokenizer: Any, config: R
   try:
     while active:
       bar.set_postfix(turn=games.turns, running=len(active))
-      _play_turn(games, active, sampler, tokenizer, config, knowledge, prompt_format)
+      _play_turn(games, active, sampler, tokenizer, config, knowledge, prompt_format,
+                 share_prefix)
       still = [i for i in active if not games.envs[i].done]
       bar.update(len(active) - len(still))
       active = still
@@ -294,7 +299,7 @@ def _play(games: _Games, sampler: engine.TokenSampler, tokenizer: Any, config: R
 
 def _play_turn(games: _Games, active: list[int], sampler: engine.TokenSampler, tokenizer: Any,
                config: RolloutConfig, knowledge: str | None,
-               prompt_format: formats.PromptFormat) -> None:
+               prompt_format: formats.PromptFormat, share_prefix: bool = False) -> None:
   """One turn of the ``active`` games: their prompts in one sampling pass, each reply played."""
   turn, max_seq_len = games.turns, getattr(sampler, "max_seq_len", None)
   prompts = []
@@ -306,7 +311,7 @@ def _play_turn(games: _Games, active: list[int], sampler: engine.TokenSampler, t
   requests = [(game_turn_seed(config.seed, games.seeds[i], turn, games.plays[i]), ids)
               for i, ids in zip(active, prompts)]
   t0 = time.perf_counter()
-  replies, calls = _sample_turn(sampler, requests, config)
+  replies, calls = _sample_turn(sampler, requests, config, share_prefix)
   games.generate_s += time.perf_counter() - t0
   games.calls += calls
   for i, ids, (toks, reason) in zip(active, prompts, replies):
@@ -323,7 +328,8 @@ def rollout(sampler: engine.TokenSampler, tokenizer: Any, seeds: Sequence[int],
             metadata: Mapping[str, Any] | None = None,
             timings: dict[str, float] | None = None,
             plays: Sequence[int] | None = None,
-            prompt_format: formats.PromptFormat = formats.GAME) -> list[Trajectory]:
+            prompt_format: formats.PromptFormat = formats.GAME,
+            share_prefix: bool = False) -> list[Trajectory]:
   """Plays one game per board seed, all in lockstep, and returns their trajectories.
 
   Args:
@@ -347,6 +353,9 @@ def rollout(sampler: engine.TokenSampler, tokenizer: Any, seeds: Sequence[int],
     prompt_format: renders each turn's messages from the game's observation history and
       ``knowledge`` (default: the paper's game prompt); each turn records its id, the history
       as ``content`` and the user message as ``prompt``.
+    share_prefix: ask a sampler that offers it (``shares_prefixes``; see
+      `oel_jax.engine.TokenSampler`) to prefill the prefix common to a call's prompts once
+      (worth it when one knowledge text is in every prompt). The replies do not change.
 
   Returns:
     The trajectories, in the order of ``seeds``. Each one's metadata holds ``sampling``
@@ -362,7 +371,7 @@ def rollout(sampler: engine.TokenSampler, tokenizer: Any, seeds: Sequence[int],
   wall_start = time.perf_counter()
   games = _Games([make_env(config.env, seed=s, knowledge=knowledge, **config.env_settings)
                   for s in seeds], seeds, plays)
-  _play(games, sampler, tokenizer, config, knowledge, prompt_format)
+  _play(games, sampler, tokenizer, config, knowledge, prompt_format, share_prefix)
   extra = {"sampling": config.sampling(), "enable_thinking": config.enable_thinking,
            "keep_reasoning": config.keep_reasoning, "with_knowledge": bool(knowledge),
            **dict(metadata or {})}
