@@ -27,9 +27,9 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from oel_jax.models.qwen3 import Qwen3, constrain_batch, embed_tokens, positions_from_mask
+from oel_jax.sampling import common_prefix_length
 
 
 @flax.struct.dataclass
@@ -56,15 +56,6 @@ class KnowledgePrefix:
   draw that text)."""
   kv: PrefixKV
   """The teacher's keys and values over `ids` (slot j of text c holds token ``ids[c][j]``)."""
-
-
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-  """How many leading tokens ``a`` and ``b`` share."""
-  n = min(len(a), len(b))
-  if n == 0:
-    return 0
-  differ = np.asarray(a[:n], np.int64) != np.asarray(b[:n], np.int64)
-  return int(np.argmax(differ)) if differ.any() else n
 
 
 def common_prefix(texts: Sequence[str]) -> str:
@@ -111,7 +102,7 @@ def split_prompts(teacher_prompts: Sequence[Sequence[int]], contexts: Sequence[i
                        f"for {len(prefix_ids)} texts")
     if not prompt:
       raise ValueError(f"split_prompts: teacher prompt {i} is empty")
-    n = min(common_prefix_length(prompt, prefix_ids[c]), len(prompt) - 1)
+    n = min(common_prefix_length([prompt, prefix_ids[c]]), len(prompt) - 1)
     rest.append(list(prompt[n:]))
     used.append(n)
   return rest, used
