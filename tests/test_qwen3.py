@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from hf_reference import hf_logits, make_hf_model, padded_batch
+from oel_jax import parallel
 from oel_jax.models import KVCache, PRESETS, Qwen3Config, abstract_model, load_hf
 
 # (tied, rope theta, query heads, kv heads): both thetas, tied and untied, GQA 1, 2, 4.
@@ -202,3 +203,134 @@ def test_write_slots_matches_numpy(dtype):
   expected[:, :, 5:7] = np.asarray(jnp.asarray(new, dtype))
   assert got.dtype == dtype
   np.testing.assert_array_equal(np.asarray(got), expected)
+
+
+# --------------------------------------------------------------------------------------
+# The embedding lookup of 16-bit tables (gathered as uint16 bits, see `_take_rows_by_bits`)
+# --------------------------------------------------------------------------------------
+
+# A table shape no other buffer of these programs has, so that a buffer of this shape is a
+# copy of the table.
+TABLE_CONFIG = Qwen3Config(vocab_size=1000, hidden_size=96, intermediate_size=128, num_layers=2,
+                           num_heads=4, num_kv_heads=2, head_dim=32, param_dtype=jnp.bfloat16,
+                           compute_dtype=jnp.bfloat16)
+
+
+def _buffers_of_shape(hlo_text: str, shape: tuple[int, ...]) -> list[str]:
+  """The instructions of a compiled program that write a buffer of `shape`: those run as
+  kernels from the entry computation, loop bodies and branches (not the insides of fused
+  kernels, which compute elements on demand), less those that only name a buffer
+  (parameters, tuples, bitcasts)."""
+  computations = parallel.parse_hlo(hlo_text)
+  run, todo = set(), ["ENTRY"]
+  while todo:
+    name = todo.pop()
+    if name in run or name not in computations:
+      continue
+    run.add(name)
+    todo += [c for inst in computations[name] if inst.opcode != "fusion" for c in inst.called]
+  naming = {"parameter", "get-tuple-element", "tuple", "bitcast", "while", "conditional",
+            "call", "optimization-barrier"}
+  return [f"{inst.opcode} {inst.name} -> {[str(a.dtype) for a in inst.results]}"
+          for name in run for inst in computations[name]
+          if inst.opcode not in naming and any(a.shape == shape for a in inst.results)]
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_decode_program_writes_no_copy_of_the_embedding_table(tied):
+  """The compiled `Sampler` program (prefill + decode loop) of a bf16 model gathers its
+  embedding rows from the table as stored: XLA:CPU used to convert the whole `[V, H]` table
+  to float32 before the loop, once per call."""
+  from oel_jax.models.qwen3 import init_model
+  from oel_jax.sampling import Sampler
+  config = TABLE_CONFIG.replace(tie_word_embeddings=tied)
+  sampler = Sampler(init_model(config), eos_ids=[1], pad_id=0, max_seq_len=128)
+  text = sampler.lower(16, 32, 16).compile().as_text()
+  shape = (config.vocab_size, config.hidden_size)
+  arguments = [a for inst in parallel.parse_hlo(text)["ENTRY"] if inst.opcode == "parameter"
+               for a in inst.results]
+  assert any(a.shape == shape and a.dtype == "bf16" for a in arguments), "no table argument"
+  assert _buffers_of_shape(text, shape) == []
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16bit_embedding_lookup_is_the_plain_gather(dtype):
+  """Values (NaN rows past the vocabulary, negative ids from the end) and gradients (repeated
+  ids accumulate) bit for bit those of `jnp.take`, and the rows those of NumPy indexing."""
+  from oel_jax.models.qwen3 import embed_tokens
+  rng = np.random.default_rng(0)
+  table = jnp.asarray(rng.normal(size=(50, 8)), dtype)
+  ids = jnp.asarray([[3, 3, 49, 0], [7, -1, 50, 120]], jnp.int32)
+  got = jax.jit(embed_tokens)(table, ids)
+  plain = jnp.take(table, ids, axis=0)
+  assert got.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(got).view(np.uint16),
+                                np.asarray(plain).view(np.uint16))
+  np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(table)[[3, 3, 49, 0]])
+  np.testing.assert_array_equal(np.asarray(got[1, 1]), np.asarray(table)[-1])
+  assert np.isnan(np.asarray(got[1, 2:], np.float32)).all()
+
+  weights = jnp.asarray(rng.normal(size=(2, 4, 8)), dtype)
+  grad = lambda gather: jax.jit(jax.grad(
+      lambda t: jnp.sum((gather(t, ids) * weights).astype(jnp.float32))))(table)
+  ours, theirs = grad(embed_tokens), grad(lambda t, i: jnp.take(t, i, axis=0))
+  assert ours.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(ours).view(np.uint16),
+                                np.asarray(theirs).view(np.uint16))
+  assert np.asarray(ours, np.float32)[3].any() and not np.asarray(ours, np.float32)[1].any()
+
+
+def test_bf16_logits_and_greedy_decode_unchanged_by_the_bit_gather(monkeypatch):
+  """A bf16 model's logits (whole forward and cached steps) and a `Sampler`'s greedy tokens
+  and log-probabilities are bit for bit those of the plain gather."""
+  from oel_jax.models import qwen3
+  from oel_jax.sampling import Sampler
+  model = qwen3.init_model(TABLE_CONFIG, seed=3)
+  ids, mask = padded_batch([9, 5, 7], TABLE_CONFIG.vocab_size, side="left", seed=4)
+  prompts = [row[m > 0].tolist() for row, m in zip(ids, mask)]
+
+  def run():
+    forward = jax.jit(lambda i, m: model(i, attention_mask=m))(jnp.asarray(ids),
+                                                               jnp.asarray(mask))
+    cache = KVCache.zeros(model.config, batch=len(ids), slots=ids.shape[1] + 2)
+    step = jax.jit(lambda i, m, c: model(i, attention_mask=m, cache=c))
+    first, cache = step(jnp.asarray(ids), jnp.asarray(mask), cache)
+    second, _ = step(jnp.asarray(ids[:, -1:]), jnp.ones((len(ids), 1), jnp.int32), cache)
+    sampler = Sampler(model, eos_ids=[1], pad_id=0, max_seq_len=64)
+    out = sampler.generate(prompts, max_new_tokens=12, temperature=0)
+    return [np.asarray(x, np.float32) for x in (forward, first, second)], out
+
+  (logits, out) = run()
+  monkeypatch.setattr(qwen3, "_take_rows_by_bits", lambda t, i: jnp.take(t, i, axis=0))
+  (plain_logits, plain_out) = run()
+  for ours, theirs in zip(logits, plain_logits):
+    np.testing.assert_array_equal(ours, theirs)
+  assert out.tokens == plain_out.tokens
+  assert out.logprobs == plain_out.logprobs
+
+
+def test_16bit_embedding_lookup_on_a_mesh_is_the_plain_gather(monkeypatch):
+  """Split over a 2x2x2 mesh (the table as parameters are, `(tp, fsdp)`; ids over the batch
+  axes), the bit gather's rows are NumPy's and its gradient is the plain gather's in the
+  same program (the mesh sums a repeated row's gradient in another order than one device)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from oel_jax.models import qwen3
+  mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tp=2))
+  rng = np.random.default_rng(1)
+  table_np = np.asarray(jnp.asarray(rng.normal(size=(64, 16)), jnp.bfloat16))
+  ids_np = rng.integers(0, 64, (8, 5)).astype(np.int32)
+  table = jax.device_put(table_np, NamedSharding(mesh, P(qwen3.TP, qwen3.FSDP)))
+  ids = jax.device_put(ids_np, NamedSharding(mesh, P(("data", "fsdp"))))
+  weights = jnp.asarray(rng.normal(size=(8, 5, 16)), jnp.bfloat16)
+
+  def run():
+    loss = lambda t: jnp.sum((qwen3.embed_tokens(t, ids) * weights).astype(jnp.float32))
+    with jax.set_mesh(mesh):
+      rows = jax.jit(lambda t: qwen3.embed_tokens(t, ids))(table)
+      return np.asarray(rows).view(np.uint16), np.asarray(jax.jit(jax.grad(loss))(table))
+
+  rows, grad = run()
+  monkeypatch.setattr(qwen3, "_take_rows_by_bits", lambda t, i: jnp.take(t, i, axis=0))
+  _, plain_grad = run()
+  np.testing.assert_array_equal(rows, table_np[ids_np].view(np.uint16))
+  np.testing.assert_array_equal(grad.view(np.uint16), plain_grad.view(np.uint16))
