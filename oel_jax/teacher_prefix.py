@@ -27,8 +27,11 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from oel_jax.models.qwen3 import Qwen3, constrain_batch, embed_tokens, positions_from_mask
+from oel_jax.models.qwen3 import (FSDP, TP, Qwen3, _mesh_has, _stacked_layer_params,
+                                  constrain_batch, embed_tokens, positions_from_mask)
 from oel_jax.sampling import common_prefix_length
 
 
@@ -174,8 +177,36 @@ def hidden_states_with_prefix(model: Qwen3, kv: PrefixKV, ids: jax.Array, mask: 
   cached = (jnp.arange(kv.slots)[None, :] < prefix_len[:, None]).astype(jnp.int32)  # [B, P]
   attend = _attend(model, jnp.concatenate([cached, mask], axis=1), t)
   x = embed_tokens(model.embed[...], ids).astype(model.config.compute_dtype)
-  for i, layer in enumerate(model.layers):
-    rows = tuple(constrain_batch(jnp.take(a[i], context, axis=0)) for a in (kv.k, kv.v))
-    x, _ = _layer_kv(layer, x, positions, attend, rows)
-    x = constrain_batch(x)
+
+  def layer_step(layer, x, k, v):
+    rows = tuple(constrain_batch(jnp.take(a, context, axis=0)) for a in (k, v))
+    return constrain_batch(_layer_kv(layer, x, positions, attend, rows)[0])
+
+  if model.config.remat:
+    x = _scan_layers_with_prefix(model, kv, x, layer_step)
+  else:
+    for layer, k, v in zip(model.layers, kv.k, kv.v):
+      x = layer_step(layer, x, k, v)
   return model.final_norm(x)
+
+
+def _scan_layers_with_prefix(model: Qwen3, kv: PrefixKV, x: jax.Array, layer_step) -> jax.Array:
+  """``layer_step(layer, x, k, v)`` over every layer as one `lax.scan` over the stacked layer
+  weights and caches `[L, C, K, P, D]`.
+
+  Why, with ``remat`` (the big-model setting): unrolled, XLA:CPU's collective combiners join
+  all 36 layers' weight and cache gathers into single ops and keep them all live (Qwen3-8B on
+  8 devices: 23 GiB more temporaries per device than the step without the cache); a loop body
+  holds one layer's, as in `Qwen3.hidden_states` (`qwen3._scan_layers`).
+  """
+  graphdef = nnx.graphdef(model.layers[0])
+  stacked = _stacked_layer_params(model.layers, x.dtype)
+  caches = [jnp.stack(a) for a in (kv.k, kv.v)]
+  if _mesh_has(FSDP, TP):  # each layer's cache stays split as `Trainer.prefix_sharding` splits it
+    caches = [jax.lax.with_sharding_constraint(a, P(None, None, TP, FSDP)) for a in caches]
+
+  def body(x, layer_xs):
+    state, k, v = layer_xs
+    return layer_step(nnx.merge(graphdef, state), x, k, v), None
+
+  return jax.lax.scan(body, x, (stacked, *caches))[0]

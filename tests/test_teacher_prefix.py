@@ -237,3 +237,32 @@ def test_consolidation_uses_the_cache_by_default_with_the_same_steps():
   jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y),
                                                        atol=5e-5),
                nnx.state(cached.model), nnx.state(plain.model))
+
+
+@pytest.mark.parametrize("axes", [None, (("data", 2), ("fsdp", 2), ("tp", 2))],
+                         ids=["one_device", "mesh_2x2x2"])
+def test_remat_runs_the_cached_teacher_as_one_layer_scan_with_the_same_loss(axes):
+  """With ``remat`` the cached teacher's layers run as one scan over stacked weights and
+  caches (what keeps big models' per-layer gathers from piling up): the same loss and
+  gradients as today's whole teacher rows, float32, on one device and on a mesh."""
+  plain = CONFIG.replace(attention_block_size=8)
+  trainer, student, teacher, whole, cached, prefix = _both_paths(plain)
+  remat = _trainer(plain.replace(remat=True), axes=axes)
+  tp = remat.teacher_params(teacher)
+  prefix_r = remat.knowledge_prefix(tp, prefix.ids, length=32)
+  model = nnx.merge(remat.graphdef, tp)
+  jaxpr = jax.make_jaxpr(lambda: teacher_prefix.hidden_states_with_prefix(
+      model, prefix_r.kv, cached.teacher_ids, cached.teacher_mask, cached.teacher_context,
+      cached.teacher_prefix_len))()
+  assert "scan" in str(jaxpr)
+  if axes is None:
+    loss, grads = _loss_and_grads(trainer, student, teacher, whole, None)
+    loss_r, grads_r = _loss_and_grads(remat, student, teacher, cached, prefix_r)
+    assert loss_r == pytest.approx(loss, rel=1e-5)
+    assert _relative_error(grads_r, grads) < 1e-5
+    return
+  _, m0 = trainer.train_step(trainer.init_state(student), trainer.teacher_params(teacher),
+                             whole)
+  _, m1 = remat.train_step(remat.init_state(student), tp, cached, teacher_prefix=prefix_r)
+  assert m1["loss"] == pytest.approx(m0["loss"], rel=1e-5)
+  assert m1["grad_norm"] == pytest.approx(m0["grad_norm"], rel=1e-4)
