@@ -36,6 +36,10 @@ play index tells apart several plays of one board in one call (the K extraction 
 board, which the official code runs as K jobs with K rollout seeds): without it they would be
 one game K times.
 
+With ``RolloutConfig.slots`` (and a sampler that supports it), `rollout` plays the same
+games with continuous batching instead (`oel_jax.envs.continuous`): each reply is played as
+soon as it ends and its game's next turn takes its row, with the same seeds and trajectories.
+
 (This module is ``lockstep``, not ``rollout``, so that ``oel_jax.envs.rollout`` is the function.)
 """
 
@@ -361,7 +365,11 @@ def rollout(sampler: engine.TokenSampler, tokenizer: Any, seeds: Sequence[int],
             plays: Sequence[int] | None = None,
             prompt_format: formats.PromptFormat = formats.GAME,
             share_prefix: bool = False) -> list[Trajectory]:
-  """Plays one game per board seed, all in lockstep, and returns their trajectories.
+  """Plays one game per board seed, all at once, and returns their trajectories.
+
+  In lockstep (one sampler call per turn of every running game) by default; with
+  continuous batching when ``config.slots`` is set and the sampler supports it (`uses_slots`;
+  `oel_jax.envs.continuous`). Both give the same trajectories.
 
   Args:
     sampler: a `oel_jax.sampling.Sampler` (or any `oel_jax.engine.TokenSampler`).
@@ -377,7 +385,7 @@ def rollout(sampler: engine.TokenSampler, tokenizer: Any, seeds: Sequence[int],
       "train"}``).
     timings: if given, filled with ``generate_s`` (time in sampler calls), ``other_s`` (the
       rest: environments, templating, decoding), ``wall_s`` (both; not the file write),
-      ``turns`` and ``calls``.
+      ``turns`` and ``calls`` (`generate` calls in lockstep; decode chunks with slots).
     plays: the play index of each game (>= 0, one per seed; None: all 0). Plays of one board
       with different indices are different games (their sampling seeds differ); the index is
       recorded in each trajectory's metadata as ``play``.
