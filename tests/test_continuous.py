@@ -13,10 +13,11 @@ import jax
 import numpy as np
 import pytest
 
-from oel_jax import chat, tiny
+from oel_jax import chat, parallel, tiny
 from oel_jax.envs import ModelInfo, RolloutConfig, game_seeds, rollout
 from oel_jax.envs import lockstep
 from oel_jax.reply_lengths import LognormalLengthSampler, lognormal_length
+from oel_jax.sampling import Sampler
 from oel_jax.slots import SlotDecoder
 from scripted_sampler import ScriptedSampler, bfs_policy
 
@@ -134,7 +135,7 @@ def test_rollout_with_slots_equals_lockstep(tok, sampler, sampling, tmp_path):
   assert slot_timings["wall_s"] >= slot_timings["generate_s"] > 0
 
 
-def test_samplers_without_slots_and_shared_prefixes_play_in_lockstep(tok):
+def test_samplers_without_slots_and_shared_prefixes_play_in_lockstep(tok, sampler):
   seeds = game_seeds("train", 0, 0, 5)
   bfs = bfs_policy("sokoban")
   plain = ScriptedSampler(tok, lambda user, seed: bfs(user, 0))
@@ -153,6 +154,12 @@ def test_samplers_without_slots_and_shared_prefixes_play_in_lockstep(tok):
   assert not lockstep.uses_slots(Slotted(), on, share_prefix=True)
   assert not lockstep.uses_slots(Slotted(), RolloutConfig())
   assert not lockstep.uses_slots(plain, on)
+  # A sampler on a mesh does not support slots yet: its rollouts play in lockstep.
+  mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tp=2))
+  on_mesh = Sampler(tiny.tiny_model(num_layers=1), eos_ids=[1], pad_id=0, max_seq_len=64,
+                    mesh=mesh)
+  assert sampler.supports_slots and not on_mesh.supports_slots
+  assert not lockstep.uses_slots(on_mesh, on)
 
 
 def test_slots_is_checked():
