@@ -133,6 +133,7 @@ def test_rollout_with_slots_equals_lockstep(tok, sampler, sampling, tmp_path):
   assert len({m["response_tokens"] for m in metas}) > 5
   assert slot_timings["turns"] == lock_timings["turns"] == max(len(t.turns) for t in expected)
   assert slot_timings["wall_s"] >= slot_timings["generate_s"] > 0
+  assert rollout(sampler, tok, [], dataclasses.replace(config, slots=4), model=MODEL) == []
 
 
 def test_samplers_without_slots_and_shared_prefixes_play_in_lockstep(tok, sampler):

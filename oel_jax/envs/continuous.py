@@ -43,6 +43,8 @@ def play(games: lockstep._Games, sampler: Any, tokenizer: Any,  # pylint: disabl
   for env in games.envs:
     env.reset()
   n = len(games.envs)
+  if not n:
+    return
   decoder = slots_lib.SlotDecoder(
       sampler, min(int(config.slots), n), max_new_tokens=config.max_new_tokens,
       temperature=config.temperature, top_k=config.top_k, top_p=config.top_p,
