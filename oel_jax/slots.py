@@ -21,6 +21,9 @@ other reduction orders), as they already do between two `generate` batches; the 
 check that the tokens are the same.
 """
 
+# The slot programs are the sampler's own (its weights, graph and padding), kept apart from it.
+# pylint: disable=protected-access
+
 from __future__ import annotations
 
 import dataclasses
@@ -88,7 +91,7 @@ class _Programs:
     draws it: `(tokens [N], logprobs [N])`."""
     keys = jax.random.wrap_key_data(keys)
     u = jax.vmap(lambda k, s: jax.random.uniform(jax.random.fold_in(k, s)))(keys, step)
-    logits = self.sampler._logits(model, hidden, keys, step)  # pylint: disable=protected-access
+    logits = self.sampler._logits(model, hidden, keys, step)
     return sample_next(u, logits, temperature, top_k, top_p)
 
   def _prefill(self, params, state: SlotState, rows, ids, mask, keys, budget, temperature,
@@ -97,7 +100,7 @@ class _Programs:
     row: dropped) and samples each one's first token; the other slots are untouched."""
     self.num_compilations += 1  # runs only while tracing
     sampler = self.sampler
-    model = nnx.merge(sampler._graphdef, params)  # pylint: disable=protected-access
+    model = nnx.merge(sampler._graphdef, params)
     n, prompt_len = ids.shape
     fresh = KVCache.zeros(sampler.config, n, prompt_len)
     fresh = fresh.replace(index=jnp.zeros((n,), jnp.int32))
@@ -125,7 +128,7 @@ class _Programs:
     """Up to ``steps`` decode steps for every running row (fewer when all have stopped)."""
     self.num_compilations += 1  # runs only while tracing
     sampler = self.sampler
-    model = nnx.merge(sampler._graphdef, params)  # pylint: disable=protected-access
+    model = nnx.merge(sampler._graphdef, params)
     eos = jnp.asarray(sampler.eos_ids, jnp.int32)
     columns = jnp.arange(state.tokens.shape[1])
 
@@ -234,11 +237,11 @@ class SlotDecoder:
                              sampler.buckets_per_doubling)
     self._ensure_cache(prompt_len)
     n = bucket_size(len(prompts), 1, sampler.buckets_per_doubling)
-    ids, mask, _, keys = sampler._pad_batch(prompts, row_seeds, prompt_len, n)  # pylint: disable=protected-access
+    ids, mask, _, keys = sampler._pad_batch(prompts, row_seeds, prompt_len, n)
     slot_rows = np.full((n,), self.slots, np.int32)  # fillers point past the end: dropped
     slot_rows[:len(rows)] = rows
     self._state = self._programs.prefill(
-        sampler._params, self._state, jnp.asarray(slot_rows), jnp.asarray(ids),  # pylint: disable=protected-access
+        sampler._params, self._state, jnp.asarray(slot_rows), jnp.asarray(ids),
         jnp.asarray(mask), jnp.asarray(keys), jnp.int32(self.max_new_tokens), *self._knobs)
     for r in rows:
       self._busy[r] = True
@@ -248,8 +251,8 @@ class SlotDecoder:
     hands back every row that has finished (their rows are free again), in row order."""
     if self._state is None or not self.busy:
       return []
-    state = self._programs.decode(
-        self.sampler._params, self._state, jnp.int32(steps or self.chunk_steps), *self._knobs)  # pylint: disable=protected-access
+    state = self._programs.decode(self.sampler._params, self._state,
+                                  jnp.int32(steps or self.chunk_steps), *self._knobs)
     self._state = state
     done, count = np.asarray(state.done), np.asarray(state.step)
     finished = [r for r in range(self.slots) if self._busy[r] and done[r]]
