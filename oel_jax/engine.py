@@ -26,7 +26,9 @@ class TokenSampler(Protocol):
   also calls ``update_weights`` (a model or its state: the weights to sample with next). An
   optional ``shares_prefixes`` attribute, when True, says that ``generate`` also takes
   ``share_prefix=True``: prefill the prefix common to all prompts once, the replies unchanged
-  (callers whose prompts all hold one knowledge text ask for it).
+  (callers whose prompts all hold one knowledge text ask for it). An optional
+  ``supports_slots`` attribute, when True, says that `oel_jax.slots.SlotDecoder` can drive it
+  (continuous batching: `oel_jax.sampling.Sampler` on one device).
   """
 
   def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,

@@ -124,6 +124,12 @@ class Sampler:
   shares_prefixes = True
   """`generate` takes ``share_prefix`` (see `oel_jax.engine.TokenSampler`)."""
 
+  @property
+  def supports_slots(self) -> bool:
+    """Whether `oel_jax.slots.SlotDecoder` (continuous batching) can drive this sampler: on
+    one device only, so far (its per-row cache writes are not laid out for a mesh)."""
+    return self.mesh is None
+
   def __init__(self, model: Qwen3, *, eos_ids: Sequence[int], pad_id: int, max_seq_len: int,
                min_prompt_bucket: int = 32, min_batch_bucket: int = 4,
                buckets_per_doubling: int = 1, mesh: jax.sharding.Mesh | None = None):
@@ -210,15 +216,22 @@ class Sampler:
     return self._decode(model, hidden[:, -1], cache, active, budget, temperature, top_k, top_p,
                         row_seeds, gen_slots)
 
+  def _logits(self, model, hidden, keys, step):
+    """float32 logits `[B, V]` that rows sample their token number `step` (a scalar, or `[B]`
+    per row) from, given hidden states `[B, H]` and the rows' keys `[B]`. The model's own;
+    a subclass may reshape them per row (bench/bench_continuous_batching.py forces reply
+    lengths this way), and every decode path (`_decode`, `oel_jax.slots`) goes through here."""
+    del keys, step
+    return _last_logits(model, hidden)
+
   def _decode(self, model, last_hidden, cache, active, budget, temperature, top_k, top_p,
               row_seeds, gen_slots):
     """The first token from the prompts' last hidden states `[B, H]`, then the decode loop
     until every row stopped or `budget` tokens: `(tokens [B, G], logprobs [B, G], steps)`."""
     batch = last_hidden.shape[0]
-    logits = _last_logits(model, last_hidden)
     eos = jnp.asarray(self.eos_ids, jnp.int32)
-
     keys = jax.random.wrap_key_data(row_seeds)  # [B] keys, one stream per row
+    logits = self._logits(model, last_hidden, keys, jnp.int32(0))
 
     def sample(step, logits, done, tokens, logprobs):
       u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, step)))(keys)
@@ -242,7 +255,7 @@ class Sampler:
       step, tok, done, tokens, logprobs, cache = carry
       hidden, cache = model.hidden_states(tok[:, None], attention_mask=(~done)[:, None],
                                           cache=cache)
-      logits = _last_logits(model, hidden[:, 0])
+      logits = self._logits(model, hidden[:, 0], keys, step)
       tok, done, tokens, logprobs = sample(step, logits, done, tokens, logprobs)
       return step + 1, tok, done, tokens, logprobs, cache
 

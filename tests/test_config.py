@@ -75,7 +75,7 @@ def test_key_paths_are_the_config_files_and_loop_set_fields_are_not_among_them()
   data = config_lib.RunConfig().to_dict()
   assert "seed" not in data["extraction"] and "train" not in data["consolidation"]
   assert set(data["rollout"]) == {"enable_thinking", "keep_reasoning", "max_new_tokens",
-                                  "max_batch_size"}
+                                  "max_batch_size", "slots"}
   assert set(data["evaluation"]) >= {"initial", "in_context", "in_context_run",
                                      "sampling_seeds"}
   assert data["collect"]["extraction_sampling"] == {"temperature": 0.7, "top_k": 20,

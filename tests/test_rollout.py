@@ -404,7 +404,7 @@ def test_rollout_config_checks_its_fields():
   for bad, match in [(dict(env="chess"), "chess"), (dict(max_new_tokens=0), "max_new_tokens"),
                      (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"),
                      (dict(top_k=-1), "top_k"), (dict(seed=-2), "seed"),
-                     (dict(max_batch_size=0), "max_batch_size"),
+                     (dict(max_batch_size=0), "max_batch_size"), (dict(slots=0), "slots"),
                      (dict(keep_reasoning=1), "keep_reasoning")]:
     with pytest.raises(ValueError, match=match):
       RolloutConfig(**bad)

@@ -8,7 +8,8 @@
   shared by every game (`build_prompt` is the text of `oel_jax.prompts.formats.GAME`, the
   prompt format each played turn records with its knowledge-free ``content``).
 - `rollout` (with `RolloutConfig`): many games played in lockstep by one sampler, one batched
-  generation per turn; `game_seeds`: training and held-out board seeds that never overlap.
+  generation per turn, or with continuous batching (``RolloutConfig.slots``); `game_seeds`:
+  training and held-out board seeds that never overlap.
 
 TextArena is imported only when a game is reset, so reading trajectory files does not need it.
 """

@@ -36,6 +36,10 @@ play index tells apart several plays of one board in one call (the K extraction 
 board, which the official code runs as K jobs with K rollout seeds): without it they would be
 one game K times.
 
+With ``RolloutConfig.slots`` (and a sampler that supports it), `rollout` plays the same
+games with continuous batching instead (`oel_jax.envs.continuous`): each reply is played as
+soon as it ends and its game's next turn takes its row, with the same seeds and trajectories.
+
 (This module is ``lockstep``, not ``rollout``, so that ``oel_jax.envs.rollout`` is the function.)
 """
 
@@ -158,6 +162,14 @@ class RolloutConfig:
   max_batch_size: int | None = settings.integer(None, minimum=1, optional=True)
   """Most prompts per `generate` call; more active games are split into several calls per
   turn. None: all active games in one call."""
+
+  slots: int | None = settings.integer(None, minimum=1, optional=True)
+  """Continuous batching: decode this many replies at once, and as soon as one ends, play it
+  and prefill its game's next turn (or the next game) into its row while the others keep
+  decoding (`oel_jax.envs.continuous`), instead of one `generate` call per turn that waits
+  for its longest reply. The same trajectories. Needs a sampler that supports slots (a
+  `Sampler` on one device); other samplers, and rollouts that share a knowledge prefix, play
+  in lockstep. None: lockstep."""
 
   progress: bool = settings.boolean(True)
   """Show a tqdm progress bar (games finished, current turn, games still running)."""
@@ -301,25 +313,48 @@ def _play_turn(games: _Games, active: list[int], sampler: engine.TokenSampler, t
                config: RolloutConfig, knowledge: str | None,
                prompt_format: formats.PromptFormat, share_prefix: bool = False) -> None:
   """One turn of the ``active`` games: their prompts in one sampling pass, each reply played."""
-  turn, max_seq_len = games.turns, getattr(sampler, "max_seq_len", None)
-  prompts = []
-  for i in active:
-    games.contents[i].append(games.envs[i].history)
-    messages = prompt_format.messages(games.contents[i][-1], knowledge)
-    prompts.append(_encode_turn(tokenizer, messages, config, max_seq_len,
-                                f"game {i} (seed {games.seeds[i]}), turn {turn}"))
-  requests = [(game_turn_seed(config.seed, games.seeds[i], turn, games.plays[i]), ids)
-              for i, ids in zip(active, prompts)]
+  max_seq_len = getattr(sampler, "max_seq_len", None)
+  requests = [next_turn(games, i, tokenizer, config, knowledge, prompt_format, max_seq_len)
+              for i in active]
   t0 = time.perf_counter()
   replies, calls = _sample_turn(sampler, requests, config, share_prefix)
   games.generate_s += time.perf_counter() - t0
   games.calls += calls
-  for i, ids, (toks, reason) in zip(active, prompts, replies):
-    text = tokenizer.decode(toks, skip_special_tokens=True)
-    games.envs[i].step(text if config.keep_reasoning else strip_reasoning(text))
-    games.turn_meta[i].append({"prompt_tokens": len(ids),
-                               "response_tokens": len(toks) - int(reason == "stop"),
-                               "finish_reason": reason})
+  for i, (_, ids), (toks, reason) in zip(active, requests, replies):
+    play_reply(games, i, ids, toks, reason, tokenizer, config)
+
+
+def next_turn(games: _Games, i: int, tokenizer: Any, config: RolloutConfig,
+              knowledge: str | None, prompt_format: formats.PromptFormat,
+              max_seq_len: int | None) -> tuple[int, list[int]]:
+  """Game ``i``'s next turn as a sampler request: ``(seed, prompt ids)``; its observation
+  history is recorded as the turn's content."""
+  turn = len(games.turn_meta[i])
+  games.contents[i].append(games.envs[i].history)
+  messages = prompt_format.messages(games.contents[i][-1], knowledge)
+  ids = _encode_turn(tokenizer, messages, config, max_seq_len,
+                     f"game {i} (seed {games.seeds[i]}), turn {turn}")
+  return game_turn_seed(config.seed, games.seeds[i], turn, games.plays[i]), ids
+
+
+def play_reply(games: _Games, i: int, ids: list[int], toks: list[int], reason: str,
+               tokenizer: Any, config: RolloutConfig) -> None:
+  """Plays a reply (generated ids ``toks``, finished for ``reason``) to prompt ``ids`` in game
+  ``i`` and records the turn's metadata."""
+  text = tokenizer.decode(toks, skip_special_tokens=True)
+  games.envs[i].step(text if config.keep_reasoning else strip_reasoning(text))
+  games.turn_meta[i].append({"prompt_tokens": len(ids),
+                             "response_tokens": len(toks) - int(reason == "stop"),
+                             "finish_reason": reason})
+
+
+def uses_slots(sampler: engine.TokenSampler, config: RolloutConfig,
+               share_prefix: bool = False) -> bool:
+  """Whether `rollout` plays with continuous batching (`RolloutConfig.slots`): asked for,
+  offered by the sampler (``supports_slots``), and no shared prefix asked for (its one
+  prefill per call is worth more than slots when a knowledge text is in every prompt)."""
+  return (config.slots is not None and bool(getattr(sampler, "supports_slots", False))
+          and not share_prefix)
 
 
 def rollout(sampler: engine.TokenSampler, tokenizer: Any, seeds: Sequence[int],
@@ -330,7 +365,11 @@ def rollout(sampler: engine.TokenSampler, tokenizer: Any, seeds: Sequence[int],
             plays: Sequence[int] | None = None,
             prompt_format: formats.PromptFormat = formats.GAME,
             share_prefix: bool = False) -> list[Trajectory]:
-  """Plays one game per board seed, all in lockstep, and returns their trajectories.
+  """Plays one game per board seed, all at once, and returns their trajectories.
+
+  In lockstep (one sampler call per turn of every running game) by default; with
+  continuous batching when ``config.slots`` is set and the sampler supports it (`uses_slots`;
+  `oel_jax.envs.continuous`). Both give the same trajectories.
 
   Args:
     sampler: a `oel_jax.sampling.Sampler` (or any `oel_jax.engine.TokenSampler`).
@@ -346,7 +385,7 @@ def rollout(sampler: engine.TokenSampler, tokenizer: Any, seeds: Sequence[int],
       "train"}``).
     timings: if given, filled with ``generate_s`` (time in sampler calls), ``other_s`` (the
       rest: environments, templating, decoding), ``wall_s`` (both; not the file write),
-      ``turns`` and ``calls``.
+      ``turns`` and ``calls`` (`generate` calls in lockstep; decode chunks with slots).
     plays: the play index of each game (>= 0, one per seed; None: all 0). Plays of one board
       with different indices are different games (their sampling seeds differ); the index is
       recorded in each trajectory's metadata as ``play``.
@@ -371,7 +410,12 @@ def rollout(sampler: engine.TokenSampler, tokenizer: Any, seeds: Sequence[int],
   wall_start = time.perf_counter()
   games = _Games([make_env(config.env, seed=s, knowledge=knowledge, **config.env_settings)
                   for s in seeds], seeds, plays)
-  _play(games, sampler, tokenizer, config, knowledge, prompt_format, share_prefix)
+  if uses_slots(sampler, config, share_prefix):
+    # Imported here: `continuous` builds on this module's helpers.
+    from oel_jax.envs import continuous  # pylint: disable=import-outside-toplevel
+    continuous.play(games, sampler, tokenizer, config, knowledge, prompt_format)
+  else:
+    _play(games, sampler, tokenizer, config, knowledge, prompt_format, share_prefix)
   extra = {"sampling": config.sampling(), "enable_thinking": config.enable_thinking,
            "keep_reasoning": config.keep_reasoning, "with_knowledge": bool(knowledge),
            **dict(metadata or {})}

@@ -245,7 +245,7 @@ class KVCache:
   """Preallocated keys and values of every layer, for incremental decoding.
 
   Slots fill left to right; `index` is the next free slot, shared by all rows (prompts
-  are left-padded, so padding occupies masked slots).
+  are left-padded, so padding occupies masked slots) or kept per row.
   """
 
   k: tuple[jax.Array, ...]
@@ -256,7 +256,8 @@ class KVCache:
   mask: jax.Array
   """`[B, S]` int32: 1 where a slot holds a real token."""
   index: jax.Array
-  """Scalar int32: the next slot to write."""
+  """int32: the next slot to write, a scalar shared by all rows, or `[B]`, one per row
+  (rows that start and end independently: `oel_jax.slots`)."""
 
   @classmethod
   def zeros(cls, config: Qwen3Config, batch: int, slots: int, dtype=None) -> "KVCache":
@@ -312,19 +313,23 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 def write_slots(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
-  """`cache` `[B, K, S, D]` with `new` `[B, K, T, D]` written at slots `index:index + T`.
+  """`cache` `[B, K, S, D]` with `new` `[B, K, T, D]` written at slots `index:index + T`
+  (`index` a scalar, or `[B]`: each row's own).
 
   16-bit floats are written as their uint16 bits: XLA:CPU widens a bf16
   dynamic-update-slice to float32 over the whole cache (reading and writing every slot of
   every layer at each decode step), while an integer one updates in place.
   """
   new = new.astype(cache.dtype)
+  if jnp.ndim(index) == 1:
+    update = jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, 1))
+  else:
+    update = lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, 2)
   if jnp.issubdtype(cache.dtype, jnp.floating) and cache.dtype.itemsize == 2:
-    bits = jax.lax.dynamic_update_slice_in_dim(
-        jax.lax.bitcast_convert_type(cache, jnp.uint16),
-        jax.lax.bitcast_convert_type(new, jnp.uint16), index, 2)
+    bits = update(jax.lax.bitcast_convert_type(cache, jnp.uint16),
+                  jax.lax.bitcast_convert_type(new, jnp.uint16), index)
     return jax.lax.bitcast_convert_type(bits, cache.dtype)
-  return jax.lax.dynamic_update_slice_in_dim(cache, new, index, 2)
+  return update(cache, new, index)
 
 
 def _einsum(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
@@ -612,11 +617,17 @@ class Qwen3(nnx.Module):
     else:
       if positions is None:
         positions = positions_from_mask(attention_mask, cache.mask.sum(-1, keepdims=True))
-      slot_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, attention_mask,
-                                                      cache.index, 1)
-      query_slot = cache.index + jnp.arange(t)
-      causal = jnp.arange(cache.slots)[None, :] <= query_slot[:, None]  # [T, S]
-      attend = causal[None] & (slot_mask[:, None, :] > 0)
+      if cache.index.ndim == 1:  # each row at its own slot
+        slot_mask = jax.vmap(lambda m, a, i: jax.lax.dynamic_update_slice_in_dim(m, a, i, 0))(
+            cache.mask, attention_mask, cache.index)
+        query_slot = cache.index[:, None] + jnp.arange(t)  # [B, T]
+        causal = jnp.arange(cache.slots) <= query_slot[:, :, None]  # [B, T, S]
+      else:
+        slot_mask = jax.lax.dynamic_update_slice_in_dim(cache.mask, attention_mask,
+                                                        cache.index, 1)
+        query_slot = cache.index + jnp.arange(t)
+        causal = (jnp.arange(cache.slots)[None, :] <= query_slot[:, None])[None]  # [1, T, S]
+      attend = causal & (slot_mask[:, None, :] > 0)
 
     x = embed_tokens(self.embed[...], input_ids).astype(c.compute_dtype)
     new_k, new_v = [], []

@@ -1,0 +1,169 @@
+"""Continuous batching (oel_jax.slots, oel_jax.envs.continuous) against the lockstep path.
+
+The reference is today's code: `Sampler.generate` for the slot decoder, and the lockstep
+`rollout` for rollouts with `RolloutConfig.slots`: the same tokens, finish reasons and
+trajectories (files byte for byte), greedy and sampled, with reply lengths that vary from one
+token to the budget (`LognormalLengthSampler`) and, in the rollouts, later turns' prompts that
+outgrow the first cache.
+"""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from oel_jax import chat, parallel, tiny
+from oel_jax.envs import ModelInfo, RolloutConfig, game_seeds, rollout
+from oel_jax.envs import lockstep
+from oel_jax.reply_lengths import LognormalLengthSampler, lognormal_length
+from oel_jax.sampling import Sampler
+from oel_jax.slots import SlotDecoder
+from scripted_sampler import ScriptedSampler, bfs_policy
+
+MODEL = ModelInfo("tiny", round=0)
+NEW = 16  # as `max_new_tokens=1`, 16 token columns: the same programs
+
+
+@pytest.fixture(scope="module", name="tok")
+def fixture_tok():
+  return tiny.load_tiny_tokenizer()
+
+
+@pytest.fixture(scope="module", name="sampler")
+def fixture_sampler(tok):
+  """A two-layer tiny model whose reply lengths are lognormal; few, quick compiles (every
+  prompt here pads to 256 or 512 tokens, every reply to 16)."""
+  return LognormalLengthSampler(tiny.tiny_model(num_layers=2), median=6, sigma=1.0,
+                                eos_ids=chat.stop_token_ids(tok), pad_id=tiny.PAD_ID,
+                                max_seq_len=512, min_prompt_bucket=256)
+
+
+def _prompts(n: int, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+  """``n`` prompts from 3 to 70 tokens, longest last, and a seed for each."""
+  rng = np.random.default_rng(seed)
+  lengths = sorted(rng.integers(3, 71, n).tolist())
+  lengths[-1] = 70
+  return ([rng.integers(0, 2000, k).tolist() for k in lengths],
+          rng.integers(0, 2 ** 63, n, dtype=np.uint64).tolist())
+
+
+def _through_slots(decoder: SlotDecoder, prompts, seeds) -> list:
+  """Every prompt's `Reply`, each started in the first free row after the previous ones."""
+  queue, owner, out = list(range(len(prompts))), {}, [None] * len(prompts)
+  while queue or decoder.busy:
+    rows = decoder.free_rows[:len(queue)]
+    started, queue = queue[:len(rows)], queue[len(rows):]
+    owner.update(zip(rows, started))
+    decoder.start(rows, [prompts[i] for i in started], [seeds[i] for i in started])
+    for reply in decoder.run():
+      out[owner.pop(reply.row)] = reply
+  return out
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0, top_k=0, top_p=1.0),
+                                      dict(temperature=1.0, top_k=0, top_p=1.0),
+                                      dict(temperature=0.7, top_k=20, top_p=0.9)],
+                         ids=["greedy", "temperature", "top_k_top_p"])
+def test_slot_decoder_gives_generates_tokens(sampler, sampling):
+  prompts, seeds = _prompts(9)
+  expected = sampler.generate(prompts, max_new_tokens=NEW, seed=seeds, **sampling)
+  decoder = SlotDecoder(sampler, 3, max_new_tokens=NEW, chunk_steps=5, **sampling)
+  replies = _through_slots(decoder, prompts, seeds)
+  assert [r.tokens for r in replies] == expected.tokens
+  assert [r.finish_reason for r in replies] == expected.finish_reasons
+  np.testing.assert_allclose(np.concatenate([r.logprobs for r in replies]),
+                             np.concatenate(expected.logprobs), atol=1e-5)
+  assert decoder.busy == 0 and decoder.free_rows == [0, 1, 2]
+  # Lengths from a token to past the budget, as the sampler set them from the seeds.
+  words = np.asarray(seeds, np.uint64)
+  keys = np.stack([words >> np.uint64(32), words & np.uint64(0xFFFFFFFF)], -1)
+  lengths = np.asarray(lognormal_length(jax.random.wrap_key_data(keys.astype(np.uint32)), 6, 1))
+  assert [len(r.tokens) for r in replies] == np.minimum(lengths, NEW).tolist()
+  assert {"stop", "length"} == set(expected.finish_reasons)
+
+
+def test_slot_decoder_one_token_budget(sampler):
+  """Rows that end at their first token (prefill alone), started in rows out of order."""
+  prompts, seeds = _prompts(2, seed=1)
+  expected = sampler.generate(prompts, max_new_tokens=1, temperature=0.0, seed=seeds)
+  decoder = SlotDecoder(sampler, 4, max_new_tokens=1, temperature=0.0, top_k=0, top_p=1.0)
+  decoder.start([3, 1], prompts, seeds)
+  replies = decoder.run()
+  assert [r.row for r in replies] == [1, 3]
+  assert [r.tokens for r in replies] == expected.tokens[::-1]
+  assert [r.finish_reason for r in replies] == expected.finish_reasons[::-1]
+  assert decoder.run() == [] and decoder.free_rows == [0, 1, 2, 3]
+
+
+def test_slot_decoder_refuses_bad_requests(sampler, tok):
+  decoder = SlotDecoder(sampler, 2, max_new_tokens=NEW, temperature=0.0, top_k=0, top_p=1.0)
+  with pytest.raises(ValueError, match="row 2 is not a free row of 2 slots"):
+    decoder.start([2], [[1, 2]], [0])
+  with pytest.raises(ValueError, match="prompt 0 has 500 tokens; with max_new_tokens=16 it "
+                     "exceeds max_seq_len=512"):
+    decoder.start([0], [[1] * 500], [0])
+  with pytest.raises(ValueError, match="2 seeds for 1 prompts"):
+    decoder.start([0], [[1, 2]], [0, 1])
+  decoder.start([0], [[1, 2]], [0])
+  with pytest.raises(ValueError, match="row 0 is not a free row"):
+    decoder.start([0], [[1, 2]], [0])
+  with pytest.raises(ValueError, match="slots must be an integer >= 1"):
+    SlotDecoder(sampler, 0, max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0)
+  with pytest.raises(ValueError, match="does not support slots"):
+    SlotDecoder(ScriptedSampler(tok, lambda user, seed: "[up]"), 2, max_new_tokens=4,
+                temperature=0.0, top_k=0, top_p=1.0)
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=0.7)],
+                         ids=["greedy", "sampled"])
+def test_rollout_with_slots_equals_lockstep(tok, sampler, sampling, tmp_path):
+  seeds = game_seeds("train", 0, 2, 6)
+  config = RolloutConfig(seed=5, progress=False, max_new_tokens=NEW, **sampling)
+  lock_timings, slot_timings = {}, {}
+  expected = rollout(sampler, tok, seeds, config, model=MODEL, path=str(tmp_path / "a.jsonl"),
+                     timings=lock_timings)
+  got = rollout(sampler, tok, seeds, dataclasses.replace(config, slots=4), model=MODEL,
+                path=str(tmp_path / "b.jsonl"), timings=slot_timings)
+  assert got == expected
+  assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+  # The games were varied: replies of many lengths, stopped and cut, games of several turns.
+  metas = [turn.metadata for t in expected for turn in t.turns]
+  assert {m["finish_reason"] for m in metas} == {"stop", "length"}
+  assert len({m["response_tokens"] for m in metas}) > 5
+  assert slot_timings["turns"] == lock_timings["turns"] == max(len(t.turns) for t in expected)
+  assert slot_timings["wall_s"] >= slot_timings["generate_s"] > 0
+  assert rollout(sampler, tok, [], dataclasses.replace(config, slots=4), model=MODEL) == []
+
+
+def test_samplers_without_slots_and_shared_prefixes_play_in_lockstep(tok, sampler):
+  seeds = game_seeds("train", 0, 0, 5)
+  bfs = bfs_policy("sokoban")
+  plain = ScriptedSampler(tok, lambda user, seed: bfs(user, 0))
+  slotted = ScriptedSampler(tok, lambda user, seed: bfs(user, 0))
+  config = RolloutConfig(env="sokoban", progress=False)
+  a = rollout(plain, tok, seeds, config, model=MODEL)
+  b = rollout(slotted, tok, seeds, dataclasses.replace(config, slots=2), model=MODEL)
+  assert a == b
+  assert [c.kwargs["seed"] for c in slotted.calls] == [c.kwargs["seed"] for c in plain.calls]
+
+  class Slotted:  # pylint: disable=too-few-public-methods
+    supports_slots = True
+
+  on = RolloutConfig(slots=2)
+  assert lockstep.uses_slots(Slotted(), on)
+  assert not lockstep.uses_slots(Slotted(), on, share_prefix=True)
+  assert not lockstep.uses_slots(Slotted(), RolloutConfig())
+  assert not lockstep.uses_slots(plain, on)
+  # A sampler on a mesh does not support slots yet: its rollouts play in lockstep.
+  mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tp=2))
+  on_mesh = Sampler(tiny.tiny_model(num_layers=1), eos_ids=[1], pad_id=0, max_seq_len=64,
+                    mesh=mesh)
+  assert sampler.supports_slots and not on_mesh.supports_slots
+  assert not lockstep.uses_slots(on_mesh, on)
+
+
+def test_slots_is_checked():
+  for bad in (0, -1, 1.5, True):
+    with pytest.raises(ValueError, match="slots"):
+      RolloutConfig(slots=bad)
