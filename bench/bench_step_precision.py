@@ -44,9 +44,10 @@ import numpy as np
 from flax import nnx
 
 from machine import matmul_rate
+from step_inputs import add_step_arguments, random_step_batch
 from oel_jax.models import PRESETS, init_model, qwen3
 from oel_jax.models.qwen3 import Qwen3
-from oel_jax.train import TrainConfig, Trainer, make_batch
+from oel_jax.train import TrainConfig, Trainer
 
 
 @contextlib.contextmanager
@@ -101,24 +102,15 @@ def backward_in_compute_dtype():
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--layers", type=int, default=2)
-  parser.add_argument("--batch", type=int, default=4)
-  parser.add_argument("--prompt", type=int, default=128)
-  parser.add_argument("--knowledge", type=int, default=128)
-  parser.add_argument("--response", type=int, default=128)
-  parser.add_argument("--steps", type=int, default=3)
+  add_step_arguments(parser)
   args = parser.parse_args()
   print(f"machine: {os.cpu_count()} cores; bf16 matmul {matmul_rate() / 1e9:.0f} GFLOP/s; "
         f"jax {jax.__version__}; load average {os.getloadavg()[0]:.1f}")
   config = PRESETS["Qwen3-0.6B"].replace(num_layers=args.layers, compute_dtype=jnp.bfloat16)
   student = init_model(config)
   teacher = init_model(config.replace(param_dtype=jnp.bfloat16), seed=1)
-  rng = np.random.default_rng(0)
+  batch = random_step_batch(args)
   b, p, kn, r = args.batch, args.prompt, args.knowledge, args.response
-  prompts = rng.integers(1, 150_000, (b, p)).tolist()
-  knowledge = rng.integers(1, 150_000, kn).tolist()
-  responses = rng.integers(1, 150_000, (b, r)).tolist()
-  batch = make_batch(prompts, [knowledge + x for x in prompts], responses, pad_id=0)
   print(f"model: Qwen3-0.6B widths, {args.layers} layers, vocab {config.vocab_size}; batch {b}, "
         f"prompt {p}, knowledge {kn}, response {r} ({b * r} scored tokens per step)")
 

@@ -25,8 +25,9 @@ import torch
 import transformers
 
 from machine import best_time, matmul_rate
+from step_inputs import add_step_arguments, random_step_batch
 from oel_jax.models import load_hf
-from oel_jax.train import TrainConfig, Trainer, make_batch
+from oel_jax.train import TrainConfig, Trainer
 
 K = 256
 
@@ -56,12 +57,7 @@ def torch_step_fn(student, teacher, optimizer, s_ids, t_ids, s_pos, t_pos, tempe
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--layers", type=int, default=2)
-  parser.add_argument("--batch", type=int, default=4)
-  parser.add_argument("--prompt", type=int, default=128)
-  parser.add_argument("--knowledge", type=int, default=128)
-  parser.add_argument("--response", type=int, default=128)
-  parser.add_argument("--steps", type=int, default=3)
+  add_step_arguments(parser)
   args = parser.parse_args()
   torch.set_num_threads(os.cpu_count())
   rate = matmul_rate()
@@ -79,12 +75,8 @@ def main():
     hf.save_pretrained(path)
     student = load_hf(path, dtype=jnp.float32, compute_dtype=jnp.bfloat16)
     teacher = load_hf(path, dtype=jnp.bfloat16)
-  rng = np.random.default_rng(0)
+  batch = random_step_batch(args)
   b, p, kn, r = args.batch, args.prompt, args.knowledge, args.response
-  prompts = rng.integers(1, 150_000, (b, p)).tolist()
-  knowledge = rng.integers(1, 150_000, kn).tolist()
-  responses = rng.integers(1, 150_000, (b, r)).tolist()
-  batch = make_batch(prompts, [knowledge + x for x in prompts], responses, pad_id=0)
   tokens = b * r
   print(f"model: Qwen3-0.6B widths, {args.layers} layers, vocab 151936; batch {b}, prompt {p}, "
         f"knowledge {kn}, response {r} ({tokens} scored tokens per step)")

@@ -28,12 +28,12 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.profiler import ProfileData
 
 from machine import matmul_rate
+from step_inputs import add_step_arguments, random_step_batch
 from oel_jax.models import PRESETS, init_model
-from oel_jax.train import TrainConfig, Trainer, make_batch
+from oel_jax.train import TrainConfig, Trainer
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*?) (\S+?)\((.*)$")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
@@ -113,12 +113,7 @@ def source_area(op_name: str) -> str:
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--layers", type=int, default=2)
-  parser.add_argument("--batch", type=int, default=4)
-  parser.add_argument("--prompt", type=int, default=128)
-  parser.add_argument("--knowledge", type=int, default=128)
-  parser.add_argument("--response", type=int, default=128)
-  parser.add_argument("--steps", type=int, default=2, help="profiled steps")
+  add_step_arguments(parser, steps=2)
   parser.add_argument("--top", type=int, default=20)
   args = parser.parse_args()
   rate = matmul_rate()
@@ -127,12 +122,8 @@ def main():
   config = PRESETS["Qwen3-0.6B"].replace(num_layers=args.layers, compute_dtype=jnp.bfloat16)
   student = init_model(config)
   teacher = init_model(config.replace(param_dtype=jnp.bfloat16), seed=1)
-  rng = np.random.default_rng(0)
+  batch = random_step_batch(args)
   b, p, kn, r = args.batch, args.prompt, args.knowledge, args.response
-  prompts = rng.integers(1, 150_000, (b, p)).tolist()
-  knowledge = rng.integers(1, 150_000, kn).tolist()
-  responses = rng.integers(1, 150_000, (b, r)).tolist()
-  batch = make_batch(prompts, [knowledge + x for x in prompts], responses, pad_id=0)
   trainer = Trainer(student, TrainConfig(learning_rate=1e-6, k=256))
   state = trainer.init_state(student)
   teacher_params = trainer.teacher_params(teacher)
