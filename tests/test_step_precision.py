@@ -1,0 +1,160 @@
+"""The consolidation step's matmul precision under 16-bit compute (session 12).
+
+Under a bf16 compute dtype the loss multiplies the unembedding cast to bf16 (`train._head`)
+and the model's backward matmuls multiply bf16 operands (`qwen3._einsum`'s custom VJP), both
+with float32 accumulation. The references: the program before the change, restored here by
+the patch `_before` (float32 compute must be it bit for bit), and the float32-compute step
+(bf16 must stay as close to it as the old bf16 program was).
+"""
+
+import contextlib
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from oel_jax import parallel, train
+from oel_jax.models import Qwen3Config, init_model, qwen3
+from oel_jax.train import TrainConfig, Trainer, make_batch
+
+CONFIG = Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                     num_heads=4, num_kv_heads=2, head_dim=16)
+BF16 = CONFIG.replace(compute_dtype=jnp.bfloat16)
+STEP = TrainConfig(learning_rate=1e-3, k=16, micro_batches=2)
+
+
+@contextlib.contextmanager
+def _before():
+  """Programs traced inside are the pre-change ones: JAX's own transpose of the model's
+  matmuls (float32 cotangents) and the loss handed the unembedding as stored."""
+  saved_einsum, saved_head = qwen3._einsum, train._head
+  qwen3._einsum = lambda spec, a, b, dtype: jnp.einsum(
+      spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+  train._head = lambda model: model.unembedding()
+  try:
+    yield
+  finally:
+    qwen3._einsum, train._head = saved_einsum, saved_head
+
+
+@functools.lru_cache(maxsize=None)
+def _batch():
+  rng = np.random.default_rng(0)
+  knowledge = rng.integers(1, 256, 6).tolist()
+  prompts = [rng.integers(1, 256, rng.integers(3, 8)).tolist() for _ in range(8)]
+  responses = [rng.integers(1, 256, rng.integers(1, 6)).tolist() for _ in range(8)]
+  return make_batch(prompts, [knowledge + p for p in prompts], responses, pad_id=0,
+                    student_len=16, teacher_len=24, response_len=8)
+
+
+def _loss_and_grads(config, old=False):
+  """The summed divergence of `_batch()` and its float32 parameter gradients, from the same
+  float32 weights for every compute dtype (a fresh trace; under `_before` when `old`)."""
+  student, teacher = init_model(config, seed=1), init_model(config, seed=2)
+  trainer = Trainer(student, STEP)
+  fn = jax.jit(lambda *a: jax.value_and_grad(trainer._loss_stats, has_aux=True)(*a))
+  with _before() if old else contextlib.nullcontext():
+    (loss, _), grads = fn(nnx.state(student), trainer.teacher_params(teacher), _batch(), None)
+  return float(loss), {jax.tree_util.keystr(p): np.asarray(g)
+                       for p, g in jax.tree_util.tree_leaves_with_path(grads)}
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_float32_compute_is_the_old_program_bit_for_bit(remat):
+  config = CONFIG.replace(remat=remat)
+  loss, grads = _loss_and_grads(config)
+  old_loss, old_grads = _loss_and_grads(config, old=True)
+  assert loss == old_loss
+  assert grads.keys() == old_grads.keys()
+  for path, g in grads.items():
+    assert g.dtype == np.float32, path
+    np.testing.assert_array_equal(g, old_grads[path], err_msg=path)
+
+
+def _bf16_results(remat):
+  return (_loss_and_grads(CONFIG.replace(remat=remat)),
+          _loss_and_grads(BF16.replace(remat=remat), old=True),
+          _loss_and_grads(BF16.replace(remat=remat)))
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_bf16_compute_is_as_close_to_float32_as_before(remat):
+  """bf16 approximates the float32 program; with bf16 backward matmuls and loss head it must
+  stay as close to it as the old bf16 program (float32 backward and head) was, in the form
+  and tolerances of tests/test_qwen3.py's bf16 layer-scan test and
+  tests/test_teacher_prefix.py's cached bf16 teacher test."""
+  (l32, g32), (l_old, g_old), (l_new, g_new) = _bf16_results(remat)
+  assert abs(l_new - l32) <= 2 * abs(l_old - l32) + 1e-3 * abs(l32), (l_new, l_old, l32)
+  for path, exact in g32.items():
+    assert g_new[path].dtype == np.float32, path
+    error = lambda g: np.linalg.norm(g[path] - exact) / np.linalg.norm(exact)
+    assert error(g_old) < 0.1, (path, error(g_old))
+    assert error(g_new) <= 2 * error(g_old) + 5e-3, (path, error(g_new), error(g_old))
+
+
+_DOT = re.compile(r"%[\w.\-]+ = (\w+)\[([\d,]*)\]\S* dot\(%([\w.\-]+), %([\w.\-]+)\)"
+                  r".*?op_name=\"([^\"]*)\"")
+
+
+def _dots(hlo: str) -> list[tuple[str, str, str, str]]:
+  """Each dot of a compiled HLO module: (operand types "lhs x rhs", result shape, JAX name)."""
+  types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
+  return [(f"{types[a]} x {types[b]}", shape, name)
+          for _, shape, a, b, name in _DOT.findall(hlo)]
+
+
+def _compiled_step_dots(config, old=False):
+  student = init_model(config, seed=1)
+  teacher = init_model(config.replace(param_dtype=jnp.bfloat16), seed=2)
+  trainer = Trainer(student, STEP)
+  rng = np.random.default_rng(0)
+  ids = [rng.integers(1, 256, 5).tolist() for _ in range(4)]
+  b = make_batch(ids, ids, [[7, 8, 9]] * 4, pad_id=0, student_len=8, teacher_len=8,
+                 response_len=4)
+  with _before() if old else contextlib.nullcontext():
+    hlo = trainer.lower(trainer.init_state(student), trainer.teacher_params(teacher),
+                        b).compile().as_text()
+  return _dots(hlo)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_bf16_step_runs_no_float32_matmul_of_the_model_or_the_student_head(remat):
+  """Every matmul of the model (forward and backward) and the student's head in the loss
+  (logits and the hidden states' gradient) takes bf16 operands in the compiled step. The
+  scan over vocabulary tiles' `[V, H]` gradient dot (`cv,ch->vh`) is left out: XLA:CPU
+  converts its operands to float32 itself (a dot contracting both operands' leading
+  dimension), with or without this change."""
+  dots = _compiled_step_dots(BF16.replace(remat=remat))
+  model = [d for d in dots if "jvp(" in d[2] and "closed_call" not in d[2]]
+  head = [d for d in dots if re.search(r"(ch,vh->cv|cv,vh->ch)/dot_general", d[2])]
+  assert len(model) >= 4 * CONFIG.num_layers and head, dots  # the match found the dots
+  assert [d for d in model + head if d[0] != "bf16 x bf16"] == []
+  # The probe itself: the old program has float32 dots of both kinds.
+  old = _compiled_step_dots(BF16.replace(remat=remat), old=True)
+  assert any(d[0] == "f32 x f32" and "transpose(jvp(" in d[2] and "closed_call" not in d[2]
+             for d in old), old
+  assert any(d[0] == "f32 x f32" and f"{CONFIG.vocab_size}" in d[1] for d in old), old
+
+
+def test_bf16_sharded_step_close_to_single_device():
+  """The custom VJP under a mesh (fsdp x tp, layer scan, micro-batch scan): the bf16 step on
+  4 devices against the bf16 step on one, to bf16 rounding (the two programs round their
+  partial sums in different orders)."""
+  rng = np.random.default_rng(1)
+  ids = [rng.integers(1, 256, 6).tolist() for _ in range(8)]
+  b = make_batch(ids, ids, [[7, 8, 9]] * 8, pad_id=0, student_len=8, teacher_len=8,
+                 response_len=4)
+  config = BF16.replace(remat=True)
+  results = []
+  for mesh in (None, parallel.make_mesh(parallel.MeshConfig(fsdp=2, tp=2), jax.devices()[:4])):
+    student, teacher = init_model(config, seed=1), init_model(config, seed=2)
+    trainer = Trainer(student, STEP, mesh=mesh)
+    _, metrics = trainer.train_step(trainer.init_state(student),
+                                    trainer.teacher_params(teacher), b)
+    results.append(metrics)
+  assert results[1]["loss"] == pytest.approx(results[0]["loss"], rel=2e-2)
+  assert results[1]["grad_norm"] == pytest.approx(results[0]["grad_norm"], rel=5e-2)
