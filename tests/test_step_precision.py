@@ -172,3 +172,38 @@ def test_bf16_sharded_step_close_to_single_device():
     results.append(metrics)
   assert results[1]["loss"] == pytest.approx(results[0]["loss"], rel=2e-2)
   assert results[1]["grad_norm"] == pytest.approx(results[0]["grad_norm"], rel=5e-2)
+
+
+# The model's einsums (`qwen3.Attention`, `qwen3.MLP`, `Qwen3.logits`), with operand shapes.
+_SPECS = {"bth,hnd->btnd": ((2, 3, 8), (8, 4, 5)), "bth,hkd->bktd": ((2, 3, 8), (8, 2, 5)),
+          "btkgd,bksd->bkgts": ((2, 3, 2, 2, 5), (2, 2, 4, 5)),
+          "bkgts,bksd->bkgtd": ((2, 2, 2, 3, 4), (2, 2, 4, 5)),
+          "btnd,ndh->bth": ((2, 3, 4, 5), (4, 5, 8)), "bth,hi->bti": ((2, 3, 8), (8, 6)),
+          "bth,vh->btv": ((2, 3, 8), (16, 8))}
+
+
+@pytest.mark.parametrize("spec", list(_SPECS))
+def test_16bit_einsum_gradients_are_the_float32_transpose_of_bf16_values(spec):
+  """With a cotangent that bf16 holds exactly, each operand's gradient is JAX's own float32
+  transpose rounded to bf16: the same products, summed in float32 (possibly in another
+  order, so to within one bf16 rounding of the result)."""
+  rng = np.random.default_rng(3)
+  a, b = (jnp.asarray(rng.normal(size=s), jnp.bfloat16) for s in _SPECS[spec])
+  out, vjp = jax.vjp(lambda x, y: qwen3._einsum(spec, x, y, jnp.bfloat16), a, b)
+  g = jnp.asarray(rng.normal(size=out.shape), jnp.bfloat16).astype(jnp.float32)
+  ref_out, ref_vjp = jax.vjp(
+      lambda x, y: jnp.einsum(spec, x, y, preferred_element_type=jnp.float32),
+      a.astype(jnp.float32), b.astype(jnp.float32))
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=1e-5, atol=1e-6)
+  for got, ref in zip(vjp(g), ref_vjp(g)):
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32),
+                               np.asarray(ref.astype(jnp.bfloat16), np.float32),
+                               rtol=2 ** -7, atol=1e-6)
+
+
+@pytest.mark.parametrize("spec", ["bth,hi", "bth,hi,ij->btj", "bth,ti->bti", "bbh,hi->bi"])
+def test_16bit_einsum_rejects_a_spec_its_backward_cannot_transpose(spec):
+  x = jnp.ones((2, 2, 2), jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"_einsum: spec"):
+    qwen3._einsum(spec, x, jnp.ones((2, 2), jnp.bfloat16), jnp.bfloat16)
