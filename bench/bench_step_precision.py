@@ -1,31 +1,23 @@
-"""Where the consolidation step computes in float32 under bf16 compute, and what bf16 there
-would save: today's step against two experiments, same run.
+"""The consolidation step under bf16 compute, before and after session 12 made its loss head
+and backward matmuls bf16; same run.
 
-Found by `profile_train_step.py` (the compiled step's dots and their operand types):
-- the loss is handed the student's unembedding as stored, float32 master weights, and its
+Found by `profile_train_step.py` (the compiled step's dots and their operand types), before:
+- the loss was handed the student's unembedding as stored, float32 master weights, and its
   matmuls take their inputs' common dtype: the student's logits (forward), their
-  recomputation and both gradient matmuls (backward) run in float32, while the teacher's
-  run in bf16 and the model's own `Qwen3.logits` casts the head to the compute dtype;
-- every matmul of the model's backward pass runs in float32: `qwen3._einsum` multiplies bf16
+  recomputation and both gradient matmuls (backward) ran in float32;
+- every matmul of the model's backward pass ran in float32: `qwen3._einsum` multiplies bf16
   operands into a float32 result, so the cotangent arriving at each dot is float32, and
-  JAX's transpose of a dot multiplies that float32 cotangent by the other (bf16) operand
-  converted to float32.
-On a CPU whose bf16 matmuls use AMX (or AVX-512 BF16) a float32 matmul runs several times
-slower. The experiments, each traced under a patch:
-- "bf16 loss head": the unembedding cast to the compute dtype before the loss (patching
-  `Qwen3.unembedding`); bf16 matmuls with float32 accumulation, as the teacher's;
-- "+ bf16 backward": also `qwen3._einsum` with a custom VJP that rounds the cotangent to the
-  compute dtype and multiplies in it (float32 accumulation), as PyTorch autocast's backward
-  does. Where the cotangent came from a bf16 value (most dots' outputs are cast to bf16
-  at once) that rounding is exact; where it did not (the q/k norms and RoPE, the attention
-  scores' softmax) it rounds.
-Both change the loss and gradients by bf16 rounding (not bit-identical; float32 compute is
-untouched), so they are measured here, not made the default.
+  JAX's transpose of a dot multiplied it by the other (bf16) operand converted to float32.
+Now (the default when the compute dtype is 16-bit): `train._head` casts the unembedding to
+the compute dtype before the loss, and `qwen3._einsum` has a custom VJP that rounds the
+cotangent to the compute dtype and multiplies in it with float32 accumulation, as mixed
+precision does (PyTorch autocast's backward, FSDP's mixed-precision LM head). Float32
+compute is unchanged bit for bit (tests/test_train.py).
 
-Setup as `bench_train_step.py` (Qwen3-0.6B widths, full vocabulary, bf16 compute, float32
-master weights, bf16 teacher, top-256 reverse KL, AdamW). The steps take turns (best of
-`--steps`); wall-clock and process CPU time; each one's first loss and gradient norm from
-the same state, against a float32-compute step's.
+`before()` restores the old program for a step traced inside it (a patch of both places);
+this script times the two, taking turns (best of `--steps`; wall-clock and process CPU
+time), and gives each one's first loss and gradient norm from the same state against a
+float32-compute step's.
 
   python bench/bench_step_precision.py [--layers 2] [--batch 4] [--prompt 128] [--response 128]
 """
@@ -34,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import os
 import time
 
@@ -45,59 +36,28 @@ from flax import nnx
 
 from machine import matmul_rate
 from step_inputs import add_step_arguments, random_step_batch
+from oel_jax import train
 from oel_jax.models import PRESETS, init_model, qwen3
-from oel_jax.models.qwen3 import Qwen3
 from oel_jax.train import TrainConfig, Trainer
 
 
+def _float32_backward_einsum(spec, a, b, dtype):
+  """`qwen3._einsum` before session 12: JAX's own transpose (float32 backward matmuls)."""
+  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype),
+                    preferred_element_type=jnp.float32)
+
+
 @contextlib.contextmanager
-def head_in_compute_dtype():
-  """Steps traced inside hand the loss the unembedding cast to the compute dtype."""
-  saved = Qwen3.unembedding
-  Qwen3.unembedding = lambda self: saved(self).astype(self.config.compute_dtype)
+def before():
+  """Steps traced inside run the pre-session-12 program: the loss gets the unembedding as
+  stored (float32 master weights) and the model's backward matmuls run in float32."""
+  saved_einsum, saved_head = qwen3._einsum, train._head
+  qwen3._einsum = _float32_backward_einsum
+  train._head = lambda model: model.unembedding()
   try:
     yield
   finally:
-    Qwen3.unembedding = saved
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _einsum_16(spec, a, b):
-  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
-
-
-def _einsum_16_fwd(spec, a, b):
-  return _einsum_16(spec, a, b), (a, b)
-
-
-def _einsum_16_bwd(spec, residuals, g):
-  a, b = residuals
-  (sa, sb), out = spec.split("->")[0].split(","), spec.split("->")[1]
-  g = g.astype(a.dtype)
-  da = jnp.einsum(f"{out},{sb}->{sa}", g, b, preferred_element_type=jnp.float32)
-  db = jnp.einsum(f"{sa},{out}->{sb}", a, g, preferred_element_type=jnp.float32)
-  return da.astype(a.dtype), db.astype(b.dtype)
-
-
-_einsum_16.defvjp(_einsum_16_fwd, _einsum_16_bwd)
-
-
-@contextlib.contextmanager
-def backward_in_compute_dtype():
-  """Also: the model's matmuls multiply their cotangents in the compute dtype."""
-  saved = qwen3._einsum
-
-  def einsum(spec, a, b, dtype):
-    if jnp.dtype(dtype).itemsize != 2:
-      return saved(spec, a, b, dtype)
-    return _einsum_16(spec, a.astype(dtype), b.astype(dtype))
-
-  qwen3._einsum = einsum
-  try:
-    with head_in_compute_dtype():
-      yield
-  finally:
-    qwen3._einsum = saved
+    qwen3._einsum, train._head = saved_einsum, saved_head
 
 
 def main():
@@ -114,9 +74,8 @@ def main():
   print(f"model: Qwen3-0.6B widths, {args.layers} layers, vocab {config.vocab_size}; batch {b}, "
         f"prompt {p}, knowledge {kn}, response {r} ({b * r} scored tokens per step)")
 
-  paths = {"today (float32 loss head, float32 backward)": contextlib.nullcontext,
-           "bf16 loss head": head_in_compute_dtype,
-           "bf16 loss head + bf16 backward": backward_in_compute_dtype}
+  paths = {"before (float32 loss head, float32 backward matmuls)": before,
+           "now (bf16 loss head, bf16 backward matmuls)": contextlib.nullcontext}
   # The float32-compute step from the same weights: what each bf16 variant approximates.
   exact = Trainer(init_model(config.replace(compute_dtype=jnp.float32)),
                   TrainConfig(learning_rate=1e-6, k=256))

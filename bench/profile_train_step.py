@@ -14,12 +14,14 @@ dot, and its JAX name) and prints:
 - the largest non-matmul kernels, with their shapes and names.
 
   python bench/profile_train_step.py [--layers 2] [--batch 4] [--prompt 128] [--response 128]
+      [--before]  # the program before session 12's bf16 loss head and backward matmuls
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import glob
 import os
 import re
@@ -30,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.profiler import ProfileData
 
+from bench_step_precision import before
 from machine import matmul_rate
 from step_inputs import add_step_arguments, random_step_batch
 from oel_jax.models import PRESETS, init_model
@@ -115,6 +118,9 @@ def main():
   parser = argparse.ArgumentParser()
   add_step_arguments(parser, steps=2)
   parser.add_argument("--top", type=int, default=20)
+  parser.add_argument("--before", action="store_true",
+                      help="profile the pre-session-12 program (float32 loss head and "
+                           "backward matmuls; bench_step_precision.before)")
   args = parser.parse_args()
   rate = matmul_rate()
   print(f"machine: {os.cpu_count()} cores; bf16 matmul {rate / 1e9:.0f} GFLOP/s; jax "
@@ -127,9 +133,10 @@ def main():
   trainer = Trainer(student, TrainConfig(learning_rate=1e-6, k=256))
   state = trainer.init_state(student)
   teacher_params = trainer.teacher_params(teacher)
-  hlo = trainer.lower(state, teacher_params, batch).compile().as_text()
+  with before() if args.before else contextlib.nullcontext():
+    hlo = trainer.lower(state, teacher_params, batch).compile().as_text()
+    state, _ = trainer.train_step(state, teacher_params, batch)  # compile and warm up
   instructions = program_instructions(hlo)
-  state, _ = trainer.train_step(state, teacher_params, batch)  # compile and warm up
 
   folder = tempfile.mkdtemp(prefix="profile_train_step_")
   walls = []

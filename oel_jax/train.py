@@ -225,6 +225,15 @@ def _gather(hidden: jax.Array, index: jax.Array) -> jax.Array:
   return jnp.take_along_axis(hidden, index[..., None], axis=1)
 
 
+def _head(model: Qwen3) -> jax.Array:
+  """The model's unembedding `[V, H]` as the loss multiplies it: in a 16-bit compute dtype
+  cast to it, as `Qwen3.logits` does (bf16 matmuls, float32 accumulation and logits; the
+  float32 master weights' gradient arrives through the cast), else as stored."""
+  w = model.unembedding()
+  dtype = model.config.compute_dtype
+  return w.astype(dtype) if jnp.dtype(dtype).itemsize == 2 else w
+
+
 class Trainer:
   """Builds and runs the jitted consolidation step for one model architecture.
 
@@ -406,8 +415,8 @@ class Trainer:
           batch.teacher_prefix_len)
     ht = jax.lax.stop_gradient(ht)
     stats = losses.per_token_divergence_from_hidden(
-        _gather(hs, batch.student_index), student.unembedding(),
-        _gather(ht, batch.teacher_index), jax.lax.stop_gradient(teacher.unembedding()),
+        _gather(hs, batch.student_index), _head(student),
+        _gather(ht, batch.teacher_index), jax.lax.stop_gradient(_head(teacher)),
         divergence=cfg.divergence, k=cfg.k, temperature=cfg.temperature,
         renormalize=cfg.renormalize, tail=cfg.tail, chunk_size=cfg.loss_chunk_size,
         vocab_chunk_size=cfg.vocab_chunk_size, with_entropy=True)

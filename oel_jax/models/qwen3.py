@@ -18,6 +18,7 @@ shard along the `tp` mesh axis, and the (un)embedding is stored vocabulary-major
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Mapping
@@ -333,9 +334,62 @@ def write_slots(cache: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array
 
 
 def _einsum(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
-  """Matmul in `dtype` with float32 accumulation (fast bf16 path on CPU and TPU)."""
+  """Matmul in `dtype` with float32 accumulation (fast bf16 path on CPU and TPU).
+
+  The result is float32. For a 16-bit `dtype` the backward pass multiplies in `dtype` too
+  (`_einsum_16bit`); JAX's own transpose would multiply the float32 cotangent by the other
+  operand converted to float32, i.e. run every backward matmul in float32.
+  """
+  if jnp.dtype(dtype).itemsize == 2:
+    _einsum_operand_specs(spec)  # a spec the backward cannot transpose fails while tracing
+    return _einsum_16bit(spec, a.astype(dtype), b.astype(dtype))
   return jnp.einsum(spec, a.astype(dtype), b.astype(dtype),
                     preferred_element_type=jnp.float32)
+
+
+def _einsum_operand_specs(spec: str) -> tuple[str, str, str]:
+  """The two operands' and the output's index letters of a two-operand einsum `spec`.
+
+  Each operand's gradient is itself an einsum of the cotangent and the other operand, which
+  holds only when every index of an operand occurs in the other operand or the output, and
+  no operand repeats an index (no traces, no sums over one operand alone).
+  """
+  inputs, arrow, out = spec.replace(" ", "").partition("->")
+  operands = inputs.split(",")
+  if not arrow or len(operands) != 2:
+    raise ValueError(f"_einsum: spec {spec!r} must be explicit ('ab,bc->ac') with two "
+                     "operands")
+  sa, sb = operands
+  for name, mine, others in (("first", sa, sb + out), ("second", sb, sa + out)):
+    if len(set(mine)) != len(mine) or not set(mine) <= set(others):
+      raise ValueError(f"_einsum: spec {spec!r}: the {name} operand's indices {mine!r} must "
+                       "be distinct and each occur in the other operand or the output")
+  return sa, sb, out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _einsum_16bit(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  """`einsum(spec, a, b)` of two 16-bit operands, float32 result, whose backward matmuls
+  take the cotangent rounded to the operands' dtype (float32 accumulation), as mixed
+  precision does (PyTorch autocast's backward). Most cotangents come from a value that was
+  cast to the compute dtype at once, so that rounding is exact for them."""
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _einsum_16bit_fwd(spec, a, b):
+  return _einsum_16bit(spec, a, b), (a, b)
+
+
+def _einsum_16bit_bwd(spec, residuals, g):
+  a, b = residuals
+  sa, sb, out = _einsum_operand_specs(spec)
+  g = g.astype(a.dtype)  # [out]
+  da = jnp.einsum(f"{out},{sb}->{sa}", g, b, preferred_element_type=jnp.float32)
+  db = jnp.einsum(f"{sa},{out}->{sb}", a, g, preferred_element_type=jnp.float32)
+  return da.astype(a.dtype), db.astype(b.dtype)
+
+
+_einsum_16bit.defvjp(_einsum_16bit_fwd, _einsum_16bit_bwd)
 
 
 class Attention(nnx.Module):
