@@ -35,9 +35,9 @@ import numpy as np
 from flax import nnx
 
 from machine import matmul_rate
-from step_inputs import add_step_arguments, random_step_batch
+from step_inputs import add_step_arguments, random_step_batch, random_step_models
 from oel_jax import train
-from oel_jax.models import PRESETS, init_model, qwen3
+from oel_jax.models import init_model, qwen3
 from oel_jax.train import TrainConfig, Trainer
 
 
@@ -66,9 +66,7 @@ def main():
   args = parser.parse_args()
   print(f"machine: {os.cpu_count()} cores; bf16 matmul {matmul_rate() / 1e9:.0f} GFLOP/s; "
         f"jax {jax.__version__}; load average {os.getloadavg()[0]:.1f}")
-  config = PRESETS["Qwen3-0.6B"].replace(num_layers=args.layers, compute_dtype=jnp.bfloat16)
-  student = init_model(config)
-  teacher = init_model(config.replace(param_dtype=jnp.bfloat16), seed=1)
+  config, student, teacher = random_step_models(args)
   batch = random_step_batch(args)
   b, p, kn, r = args.batch, args.prompt, args.knowledge, args.response
   print(f"model: Qwen3-0.6B widths, {args.layers} layers, vocab {config.vocab_size}; batch {b}, "

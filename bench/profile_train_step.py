@@ -34,8 +34,7 @@ from jax.profiler import ProfileData
 
 from bench_step_precision import before
 from machine import matmul_rate
-from step_inputs import add_step_arguments, random_step_batch
-from oel_jax.models import PRESETS, init_model
+from step_inputs import add_step_arguments, random_step_batch, random_step_models
 from oel_jax.train import TrainConfig, Trainer
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*?) (\S+?)\((.*)$")
@@ -125,9 +124,7 @@ def main():
   rate = matmul_rate()
   print(f"machine: {os.cpu_count()} cores; bf16 matmul {rate / 1e9:.0f} GFLOP/s; jax "
         f"{jax.__version__}; load average {os.getloadavg()[0]:.1f}")
-  config = PRESETS["Qwen3-0.6B"].replace(num_layers=args.layers, compute_dtype=jnp.bfloat16)
-  student = init_model(config)
-  teacher = init_model(config.replace(param_dtype=jnp.bfloat16), seed=1)
+  config, student, teacher = random_step_models(args)
   batch = random_step_batch(args)
   b, p, kn, r = args.batch, args.prompt, args.knowledge, args.response
   trainer = Trainer(student, TrainConfig(learning_rate=1e-6, k=256))

@@ -2,8 +2,10 @@
 
 import argparse
 
+import jax.numpy as jnp
 import numpy as np
 
+from oel_jax.models import PRESETS, init_model
 from oel_jax.train import DistillBatch, make_batch
 
 
@@ -27,3 +29,11 @@ def random_step_batch(args: argparse.Namespace, vocab: int = 150_000) -> Distill
   knowledge = rng.integers(1, vocab, kn).tolist()
   responses = rng.integers(1, vocab, (b, r)).tolist()
   return make_batch(prompts, [knowledge + x for x in prompts], responses, pad_id=0)
+
+
+def random_step_models(args: argparse.Namespace):
+  """``(config, student, teacher)``: Qwen3-0.6B widths with ``--layers`` layers, random
+  weights; the student float32 with bf16 compute, the teacher bf16 (other weights)."""
+  config = PRESETS["Qwen3-0.6B"].replace(num_layers=args.layers, compute_dtype=jnp.bfloat16)
+  return (config, init_model(config),
+          init_model(config.replace(param_dtype=jnp.bfloat16), seed=1))

@@ -258,8 +258,9 @@ class SlotDecoder:
     finished = [r for r in range(self.slots) if self._busy[r] and done[r]]
     if not finished:
       return []
-    picked = jnp.asarray(finished, jnp.int32)
-    tokens, logprobs = np.asarray(state.tokens[picked]), np.asarray(state.logprobs[picked])
+    # Whole arrays to the host (a few hundred KB), indexed there: a device gather would be one
+    # more small program per count of finished rows.
+    tokens, logprobs = np.asarray(state.tokens)[finished], np.asarray(state.logprobs)[finished]
     eos = set(self.sampler.eos_ids)
     replies = []
     for i, r in enumerate(finished):
