@@ -134,6 +134,36 @@ def test_a_prompt_format_puts_the_knowledge_in_a_system_message(tok, trajectorie
     consolidate.build_prefixes([unknown])
 
 
+def test_a_recorded_conversation_consolidates_with_its_history_and_the_knowledge(
+    tok, trajectories):
+  """The chat format: the whole conversation before the response, knowledge in its system."""
+  history = [{"role": "system", "content": "You are a helpdesk."},
+             {"role": "user", "content": "My printer is on fire."},
+             {"role": "assistant", "content": "Please unplug it."},
+             {"role": "user", "content": "Done. Now what?"}]
+  turn = Turn(observation="Done. Now what?", prompt="Done. Now what?", response="Call us.",
+              content=formats.chat_content(history), prompt_format="chat")
+  own = dataclasses.replace(trajectories[0], env=EnvSpec("helpdesk"), turns=(turn,))
+  prefixes = consolidate.build_prefixes([own])
+  config = dataclasses.replace(CONFIG, games_per_step=1)
+  inputs = consolidate.step_inputs(prefixes, [[0]], ["Fires need water."], tok, config, 1)
+  assert list(inputs.student_prompts[0]) == chat.encode_chat(tok, history,
+                                                             enable_thinking=False)
+  with_knowledge = [{"role": "system", "content": "Fires need water.\n\nYou are a helpdesk."}]
+  assert list(inputs.teacher_prompts[0]) == chat.encode_chat(
+      tok, with_knowledge + history[1:], enable_thinking=False)
+  assert formats.CHAT.messages(formats.chat_content(history[1:]), "K")[0] == {
+      "role": "system", "content": "K"}
+  for bad, message in [("[]", r"chat content: expected a non-empty list"),
+                       ('[{"role": "bot", "content": "x"}]', r"chat content\[0\]\.role"),
+                       ('[{"role": "user", "content": 3}]', r"chat content\[0\]\.content"),
+                       ('[{"role": "user", "content": "a"}, {"role": "assistant", '
+                        '"content": "b"}]', r"chat content\[1\]\.role: the last message"),
+                       ("{", "chat content is not JSON")]:
+    with pytest.raises(ValueError, match=message):
+      formats.CHAT.messages(bad)
+
+
 def test_stale_teacher_hook_gives_the_teacher_the_students_prompt(tok, trajectories,
                                                                   monkeypatch):
   """scripts/demo_failure_checks.py's stale_teacher break patches consolidate.insert_knowledge."""

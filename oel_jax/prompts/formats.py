@@ -17,6 +17,11 @@ Formats shipped here:
 - `SYSTEM_KNOWLEDGE` (``"system_knowledge"``): the content as the user message, as it is;
   the knowledge, when given, as a system message before it. For deployments whose prompts are
   not our game template.
+- `CHAT` (``"chat"``): a recorded conversation: the content is the JSON list of its messages
+  before the response (``[{"role": "system"|"user"|"assistant", "content": str}, ...]``,
+  ending with a user message); the knowledge, when given, goes first in the system message (a
+  system message of its own when the conversation has none). For served and imported chat
+  logs (`oel_jax.serve`, `oel_jax.trajectories`).
 - `RECORDED_GAME` (not in `FORMATS`, never recorded): the fallback for turns written before
   turns carried their content (no ``prompt_format``): the content is the recorded game prompt
   itself, and the knowledge block is put into it by `insert_knowledge`.
@@ -28,6 +33,7 @@ under its id before trajectories naming it are consolidated.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Protocol, runtime_checkable
 
 from oel_jax import prompts
@@ -93,6 +99,71 @@ class SystemKnowledgeFormat:
     return [{"role": "system", "content": knowledge}, user] if knowledge else [user]
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+"""The roles a recorded conversation's messages may have."""
+
+
+def chat_content(messages: list[Message]) -> str:
+  """The content a `CHAT` turn records for ``messages`` (validated; see `parse_chat_content`)."""
+  return json.dumps(_checked_messages(messages, "messages"), ensure_ascii=False)
+
+
+def parse_chat_content(content: str) -> list[Message]:
+  """The messages a `CHAT` turn's content holds.
+
+  Raises:
+    ValueError: the content is not JSON, or not a list of ``{"role", "content"}`` objects with
+      known roles and string contents ending with a user message; the message names the index
+      and the field.
+  """
+  try:
+    messages = json.loads(content)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"chat content is not JSON: {e}") from None
+  return _checked_messages(messages, "chat content")
+
+
+def _checked_messages(messages, where: str) -> list[Message]:
+  if not isinstance(messages, list) or not messages:
+    raise ValueError(f"{where}: expected a non-empty list of messages, got {messages!r:.80}")
+  out = []
+  for i, m in enumerate(messages):
+    if not isinstance(m, dict):
+      raise ValueError(f"{where}[{i}]: expected an object, got {type(m).__name__}")
+    extra = set(m) - {"role", "content"}
+    if extra:
+      raise ValueError(f"{where}[{i}]: unexpected fields {sorted(extra)} "
+                       "(a message has only role and content)")
+    role, text = m.get("role"), m.get("content")
+    if role not in CHAT_ROLES:
+      raise ValueError(f"{where}[{i}].role: expected one of {CHAT_ROLES}, got {role!r}")
+    if not isinstance(text, str):
+      raise ValueError(f"{where}[{i}].content: expected a string, got {type(text).__name__}")
+    out.append({"role": role, "content": text})
+  if out[-1]["role"] != "user":
+    raise ValueError(f"{where}[{len(out) - 1}].role: the last message must be the user's, "
+                     f"got {out[-1]['role']!r}")
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatFormat:
+  """A recorded conversation: the content is its messages as JSON (`chat_content`)."""
+
+  id: str = "chat"
+  """The recorded name."""
+
+  def messages(self, content: str, knowledge: str | None = None) -> list[Message]:
+    """The conversation; the knowledge, if any, first in its system message."""
+    messages = parse_chat_content(content)
+    if not knowledge:
+      return messages
+    if messages[0]["role"] == "system":
+      merged = {"role": "system", "content": f"{knowledge}\n\n{messages[0]['content']}"}
+      return [merged] + messages[1:]
+    return [{"role": "system", "content": knowledge}] + messages
+
+
 @dataclasses.dataclass(frozen=True)
 class RecordedGameFormat:
   """A whole recorded game prompt as the content; knowledge put in by `insert_knowledge`."""
@@ -132,10 +203,14 @@ GAME = GameFormat()
 SYSTEM_KNOWLEDGE = SystemKnowledgeFormat()
 """Knowledge in a system message."""
 
+CHAT = ChatFormat()
+"""Recorded conversations (served or imported chat logs)."""
+
 RECORDED_GAME = RecordedGameFormat()
 """The fallback for turns recorded without content (today's parsing of the game prompt)."""
 
-FORMATS: dict[str, PromptFormat] = {GAME.id: GAME, SYSTEM_KNOWLEDGE.id: SYSTEM_KNOWLEDGE}
+FORMATS: dict[str, PromptFormat] = {GAME.id: GAME, SYSTEM_KNOWLEDGE.id: SYSTEM_KNOWLEDGE,
+                                    CHAT.id: CHAT}
 """The formats a trajectory turn may name, by id."""
 
 
