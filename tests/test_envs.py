@@ -337,6 +337,23 @@ def test_wasd_follow_their_words_and_walls_name_the_real_move():
   assert "You moved down to position (1, 0)." in prompt
 
 
+def test_show_key_puts_the_key_pressed_into_the_games_sentence():
+  played = {}
+  for show in (False, True):
+    env = make_env("frozenlake", seed=0, controls="left,right,up,down", show_key=show)
+    env.reset()
+    env.step("[w]")  # [w] is [up], which moves left: into the wall.
+    prompt, _ = env.step("[right]")  # moves down
+    played[show] = prompt
+  assert played[True] == played[False].replace(
+      "Reason: You tried to move left", "Reason: You pressed [up] and tried to move left"
+  ).replace("You moved down to position (1, 0).",
+            "You pressed [right] and moved down to position (1, 0).")
+  assert played[True] != played[False]
+  with pytest.raises(ValueError, match="show_key must be a bool"):
+    make_env("frozenlake", seed=0, show_key="yes")
+
+
 def test_lake_name_opens_the_history():
   env = make_env("frozenlake", seed=5, lake="Ossa")
   prompt = env.reset()
@@ -421,7 +438,8 @@ def test_settings_and_errors():
   env = make_env("frozenlake", seed=1)
   assert isinstance(env, Environment)
   assert env.spec.settings == {"size": 3, "num_holes": 2, "randomize_start_goal": False,
-                               "max_turns": 5, "controls": "up,down,left,right", "lake": ""}
+                               "max_turns": 5, "controls": "up,down,left,right", "lake": "",
+                               "show_key": False}
   assert make_env("sokoban", seed=1).spec.settings == {"dim_room": [6, 6], "num_boxes": 1,
                                                        "max_turns": 5}
   big = make_env("sokoban", seed=1, dim_room=(7, 7), num_boxes=2)

@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import random
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -75,6 +76,15 @@ DIRECTIONS = ("up", "down", "left", "right")
 
 STANDARD_CONTROLS = "up,down,left,right"
 """FrozenLake's own controls: ``[up]`` moves up, and so on (the paper's setting)."""
+
+SHOW_KEY = "You pressed {key} and moved down to position (1, 0)."
+"""How FrozenLake's ``show_key`` setting words a move: the key pressed and the move it made,
+in one sentence (``... and tried to move up but hit a wall!`` for a wall). The plain game
+says only the move (``You moved down to position (1, 0).``) and the history shows the key
+pressed a line above it; the learning demo's reader (`oel_jax.demo.curriculum`) compares the
+two, which its small model does reliably only when they stand side by side."""
+
+_MOVE_RE = re.compile(r"You (moved|tried to move) ")
 
 LAKE_INTRO = "You are on the frozen lake called {lake}."
 """The game message that opens a named lake's history (FrozenLake's ``lake`` setting)."""
@@ -105,7 +115,7 @@ GAMES: dict[str, GameDef] = {
     "frozenlake": GameDef(
         name="frozenlake", textarena_id="FrozenLake-v0-raw",
         defaults={"size": 3, "num_holes": 2, "randomize_start_goal": False, "max_turns": 5,
-                  "controls": STANDARD_CONTROLS, "lake": ""},
+                  "controls": STANDARD_CONTROLS, "lake": "", "show_key": False},
         rules="frozenlake_rules", rendering="messages"),
     "sokoban": GameDef(
         name="sokoban", textarena_id="Sokoban-v0-raw",
@@ -138,6 +148,8 @@ def _settings(game: GameDef, overrides: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(s["lake"], str) or s["lake"] != s["lake"].strip() or "\n" in s["lake"]:
       raise ValueError(f"lake must be a one-line name without surrounding spaces (or \"\" for "
                        f"none), got {s['lake']!r}")
+    if not isinstance(s["show_key"], bool):
+      raise ValueError(f"show_key must be a bool, got {s['show_key']!r}")
   else:
     dim = s["dim_room"]
     if isinstance(dim, (str, bytes)) or not hasattr(dim, "__len__") or len(dim) != 2:
@@ -344,6 +356,10 @@ class TextArenaGame:
     # The player's message is the key pressed, not the move a remapped lake made of it.
     messages = [(sender, message if sender == _GAME_ID else self._pressed or message, kind)
                 for sender, message, kind in messages]
+    if self.spec.settings.get("show_key") and self._pressed:
+      messages = [(sender, _MOVE_RE.sub(rf"You pressed {self._pressed} and \g<1> ", message)
+                   if sender == _GAME_ID else message, kind)
+                  for sender, message, kind in messages]
     text = "".join(f"\n[{self._name(sender)}] {message}" for sender, message, _ in messages)
     if self.game.rendering == "messages":
       observation = "".join(f"\n[GAME] {m}" for sender, m, _ in messages if sender == _GAME_ID)
@@ -385,7 +401,9 @@ def make_env(name: str, *, seed: int, knowledge: str | None = None,
       ``randomize_start_goal`` (False), ``max_turns`` (5), ``controls`` (what ``[up]``,
       ``[down]``, ``[left]``, ``[right]`` do, as a permutation: ``"up,down,left,right"``;
       ``[w]``/``[s]``/``[a]``/``[d]`` follow their words) and ``lake`` (a name shown in the
-      first message, ``"You are on the frozen lake called <lake>."``; "" for none). Sokoban: ``dim_room`` ((6, 6)),
+      first message, ``"You are on the frozen lake called <lake>."``; "" for none) and
+      ``show_key`` (False; True: the game's message after a move names the key pressed,
+      `SHOW_KEY`). Sokoban: ``dim_room`` ((6, 6)),
       ``num_boxes`` (1), ``max_turns`` (5).
 
   The environment is not started: call ``env.reset()`` for the first prompt.
