@@ -51,6 +51,11 @@ DEMO_CONTROLS = "down,up,right,left"
 DEMO_LAKE = "Ossa"
 """The demo world's lake name (never seen in pretraining)."""
 
+DEMO_SHOW_KEY = True
+"""Every demo lake names the key pressed in the game's sentence after a move
+(``You pressed [up] and moved down to position (1, 0).``, FrozenLake's ``show_key``), so the
+reader compares two words that stand side by side."""
+
 DEMO_HOLES = 0
 """Holes on every demo lake. The paper's FrozenLake has two; a lake without holes makes the
 route a rule (`wanted_direction`) instead of a search over the board, which a model trained
@@ -61,6 +66,17 @@ SWAPS = {"vertical": ("up", "down"), "horizontal": ("left", "right")}
 
 PRETRAINING_CONTROLS = ("up,down,left,right", "down,up,left,right", "up,down,right,left")
 """The controls of pretraining lakes: standard, vertical keys swapped, horizontal swapped."""
+
+FAMILIAR_SHARE = 0.3
+"""Share of the pretraining lakes (skills 1 and 3) that are familiar (`FAMILIAR_LAKES`)."""
+
+INFORMED_EXTRACTION = 0.5
+"""Share of the extraction examples whose player has knowledge from earlier games of its
+lake (a familiar lake's player is informed by its memory as well). Read from uninformed
+players only, a trajectory's wanted move always matches its key's label, so a reader could
+compare the wanted move with the board, or take a wall for a swap and a move for its
+absence, and be right in training; it would then misread the games of a player that presses
+a swapped key on purpose, as a consolidated model does."""
 
 EXPLORE = 0.2
 """Probability that the scripted player wants a random direction on a turn."""
@@ -90,7 +106,8 @@ GENERIC_ITEM = "- EXPERIENCE ITEM: Avoid the holes (H) and walk to the goal (G).
 
 _MODEL = ModelInfo("scripted-player")  # recorded in the scripted games' trajectories
 
-_EFFECT_RE = re.compile(r"You (?:moved|tried to move) (up|down|left|right)")
+_EFFECT_RE = re.compile(r"You (?:pressed \[\w+\] and )?(?:moved|tried to move) "
+                        r"(up|down|left|right)")
 
 _SYLLABLES = ("ba", "da", "fe", "ga", "hi", "ka", "lo", "mi", "nu", "pe", "ra", "si", "to",
               "vu", "wen", "zor", "bel", "cor", "dun", "el", "fir", "gal", "hol", "ir", "jun",
@@ -117,14 +134,19 @@ class World:
   """The name the first message shows ("" for the paper's unnamed lake)."""
   controls: str
   """What ``[up]``, ``[down]``, ``[left]``, ``[right]`` do (a `parse_controls` string)."""
+  familiar: bool = False
+  """Whether the player knows this lake's controls without knowledge (`FAMILIAR_LAKES`)."""
 
   def settings(self) -> dict[str, object]:
     """`make_env` overrides for this world (every demo lake is free of holes)."""
-    return {"controls": self.controls, "lake": self.lake, "num_holes": DEMO_HOLES}
+    return {"controls": self.controls, "lake": self.lake, "num_holes": DEMO_HOLES,
+            "show_key": DEMO_SHOW_KEY}
 
   def believed(self) -> dict[str, str]:
-    """What the player believes each key does with no knowledge in its prompt: the labels."""
-    return dict(zip(DIRECTIONS, STANDARD_CONTROLS.split(",")))
+    """What the player believes each key does with no knowledge in its prompt: what they do
+    on a familiar lake, else the labels."""
+    return dict(zip(DIRECTIONS, (self.controls if self.familiar
+                                 else STANDARD_CONTROLS).split(",")))
 
 
 def lake_name(rng: random.Random) -> str:
@@ -133,20 +155,45 @@ def lake_name(rng: random.Random) -> str:
   return name.capitalize()
 
 
+def _familiar_lakes() -> dict[str, str]:
+  rng = random.Random(1729)
+  lakes: dict[str, str] = {}
+  while len(lakes) < 12:
+    name = lake_name(rng)
+    if name != DEMO_LAKE and name not in lakes:
+      lakes[name] = PRETRAINING_CONTROLS[len(lakes) % len(PRETRAINING_CONTROLS)]
+  return lakes
+
+
+FAMILIAR_LAKES: dict[str, str] = _familiar_lakes()
+"""Twelve named lakes whose controls the pretrained player knows, name -> controls (four
+standard, four with the vertical keys swapped, four with the horizontal ones): without
+knowledge it presses the key that makes the move it wants, as a model that played there
+before would. Elsewhere it presses the labelled key. So the pretrained model already acts on
+a lake's name, and what consolidation teaches it about lake Ossa has a place to go other than
+every lake at once (the standard lake's pass rate is the demo's out-of-distribution check)."""
+
+
 def _named(rng: random.Random) -> str:
   while True:
     name = lake_name(rng) if rng.random() < 0.75 else ""
-    if name != DEMO_LAKE:
+    if name != DEMO_LAKE and name not in FAMILIAR_LAKES:
       return name
 
 
 def pretraining_worlds(rng: random.Random) -> Iterator[World]:
   """An endless stream of pretraining worlds; never the demo's controls or lake name.
 
-  Half are standard lakes, a quarter swap the vertical keys, a quarter the horizontal ones;
-  three in four have a random name, the rest are the paper's unnamed lake.
+  `FAMILIAR_SHARE` are familiar lakes. Of the rest, half are standard lakes, a quarter swap
+  the vertical keys, a quarter the horizontal ones; three in four have a random name, the
+  others are the paper's unnamed lake.
   """
+  familiar = sorted(FAMILIAR_LAKES)
   while True:
+    if rng.random() < FAMILIAR_SHARE:
+      name = rng.choice(familiar)
+      yield World(name, FAMILIAR_LAKES[name], familiar=True)
+      continue
     controls = rng.choice((PRETRAINING_CONTROLS[0],) + PRETRAINING_CONTROLS)
     yield World(_named(rng), controls)
 
@@ -182,14 +229,15 @@ def key_distribution(direction: str, believed: dict[str, str], knowledge: str
                      ) -> dict[str, float]:
   """The scripted player's probability of pressing each key to move ``direction``.
 
-  The opposite key in proportion to the items saying the direction's axis is swapped (against
-  those saying it works as labelled); with no item about the axis, the key it believes in.
+  With items about the direction's axis (which speak of the keys' labels), the opposite of
+  the labelled key in proportion to the items saying the axis is swapped (against those
+  saying it works as labelled); with none, the key it believes in.
   """
   said = parse_knowledge(knowledge)[axis_of(direction)]
-  plain = next(k for k, d in believed.items() if d == direction)
   total = said[True] + said[False]
   if not total:
-    return {plain: 1.0}
+    return {next(k for k, d in believed.items() if d == direction): 1.0}
+  plain = direction
   dist = {opposite(plain): said[True] / total, plain: said[False] / total}
   return {k: p for k, p in sorted(dist.items()) if p > 0}
 
@@ -354,7 +402,7 @@ def examples(seed: int, mix: Sequence[float] = (0.2, 0.25, 0.25, 0.3)) -> Iterat
     board += 100
     if skill == "extract":
       knowledge = ""
-      if rng.random() < 0.3:
+      if rng.random() < INFORMED_EXTRACTION:
         knowledge = scripted_knowledge(world, rng, rng.randint(1, 6), board + 50)
       env = play(world, board, knowledge, rng)
       trajectory = env.trajectory(_MODEL)
