@@ -36,7 +36,7 @@ if _REPO not in sys.path:
 import numpy as np  # pylint: disable=wrong-import-position
 
 from oel_jax import config as config_lib  # pylint: disable=wrong-import-position
-from oel_jax.demo import DEMO_HOLES  # pylint: disable=wrong-import-position
+from oel_jax.demo.curriculum import STANDARD_WORLD  # pylint: disable=wrong-import-position
 from oel_jax.envs import ModelInfo  # pylint: disable=wrong-import-position
 from oel_jax.evaluate import evaluate  # pylint: disable=wrong-import-position
 from oel_jax.loop import INITIAL, OnlineLoop  # pylint: disable=wrong-import-position
@@ -71,7 +71,7 @@ def configure(variant: str, seed: int, model: str = "", rounds: int = 0):
 
 def standard_lake(loop: OnlineLoop, summary) -> list[dict]:
   """Pass rate of every evaluated model on the standard, unnamed lake (held-out boards)."""
-  config = dataclasses.replace(loop.plan.evaluation, env_settings={"num_holes": DEMO_HOLES},
+  config = dataclasses.replace(loop.plan.evaluation, env_settings=STANDARD_WORLD.settings(),
                                progress=False)
   out = []
   for e in summary["evaluations"]:

@@ -23,7 +23,7 @@ import transformers
 
 import tiny_loop_run
 from oel_jax import chat
-from oel_jax.demo import DEMO_CONTROLS, DEMO_HOLES, DEMO_LAKE, curriculum, demo_model_path
+from oel_jax.demo import DEMO_CONTROLS, DEMO_LAKE, curriculum, demo_model_path
 from oel_jax.envs import load_trajectories, make_env
 from oel_jax.envs.textarena_games import DIRECTIONS
 from oel_jax.models import load_hf
@@ -50,8 +50,8 @@ def fixture_reference():
 
 
 def _demo_prompt(knowledge: str = "") -> str:
-  env = make_env("frozenlake", seed=0, knowledge=knowledge or None, controls=DEMO_CONTROLS,
-                 lake=DEMO_LAKE, num_holes=DEMO_HOLES)
+  env = make_env("frozenlake", seed=0, knowledge=knowledge or None,
+                 **curriculum.DEMO_WORLD.settings())
   return env.reset()
 
 

@@ -346,9 +346,17 @@ def test_show_key_puts_the_key_pressed_into_the_games_sentence():
     prompt, _ = env.step("[right]")  # moves down
     played[show] = prompt
   assert played[True] == played[False].replace(
-      "Reason: You tried to move left", "Reason: You pressed [up] and tried to move left"
+      "Reason: You tried to move left", "Reason: You pressed [up] and tried to move left (not up)"
   ).replace("You moved down to position (1, 0).",
-            "You pressed [right] and moved down to position (1, 0).")
+            "You pressed [right] and moved down (not right) to position (1, 0).")
+  env = make_env("frozenlake", seed=0, controls="left,right,up,down", show_key=True)
+  env.reset()
+  prompt, _ = env.step("[left]")  # moves up: a wall
+  assert "You pressed [left] and tried to move up (not left) but hit a wall!" in prompt
+  env = make_env("frozenlake", seed=0, show_key=True)
+  env.reset()
+  prompt, _ = env.step("[s]")
+  assert "You pressed [down] and moved down to position (1, 0)." in prompt  # no "(not"
   assert played[True] != played[False]
   with pytest.raises(ValueError, match="show_key must be a bool"):
     make_env("frozenlake", seed=0, show_key="yes")

@@ -16,7 +16,7 @@ has it too.
 
 import os
 
-from oel_jax.demo.curriculum import DEMO_CONTROLS, DEMO_HOLES, DEMO_LAKE
+from oel_jax.demo.curriculum import DEMO_WORLD
 from oel_jax.demo.paths import demo_model_path
 from oel_jax.errors import InputError
 from oel_jax.loop import default_config
@@ -39,9 +39,15 @@ def get_config():
   c.max_seq_len = 2048
   c.sampler_buckets_per_doubling = 2  # game prompts of 600 tokens pad to 768, not 1024
   c.env = "frozenlake"
-  c.env_settings.controls = DEMO_CONTROLS
-  c.env_settings.lake = DEMO_LAKE
-  c.env_settings.num_holes = DEMO_HOLES
+  for name, value in DEMO_WORLD.settings().items():
+    c.env_settings[name] = value
+
+  # The extraction games sample the model's own distribution (temperature 1, no cuts): its
+  # first move is "down" with p ~0.85, so top-p 0.8 (the official extraction rollouts)
+  # leaves it nothing else, and no game would show what the horizontal keys do.
+  c.collect.extraction_sampling.temperature = 1.0
+  c.collect.extraction_sampling.top_k = 0
+  c.collect.extraction_sampling.top_p = 1.0
 
   c.rollout.enable_thinking = False
   c.rollout.max_new_tokens = 16

@@ -52,9 +52,12 @@ DEMO_LAKE = "Ossa"
 """The demo world's lake name (never seen in pretraining)."""
 
 DEMO_SHOW_KEY = True
-"""Every demo lake names the key pressed in the game's sentence after a move
-(``You pressed [up] and moved down to position (1, 0).``, FrozenLake's ``show_key``), so the
-reader compares two words that stand side by side."""
+"""Every demo lake names the key pressed in the game's sentence after a move, and its label
+when it made another move (``You pressed [up] and moved down (not up) to position (1,
+0).``, FrozenLake's ``show_key``). A model of this size trained for half an hour did not learn
+to compare the key pressed with the move shown when they stood in different sentences or side
+by side (it learned "a wall means swapped" instead, 2-core Xeon, 2026-12-01); a word the game
+shows is what it learns to read."""
 
 DEMO_HOLES = 0
 """Holes on every demo lake. The paper's FrozenLake has two; a lake without holes makes the
@@ -67,16 +70,12 @@ SWAPS = {"vertical": ("up", "down"), "horizontal": ("left", "right")}
 PRETRAINING_CONTROLS = ("up,down,left,right", "down,up,left,right", "up,down,right,left")
 """The controls of pretraining lakes: standard, vertical keys swapped, horizontal swapped."""
 
-FAMILIAR_SHARE = 0.3
-"""Share of the pretraining lakes (skills 1 and 3) that are familiar (`FAMILIAR_LAKES`)."""
-
 INFORMED_EXTRACTION = 0.5
 """Share of the extraction examples whose player has knowledge from earlier games of its
-lake (a familiar lake's player is informed by its memory as well). Read from uninformed
-players only, a trajectory's wanted move always matches its key's label, so a reader could
-compare the wanted move with the board, or take a wall for a swap and a move for its
-absence, and be right in training; it would then misread the games of a player that presses
-a swapped key on purpose, as a consolidated model does."""
+lake. Read from uninformed players only, a trajectory's wanted move always matches its key's
+label, so a reader could compare the wanted move with the board, or take a wall for a swap and
+a move for its absence, and be right in training; it would then misread the games of a player
+that presses a swapped key on purpose, as a consolidated model does."""
 
 EXPLORE = 0.2
 """Probability that the scripted player wants a random direction on a turn."""
@@ -134,8 +133,6 @@ class World:
   """The name the first message shows ("" for the paper's unnamed lake)."""
   controls: str
   """What ``[up]``, ``[down]``, ``[left]``, ``[right]`` do (a `parse_controls` string)."""
-  familiar: bool = False
-  """Whether the player knows this lake's controls without knowledge (`FAMILIAR_LAKES`)."""
 
   def settings(self) -> dict[str, object]:
     """`make_env` overrides for this world (every demo lake is free of holes)."""
@@ -143,10 +140,16 @@ class World:
             "show_key": DEMO_SHOW_KEY}
 
   def believed(self) -> dict[str, str]:
-    """What the player believes each key does with no knowledge in its prompt: what they do
-    on a familiar lake, else the labels."""
-    return dict(zip(DIRECTIONS, (self.controls if self.familiar
-                                 else STANDARD_CONTROLS).split(",")))
+    """What the player believes each key does with no knowledge in its prompt: the labels."""
+    return dict(zip(DIRECTIONS, STANDARD_CONTROLS.split(",")))
+
+
+DEMO_WORLD = World(DEMO_LAKE, DEMO_CONTROLS)
+"""The world the demo deploys into (`DEMO_WORLD.settings()` are its `make_env` settings)."""
+
+STANDARD_WORLD = World("", STANDARD_CONTROLS)
+"""The demo's out-of-distribution check: the standard controls on the paper's unnamed lake,
+with the demo lakes' other settings."""
 
 
 def lake_name(rng: random.Random) -> str:
@@ -155,45 +158,20 @@ def lake_name(rng: random.Random) -> str:
   return name.capitalize()
 
 
-def _familiar_lakes() -> dict[str, str]:
-  rng = random.Random(1729)
-  lakes: dict[str, str] = {}
-  while len(lakes) < 12:
-    name = lake_name(rng)
-    if name != DEMO_LAKE and name not in lakes:
-      lakes[name] = PRETRAINING_CONTROLS[len(lakes) % len(PRETRAINING_CONTROLS)]
-  return lakes
-
-
-FAMILIAR_LAKES: dict[str, str] = _familiar_lakes()
-"""Twelve named lakes whose controls the pretrained player knows, name -> controls (four
-standard, four with the vertical keys swapped, four with the horizontal ones): without
-knowledge it presses the key that makes the move it wants, as a model that played there
-before would. Elsewhere it presses the labelled key. So the pretrained model already acts on
-a lake's name, and what consolidation teaches it about lake Ossa has a place to go other than
-every lake at once (the standard lake's pass rate is the demo's out-of-distribution check)."""
-
-
 def _named(rng: random.Random) -> str:
   while True:
     name = lake_name(rng) if rng.random() < 0.75 else ""
-    if name != DEMO_LAKE and name not in FAMILIAR_LAKES:
+    if name != DEMO_LAKE:
       return name
 
 
 def pretraining_worlds(rng: random.Random) -> Iterator[World]:
   """An endless stream of pretraining worlds; never the demo's controls or lake name.
 
-  `FAMILIAR_SHARE` are familiar lakes. Of the rest, half are standard lakes, a quarter swap
-  the vertical keys, a quarter the horizontal ones; three in four have a random name, the
-  others are the paper's unnamed lake.
+  Half are standard lakes, a quarter swap the vertical keys, a quarter the horizontal ones;
+  three in four have a random name, the rest are the paper's unnamed lake.
   """
-  familiar = sorted(FAMILIAR_LAKES)
   while True:
-    if rng.random() < FAMILIAR_SHARE:
-      name = rng.choice(familiar)
-      yield World(name, FAMILIAR_LAKES[name], familiar=True)
-      continue
     controls = rng.choice((PRETRAINING_CONTROLS[0],) + PRETRAINING_CONTROLS)
     yield World(_named(rng), controls)
 

@@ -77,14 +77,16 @@ DIRECTIONS = ("up", "down", "left", "right")
 STANDARD_CONTROLS = "up,down,left,right"
 """FrozenLake's own controls: ``[up]`` moves up, and so on (the paper's setting)."""
 
-SHOW_KEY = "You pressed {key} and moved down to position (1, 0)."
+SHOW_KEY = ("You pressed [up] and moved up to position (0, 1).",
+            "You pressed [up] and moved down (not up) to position (1, 0).")
 """How FrozenLake's ``show_key`` setting words a move: the key pressed and the move it made,
-in one sentence (``... and tried to move up but hit a wall!`` for a wall). The plain game
-says only the move (``You moved down to position (1, 0).``) and the history shows the key
-pressed a line above it; the learning demo's reader (`oel_jax.demo.curriculum`) compares the
-two, which its small model does reliably only when they stand side by side."""
+in one sentence, and the key's label in ``(not ...)`` when the move was another (also before
+``but hit a wall!``). The plain game says only the move (``You moved down to position (1,
+0).``), with the key pressed a line above it; the learning demo's reader
+(`oel_jax.demo.curriculum`) needs to tell a key that moved as labelled from one that did not,
+which its small model learns to do from a word the game shows, not by comparing two words."""
 
-_MOVE_RE = re.compile(r"You (moved|tried to move) ")
+_MOVE_RE = re.compile(r"You (moved|tried to move) (up|down|left|right)\b")
 
 LAKE_INTRO = "You are on the frozen lake called {lake}."
 """The game message that opens a named lake's history (FrozenLake's ``lake`` setting)."""
@@ -357,9 +359,8 @@ class TextArenaGame:
     messages = [(sender, message if sender == _GAME_ID else self._pressed or message, kind)
                 for sender, message, kind in messages]
     if self.spec.settings.get("show_key") and self._pressed:
-      messages = [(sender, _MOVE_RE.sub(rf"You pressed {self._pressed} and \g<1> ", message)
-                   if sender == _GAME_ID else message, kind)
-                  for sender, message, kind in messages]
+      messages = [(sender, _MOVE_RE.sub(self._with_key, message) if sender == _GAME_ID
+                   else message, kind) for sender, message, kind in messages]
     text = "".join(f"\n[{self._name(sender)}] {message}" for sender, message, _ in messages)
     if self.game.rendering == "messages":
       observation = "".join(f"\n[GAME] {m}" for sender, m, _ in messages if sender == _GAME_ID)
@@ -372,6 +373,13 @@ class TextArenaGame:
       new = new.split(self._chunks[-1])[-1]
     chunk = new[new.find("[GAME]"):]
     return chunk, chunk
+
+  def _with_key(self, move: re.Match) -> str:
+    """`SHOW_KEY`'s wording of TextArena's ``You moved <move>`` for the key just pressed."""
+    verb, made = move.groups()
+    label = self._pressed.strip("[]")
+    said = f"You pressed {self._pressed} and {verb} {made}"
+    return said if made == label else f"{said} (not {label})"
 
   def _advance(self, chunk: str, observation: str) -> None:
     self._chunks.append(chunk)
