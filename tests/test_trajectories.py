@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -143,13 +144,29 @@ def test_the_outcome_rule():
   assert outcome_of(False, 0.7, None) == Outcome(False, 0.7, "")
 
 
-def test_parse_time():
+def test_parse_time(monkeypatch):
+  monkeypatch.setenv("TZ", "America/New_York")   # a local zone that is not UTC
+  time.tzset()
   assert parse_time("1700000000.5") == 1700000000.5
   assert parse_time("1970-01-01T00:01:00Z") == 60.0
   assert parse_time("1970-01-01T00:01:00") == 60.0     # UTC when no zone is named
   assert parse_time("1970-01-01T01:01:00+01:00") == 60.0
   with pytest.raises(ValueError, match="neither unix seconds nor an ISO 8601 time"):
     parse_time("yesterday")
+  monkeypatch.undo()
+  time.tzset()
+
+
+def test_text_parts_join_with_newlines(tmp_path):
+  path = _write_lines(tmp_path / "c.jsonl", [{"messages": [
+      {"role": "user", "content": [{"type": "text", "text": "one"},
+                                   {"type": "text", "text": "two"}]},
+      {"role": "assistant", "content": [{"type": "text", "text": "A"},
+                                        {"type": "input_audio", "input_audio": {}},
+                                        {"type": "text", "text": "B"}]}]}])
+  (t,), summary = import_chat_logs([path])
+  assert (t.turns[0].observation, t.turns[0].response) == ("one\ntwo", "A\nB")
+  assert dict(summary.dropped_messages) == {"input_audio content part": 1}
 
 
 # ---- the serve workdir's log, written here from the contract ----
@@ -221,6 +238,8 @@ def test_served_cut_off(serve_dir):
   assert [turn.response for turn in a.turns] == ["r1", "r2", "r3"]
   assert (a.final_feedback, a.outcome) == ("fine", Outcome(True, 0.5, "fine"))
   assert (log.requests, log.outside, log.feedback, log.unmatched_feedback) == (4, 1, 1, 0)
+  # The cut-off itself is inside: A's third request was created at 103.
+  assert [turn.response for turn in read_served(serve_dir, 103.0)[0].turns] == ["r1", "r2", "r3"]
   (a,) = read_served(serve_dir, 101.5)[:1]
   assert [turn.response for turn in a.turns] == ["r1"] and a.outcome is None
   # Since an earlier cut-off: C only (its feedback line applies), A's old feedback does not.
