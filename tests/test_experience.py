@@ -617,3 +617,27 @@ def test_the_template_follows_the_trajectory_s_env(fmt):
   assert ex.extraction_prompt(game, "", config) == prompts.load(f"extraction_{fmt}").format(
       latest_experience=ex.format_game(game), previous_experience=ex.NO_PREVIOUS)
   assert ex.format_trajectory(game).startswith("\nRound0_Input: Hi\n\nRound0_Output: Hello!")
+
+
+def test_extraction_runs_read_a_mixed_pool_each_trajectory_with_its_own_template(tok):
+  """A pool of our games and recorded conversations: each extraction call's prompt is the
+  paper's for a game and ours for a conversation."""
+  pool = [_traj(0, turns=1), _conversation(), _traj(1, turns=1), _conversation(env="support")]
+  config = ex.ExtractionConfig(knowledge_format="unstructured", num_trajectories=4, num_runs=1,
+                               with_previous=False, pool_order="chunks")
+  prompts_seen = []
+
+  def generate(conversations, *, seed):
+    prompts_seen.extend(c[0]["content"] for c in conversations)
+    return ["learned"] * len(conversations)
+
+  ex.run_extraction(pool, config, generate=generate, tokenizer=tok)
+  paper = prompts.load("extraction_unstructured")
+  ours = prompts.load("extraction_unstructured_conversation")
+  assert prompts_seen == [
+      paper.format(latest_experience=ex.format_game(pool[0]), previous_experience=ex.NO_PREVIOUS),
+      ours.format(latest_experience=ex.format_conversation(pool[1]),
+                  previous_experience=ex.NO_PREVIOUS),
+      paper.format(latest_experience=ex.format_game(pool[2]), previous_experience=ex.NO_PREVIOUS),
+      ours.format(latest_experience=ex.format_conversation(pool[3]),
+                  previous_experience=ex.NO_PREVIOUS)]

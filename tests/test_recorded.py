@@ -220,3 +220,15 @@ def test_one_round_on_imported_chat_logs(tmp_path):
   assert not os.path.exists(os.path.join(workdir, "plots", "rounds.png"))
   assert json.load(open(os.path.join(workdir, "summary.json"))) == {
       "evaluations": [], "models": {"0": "round_000/model"}, "final_model": "round_000/model"}
+
+
+def test_the_cli_reads_a_serve_workdir_alone(recorded, tmp_path):
+  """The README's second command: the default glob emptied, a server's log read instead."""
+  base = (f"--config={RECORDED_TINY}", f"--workdir={tmp_path / 'run'}", "--stage=validate",
+          f"--config.collect.served_workdir={recorded['serve']}",
+          "--config.collect.served_until=2026-12-01T09:00:00Z")
+  p = run_main(*base, "--config.collect.trajectory_files=")
+  assert p.returncode == 0 and "config OK: recorded_tiny" in p.stdout, p.stderr[-2000:]
+  p = run_main(*base)   # the default glob, recorded/*.jsonl, matches nothing here
+  assert p.returncode == 2
+  assert "config.collect.trajectory_files: 'recorded/*.jsonl' matches no file" in p.stderr
