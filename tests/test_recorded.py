@@ -232,3 +232,13 @@ def test_the_cli_reads_a_serve_workdir_alone(recorded, tmp_path):
   p = run_main(*base)   # the default glob, recorded/*.jsonl, matches nothing here
   assert p.returncode == 2
   assert "config.collect.trajectory_files: 'recorded/*.jsonl' matches no file" in p.stderr
+
+
+def test_evaluation_off_loads_no_model_and_records_nothing(tmp_path):
+  from oel_jax.stages import evaluate as evaluate_stage
+  from oel_jax.workdir import INITIAL
+  c = _config()
+  c.ifeval.enabled = False
+  run = config_lib.RunConfig.from_dict(c)
+  done = evaluate_stage.run(INITIAL, run, Workdir(str(tmp_path), run), pool=None)
+  assert (done["metrics"], done["artifacts"]) == ({}, {})
