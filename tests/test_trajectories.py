@@ -81,7 +81,10 @@ def test_turns_need_a_user_message_and_lines_need_a_turn(tmp_path):
                     {"role": "assistant", "content": "Welcome!"},
                     {"role": "user", "content": "Hi"},
                     {"role": "assistant", "content": "Hey"},
-                    {"role": "assistant", "content": "Anything else?"}]},
+                    {"role": "assistant", "content": "Anything else?"},
+                    {"role": "user", "content": "No"},
+                    {"role": "system", "content": "Wrap up."},
+                    {"role": "assistant", "content": "Bye"}]},
       {"messages": [{"role": "user", "content": "Only a question"}]}])
   trajectories, summary = import_chat_logs([path])
   (t,) = trajectories
@@ -89,7 +92,9 @@ def test_turns_need_a_user_message_and_lines_need_a_turn(tmp_path):
   assert formats.parse_chat_content(t.turns[0].content) == [
       {"role": "system", "content": "Sys"}, {"role": "assistant", "content": "Welcome!"},
       {"role": "user", "content": "Hi"}]
-  assert summary.dropped_messages["assistant message without a user message before it"] == 2
+  assert dict(summary.dropped_messages) == {
+      "assistant message without a user message before it": 2,
+      "assistant message right after a system message": 1}
   assert dict(summary.skipped_lines) == {"no assistant reply to a user message": 1}
 
 

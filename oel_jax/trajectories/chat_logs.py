@@ -26,8 +26,8 @@ chat templates join them); other parts (images, audio) are dropped and counted. 
 is OpenAI's newer name for "system" and is read as one. Tool use is not a turn of ours: tool
 and function messages, and assistant messages that only call tools (no text), are dropped and
 counted. An assistant message with no user message since the previous assistant reply (or
-since the start) has no prompt to learn from: it stays in the conversation's history but is
-no turn, and is counted. A line with no turn left is skipped, and counted.
+since the start), or right after a system message, has no prompt to learn from: it stays in
+the conversation's history but is no turn, and is counted. A line with no turn left is skipped, and counted.
 
 Anything malformed (not JSON, ``messages`` missing or not a list, an unknown role, content of
 the wrong type, a ``reward`` that is not a number, ...) raises `LogError` naming the file, the
@@ -173,6 +173,10 @@ def conversation_turns(messages: Sequence[dict[str, str]], dropped: collections.
     elif m["role"] == "assistant":
       if not since:
         dropped["assistant message without a user message before it"] += 1
+      elif messages[i - 1]["role"] != "user":
+        # A system message between the user's and the reply: the prompt would not end with
+        # the user's message, as a chat turn's content must.
+        dropped["assistant message right after a system message"] += 1
       else:
         before = list(messages[:i])
         turns.append(Turn(observation="\n\n".join(since), prompt=formats.user_text(before),
