@@ -113,7 +113,8 @@ class CollectConfig:
 
   served_until: str = settings.text("")
   """The serve log's cut-off: unix seconds or an ISO 8601 time (UTC unless it names a zone);
-  "" = the time the round's collect runs."""
+  "" = the time the round's collect runs (each process's own clock: on several processes, set
+  it, so that every process reads the same requests)."""
 
   later_rounds: str = settings.choice("all", LATER_ROUNDS)
   """source "files", rounds after the first: "all" reads all the recorded experience again;

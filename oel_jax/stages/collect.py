@@ -30,6 +30,11 @@ created after the previous round's cut-off (recorded in its ``collect.done.json`
 settings; so does a pool too small for extraction (``num_trajectories``, or ``num_runs x
 num_trajectories`` with pool_order "chunks").
 
+A deployment that learns as it serves: serve the model, run one round on the log
+(``later_rounds "new"``, ``served_until`` ""), hot-reload the server with ``round_000/model``,
+and later run the same command with ``--config.rounds=2``: round 1 reads the requests served
+since round 0's cut-off (by round 0's model), and so on (``rounds`` may change in a workdir).
+
 On several processes (hosts) every process plays every game: the same seeds and the same
 sampled tokens (`oel_jax.sampling.Sampler.generate` returns every row to every process) give
 the same trajectories, which process 0 writes. Each generation is one program over all the
