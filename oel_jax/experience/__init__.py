@@ -92,8 +92,9 @@ from oel_jax.experience.state import (STATE_KIND, STATE_VERSION, ExtractionState
                                       plan_orders, pool_digest, start_extraction, step_seed)
 from oel_jax.experience.text import (ITEM_PREFIX, NO_PREVIOUS, accumulate, count_tokens,
                                      drop_reasoning, extraction_prompt, format_conversation,
-                                     format_game, format_trajectory, is_game, parse_extraction, parse_items, prompt_template,
-                                     split_items, truncate_knowledge)
+                                     format_game, format_trajectory, is_game, parse_extraction,
+                                     parse_items, prompt_template, split_items,
+                                     truncate_knowledge)
 
 __all__ = [
     "FORMATS", "POOL_ORDERS", "PROMPT_VARIANTS", "ExtractionConfig", "KNOWLEDGE_FILE",
@@ -103,6 +104,6 @@ __all__ = [
     "sampler_generate", "STATE_KIND", "STATE_VERSION", "ExtractionState", "load_pool",
     "plan_orders", "pool_digest", "start_extraction", "step_seed", "ITEM_PREFIX",
     "NO_PREVIOUS", "accumulate", "count_tokens", "drop_reasoning", "extraction_prompt",
-    "format_conversation", "format_game", "format_trajectory", "is_game", "parse_extraction", "parse_items", "prompt_template", "split_items",
-    "truncate_knowledge",
+    "format_conversation", "format_game", "format_trajectory", "is_game", "parse_extraction",
+    "parse_items", "prompt_template", "split_items", "truncate_knowledge",
 ]
