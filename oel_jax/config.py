@@ -86,9 +86,40 @@ class PoolSampling:
     settings.check(self)
 
 
+SOURCES = ("play", "files")
+"""Where a round's experience comes from (`CollectConfig.source`)."""
+
+LATER_ROUNDS = ("all", "new")
+"""What rounds after the first read of recorded experience (`CollectConfig.later_rounds`)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class CollectConfig:
-  """How many games the deployed model plays per round, and how each pool samples."""
+  """Where each round's experience comes from: games the deployed model plays (how many, how
+  each pool samples), or recorded experience read from files."""
+
+  source: str = settings.choice("play", SOURCES)
+  """"play": the deployed model plays ``config.env``'s games; "files": recorded experience
+  (``trajectory_files`` and/or ``served_workdir``) is read instead, and every record goes to
+  both the extraction and the consolidation pool (`oel_jax.stages.collect`)."""
+
+  trajectory_files: str = settings.text("")
+  """source "files": trajectory files (JSONL records, e.g. from ``python -m
+  oel_jax.trajectories import``): a glob, or several separated by commas."""
+
+  served_workdir: str = settings.text("")
+  """source "files": a serve workdir (``python -m oel_jax.serve --workdir``) whose log of
+  served conversations and feedback is read."""
+
+  served_until: str = settings.text("")
+  """The serve log's cut-off: unix seconds or an ISO 8601 time (UTC unless it names a zone);
+  "" = the time the round's collect runs (each process's own clock: on several processes, set
+  it, so that every process reads the same requests)."""
+
+  later_rounds: str = settings.choice("all", LATER_ROUNDS)
+  """source "files", rounds after the first: "all" reads all the recorded experience again;
+  "new" only what no earlier round read (files whose contents no earlier round read; served
+  requests created after the previous round's cut-off)."""
 
   extraction_boards: int = settings.integer(0, minimum=0)
   """Boards for extraction; 0 = ``extraction.num_trajectories`` (n)."""
@@ -110,6 +141,35 @@ class CollectConfig:
 
   def __post_init__(self):
     settings.check(self)
+
+  @property
+  def recorded(self) -> bool:
+    """Whether rounds read recorded experience instead of playing."""
+    return self.source == "files"
+
+  def cross_checks(self, at: settings.At) -> list[str]:
+    """Recorded experience: something to read, a readable cut-off, nothing set in vain."""
+    out = []
+    if not at.ok("source", "trajectory_files", "served_workdir", "served_until"):
+      return out
+    named = [n for n in ("trajectory_files", "served_workdir", "served_until")
+             if getattr(self, n)]
+    if self.recorded and not (self.trajectory_files or self.served_workdir):
+      out.append(f"{at('source')} 'files' reads {at('trajectory_files')} and/or "
+                 f"{at('served_workdir')}; set one")
+    if not self.recorded and named:
+      out.append(f"{', '.join(at(n) for n in named)}: read only with {at('source')}='files' "
+                 f"(it is {self.source!r})")
+    if self.served_until and not self.served_workdir:
+      out.append(f"{at('served_until')} needs {at('served_workdir')}")
+    if self.served_until:
+      # Imported here: oel_jax.trajectories imports oel_jax.envs, as this module does.
+      from oel_jax.trajectories.records import parse_time  # pylint: disable=import-outside-toplevel
+      try:
+        parse_time(self.served_until)
+      except ValueError as e:
+        out.append(f"{at('served_until')}: {e}")
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,6 +194,11 @@ class EvaluationSection(EvalConfig):
 
   in_context_run: int = settings.integer(0, minimum=0)
   """Which of the K knowledge texts goes in context."""
+
+  games: bool = settings.boolean(True)
+  """Play ``config.env``'s held-out games (pass rate). Off (e.g. for recorded experience that is
+  not one of our games): no game is played; IF-Eval still runs when ``config.ifeval.enabled``,
+  and with neither the evaluate stage records no metrics."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,8 +407,9 @@ class RunConfig:
     """Checks between sections: pool sizes, the in-context run, token budgets."""
     out = []
     ex = self.extraction
+    # Recorded experience: the pool's size is known when collect reads it (checked there).
     if at.ok("collect", "extraction.num_trajectories", "extraction.num_runs",
-             "extraction.pool_order"):
+             "extraction.pool_order") and not self.collect.recorded:
       n, k = ex.num_trajectories, ex.num_runs
       boards, plays = self.extraction_boards, self.extraction_plays
       pool = boards * plays
@@ -355,6 +421,9 @@ class RunConfig:
         out.append(f"config.extraction.num_trajectories ({n}) exceeds the extraction pool "
                    f"({boards} boards x {plays} plays = {pool})")
     ev = self.evaluation
+    if at.ok("evaluation.in_context", "evaluation.games") and ev.in_context and not ev.games:
+      out.append("config.evaluation.in_context plays the held-out games with knowledge in "
+                 "context; it needs config.evaluation.games=True")
     if at.ok("evaluation.in_context", "evaluation.in_context_run", "extraction.num_runs") and \
         ev.in_context and ev.in_context_run >= ex.num_runs:
       out.append(f"config.evaluation.in_context_run ({ev.in_context_run}) must be below "

@@ -10,14 +10,17 @@ runs the stages of `oel_jax.stages`, one module each:
 
 1. ``collect``: the round's deployed model (the initial model for round 0, else round
    ``r - 1``'s ``model/``) plays the extraction and consolidation games
-   -> ``trajectories/extraction.jsonl`` and ``trajectories/consolidation.jsonl``.
+   -> ``trajectories/extraction.jsonl`` and ``trajectories/consolidation.jsonl``; or, with
+   ``config.collect.source = "files"``, recorded experience (trajectory files, a serve
+   workdir's log) is read into both (`oel_jax.stages.collect`).
 2. ``extract``: the deployed model (or ``config.extraction.model``) extracts K knowledge
    texts from the extraction pool -> ``knowledge/``.
 3. ``consolidate``: on-policy context distillation of the knowledge into a copy of the
    deployed model against the frozen deployed model as teacher -> ``model/``, the model the
    next round deploys.
-4. ``evaluate``: pass rate and response length of ``model/`` on the held-out maps, optionally
-   IF-Eval and the in-context pass rate of the round-start model -> ``evaluation/``.
+4. ``evaluate``: pass rate and response length of ``model/`` on the held-out maps
+   (``config.evaluation.games``), optionally IF-Eval and the in-context pass rate of the
+   round-start model -> ``evaluation/``; with nothing named, empty metrics.
 5. ``export``: ``model/`` again in a serving dtype (``config.export.dtype``) at ``export/``.
 
 Before round 0 the initial model is evaluated the same way (``workdir/initial/``) when
@@ -61,10 +64,10 @@ from tqdm.auto import tqdm
 from oel_jax import hub, parallel, tiny
 # DTYPES, default_config and stage_seed are the loop's API too (configs/ import them here).
 from oel_jax.config import (  # pylint: disable=unused-import
-    DTYPES, ConfigError, RunConfig, default_config, parse, stage_seed)
+    DTYPES, CollectConfig, ConfigError, RunConfig, default_config, parse, stage_seed)
 from oel_jax.consolidate import ConsolidationConfig
 from oel_jax.envs import RolloutConfig
-from oel_jax.errors import one_line
+from oel_jax.errors import InputError, one_line
 from oel_jax.evaluate import EvalConfig
 from oel_jax.experience import ExtractionConfig
 from oel_jax.model_pool import ModelPool
@@ -72,6 +75,7 @@ from oel_jax.models import check_hf
 from oel_jax.models.qwen3 import Qwen3Config, abstract_model
 from oel_jax.settings import At, narrow
 from oel_jax.stages import RUNNERS
+from oel_jax.trajectories.sources import expand_files
 # The workdir's names and layout are the loop's API too (tests and scripts import them here).
 from oel_jax.workdir import (  # pylint: disable=unused-import
     CONFIG_FILE, DONE_FILE, INITIAL, MUTABLE_KEYS, STAGES, SUMMARY_FILE, Round, Workdir,
@@ -185,6 +189,21 @@ def _model_config(model: str, errors: list[str], dirs: dict[str, str]) -> Qwen3C
     return None
 
 
+def _recorded_problems(collect: CollectConfig) -> list[str]:
+  """What keeps the recorded experience a config names from being read: a glob that matches no
+  file, a serve workdir that is not a folder (the records themselves are read by collect)."""
+  out = []
+  if collect.trajectory_files:
+    try:
+      expand_files(collect.trajectory_files, field="config.collect.trajectory_files")
+    except InputError as e:
+      out.append(str(e))
+  if collect.served_workdir and not os.path.isdir(collect.served_workdir):
+    out.append(f"config.collect.served_workdir: {collect.served_workdir!r} is not a directory "
+               "(a serve workdir: python -m oel_jax.serve --workdir)")
+  return out
+
+
 @functools.lru_cache(maxsize=4)
 def _parameters(model: Qwen3Config) -> tuple[tuple[tuple, nnx.Variable], ...]:
   """The model's parameters, shapes and shardings only (tracing its init takes seconds)."""
@@ -229,6 +248,10 @@ def plan(config: ml_collections.ConfigDict | Mapping[str, Any] | RunConfig, *,
   if ok("ifeval.enabled", "ifeval.path") and ifeval.enabled and not os.path.isfile(ifeval.path):
     errors.append(f"config.ifeval.path: {ifeval.path!r} is not a file (IF-Eval's "
                   "input_data.jsonl); set it, or config.ifeval.enabled=False")
+
+  if ok("collect.source", "collect.trajectory_files", "collect.served_workdir") and \
+      run.collect.recorded:
+    errors.extend(_recorded_problems(run.collect))
 
   devices = num_devices if num_devices is not None else jax.device_count()
   mesh_shape: dict[str, int] = {}

@@ -137,11 +137,15 @@ def brief(stage: str, metrics: Mapping[str, Any]) -> str:
       return (f"{len(metrics['steps'])} steps, loss {metrics['first_loss']} -> "
               f"{metrics['final_loss']}")
     if stage == "evaluate":
-      p = metrics["pass_rate"]
-      text = (f"pass rate {p['pass_rate_mean']:.3f} +- {p['pass_rate_std']:.3f}, "
-              f"{p['mean_response_tokens']:.1f} tokens/turn")
+      p = metrics.get("pass_rate")
+      parts = [] if p is None else [f"pass rate {p['pass_rate_mean']:.3f} +- "
+                                    f"{p['pass_rate_std']:.3f}, "
+                                    f"{p['mean_response_tokens']:.1f} tokens/turn"]
       if "ifeval" in metrics:
-        text += f", IF-Eval prompt-level strict {metrics['ifeval']['prompt_level_strict']:.3f}"
+        parts.append(f"IF-Eval prompt-level strict "
+                     f"{metrics['ifeval']['prompt_level_strict']:.3f}")
+      text = ", ".join(parts) or "nothing to evaluate (config.evaluation.games and " \
+          "config.ifeval.enabled are off)"
       if metrics.get("in_context"):
         text += f", in context {metrics['in_context'][-1]['pass_rate_mean']:.3f}"
       return text
@@ -185,14 +189,18 @@ def records(markers: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                   "mean_loss": metrics["mean_loss"],
                   "skipped_steps": metrics.get("skipped_steps", 0), "seconds": m["seconds"]})
     elif stage == "evaluate":
-      p = metrics["pass_rate"]
-      rec = {**base, "x": x_of(r), "pass_rate": p["pass_rate_mean"],
-             "pass_rate_std": p["pass_rate_std"], "pass_rates": p["pass_rates"],
-             "mean_response_tokens": p["mean_response_tokens"], "mean_turns": p["mean_turns"],
-             "truncated_fraction": p["truncated_fraction"], "seconds": m["seconds"]}
+      # Only what was evaluated: the held-out games, IF-Eval, either, or nothing (no record).
+      p = metrics.get("pass_rate")
+      rec = {**base, "x": x_of(r)}
+      if p is not None:
+        rec.update({"pass_rate": p["pass_rate_mean"], "pass_rate_std": p["pass_rate_std"],
+                    "pass_rates": p["pass_rates"],
+                    "mean_response_tokens": p["mean_response_tokens"],
+                    "mean_turns": p["mean_turns"], "truncated_fraction": p["truncated_fraction"]})
       if "ifeval" in metrics:
         rec.update({f"ifeval_{k}": v for k, v in metrics["ifeval"].items()})
-      out.append(rec)
+      if p is not None or "ifeval" in metrics:
+        out.append({**rec, "seconds": m["seconds"]})
       for ic in metrics.get("in_context", []):
         out.append({**base, "in_context": True, "step": ic["step"],
                     "num_trajectories": ic["num_trajectories"],
@@ -226,15 +234,17 @@ def summary(markers: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   evals, models = [], {}
   for m in markers:
     if m["stage"] == "evaluate":
-      p = m["metrics"]["pass_rate"]
-      entry = {"round": m["round"], "x": x_of(m["round"]), "pass_rate": p["pass_rate_mean"],
-               "pass_rate_std": p["pass_rate_std"],
-               "mean_response_tokens": p["mean_response_tokens"]}
+      p = m["metrics"].get("pass_rate")
+      entry = {"round": m["round"], "x": x_of(m["round"])}
+      if p is not None:
+        entry.update({"pass_rate": p["pass_rate_mean"], "pass_rate_std": p["pass_rate_std"],
+                      "mean_response_tokens": p["mean_response_tokens"]})
       if "ifeval" in m["metrics"]:
         entry["ifeval_prompt_level_strict"] = m["metrics"]["ifeval"]["prompt_level_strict"]
       if m["metrics"].get("in_context"):
         entry["in_context_pass_rate"] = m["metrics"]["in_context"][-1]["pass_rate_mean"]
-      evals.append(entry)
+      if len(entry) > 2:  # Something was evaluated (config.evaluation.games, IF-Eval).
+        evals.append(entry)
     if m["stage"] == "export":
       models[str(m["round"])] = m["artifacts"]["export"]
   done_rounds = sorted(int(r) for r in models)

@@ -10,6 +10,9 @@
 - mean response length per turn, the same way;
 - IF-Eval prompt-level strict accuracy by round, when the run evaluated it.
 
+A run without held-out games (``config.evaluation.games`` off) draws IF-Eval alone; a run
+that evaluates nothing draws no plot.
+
 Matplotlib is imported lazily with the Agg backend (no display needed); without matplotlib
 the plot is skipped with a warning.
 """
@@ -32,8 +35,9 @@ def _series(markers: Sequence[Mapping[str, Any]]):
     if m["stage"] != "evaluate":
       continue
     x = x_of(m["round"])
-    p = m["metrics"]["pass_rate"]
-    evals.append((x, p["pass_rate_mean"], p["pass_rate_std"], p["mean_response_tokens"]))
+    p = m["metrics"].get("pass_rate")  # None: no held-out games (config.evaluation.games)
+    if p is not None:
+      evals.append((x, p["pass_rate_mean"], p["pass_rate_std"], p["mean_response_tokens"]))
     if "ifeval" in m["metrics"]:
       ifeval.append((x, m["metrics"]["ifeval"]["prompt_level_strict"]))
     curve = [(x - 1 + ic["step"] / ic["num_trajectories"], ic["pass_rate_mean"],
@@ -47,7 +51,7 @@ def plot_rounds(markers: Sequence[Mapping[str, Any]], path: str, *, title: str =
   """Writes the PNG; returns False (and logs why) when there is nothing to plot or no
   matplotlib."""
   evals, in_context, ifeval = _series(markers)
-  if not evals:
+  if not evals and not ifeval:
     return False
   try:
     import matplotlib  # pylint: disable=import-outside-toplevel
@@ -57,9 +61,38 @@ def plot_rounds(markers: Sequence[Mapping[str, Any]], path: str, *, title: str =
     logging.warning("no matplotlib: skipping the plot %s (pip install matplotlib)", path)
     return False
 
-  panels = 3 if ifeval else 2
+  panels = (2 if evals else 0) + (1 if ifeval else 0)
   fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), squeeze=False)
-  axes = axes[0]
+  axes = list(axes[0])
+  if evals:
+    _plot_games(axes[:2], evals, in_context)
+  if ifeval:
+    ax = axes[-1]
+    ax.plot([i[0] for i in ifeval], [i[1] for i in ifeval], "o-", color="tab:green")
+    ax.set_ylabel("IF-Eval prompt-level strict")
+    ax.set_ylim(-0.02, 1.02)
+  xs = [e[0] for e in evals] + [i[0] for i in ifeval]
+  for ax in axes:
+    ax.set_xlabel("OEL round (0 = initial model)")
+    ax.set_xticks(range(0, max(xs) + 1))
+    ax.grid(alpha=0.3)
+  if in_context and evals:
+    axes[0].legend(fontsize=7)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  try:
+    # A file object has no extension to take the format from: PNG whatever ``path`` is named.
+    with atomic_open(path, "wb") as f:
+      fig.savefig(f, format="png", dpi=110)
+  finally:
+    plt.close(fig)
+  return True
+
+
+def _plot_games(axes, evals, in_context) -> None:
+  """The pass-rate and response-length panels."""
   xs = [e[0] for e in evals]
   color = "tab:blue"
   for start, curve in in_context:
@@ -77,24 +110,3 @@ def plot_rounds(markers: Sequence[Mapping[str, Any]], path: str, *, title: str =
   axes[0].set_ylim(-0.02, 1.02)
   axes[1].plot(xs, [e[3] for e in evals], "o-", color="tab:orange", label="consolidated")
   axes[1].set_ylabel("mean response tokens per turn")
-  if ifeval:
-    axes[2].plot([i[0] for i in ifeval], [i[1] for i in ifeval], "o-", color="tab:green")
-    axes[2].set_ylabel("IF-Eval prompt-level strict")
-    axes[2].set_ylim(-0.02, 1.02)
-  for ax in axes:
-    ax.set_xlabel("OEL round (0 = initial model)")
-    ax.set_xticks(range(0, max(xs) + 1))
-    ax.grid(alpha=0.3)
-  if in_context:
-    axes[0].legend(fontsize=7)
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  try:
-    # A file object has no extension to take the format from: PNG whatever ``path`` is named.
-    with atomic_open(path, "wb") as f:
-      fig.savefig(f, format="png", dpi=110)
-  finally:
-    plt.close(fig)
-  return True

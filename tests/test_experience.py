@@ -16,7 +16,8 @@ import pytest
 
 from oel_jax import chat, prompts, tiny
 from oel_jax import experience as ex
-from oel_jax.envs import EnvSpec, ModelInfo, Trajectory, Turn
+from oel_jax.envs import EnvSpec, ModelInfo, Outcome, Trajectory, Turn
+from oel_jax.prompts import formats
 from oel_jax.sampling import ChatCompletion, Sampler
 
 # The figures as the paper's text renders them (one paragraph each; arXiv:2603.16856, App. B.2).
@@ -539,3 +540,104 @@ def test_tiny_model_through_the_real_sampler(tok, tmp_path):
       assert 1 <= run["response_tokens"] <= 8 and run["finish_reason"] in ("stop", "length")
       assert run["knowledge_tokens"] <= 64
   assert ex.load_knowledge_set(tmp_path).texts == state.knowledge
+
+
+# ---------------------------------------------------------------------------------------------
+# Recorded conversations (not our games): our generic prompts, not the paper's.
+
+# The paper's game phrases and what our conversation templates say instead (prompts/README.md).
+CONVERSATION_WORDS = [
+    ("the game environment (input) and your response and action (output)",
+     "the user's messages (input) and your responses (output)"),
+    ("to infer the game rules and the fundamental principles behind winning and losing",
+     "to infer what the user needs and the fundamental principles behind helpful and unhelpful "
+     "responses"),
+    ("Using the interaction history and environment feedback, hypothesize the game rules and "
+     "effective winning strategies",
+     "Using the interaction history and the user's feedback, hypothesize the user's "
+     "expectations and effective strategies for responding"),
+    ("that help the player succeed in the game",
+     "that help the assistant succeed in future conversations"),
+    ("possible rules, instructions or winning strategies for the game",
+     "possible rules, instructions or strategies for responding well"),
+    ("rather than only applicable for the current map (board)",
+     "rather than only applicable for the current conversation"),
+]
+
+
+@pytest.mark.parametrize("fmt", ["structured", "unstructured"])
+def test_conversation_prompts_differ_from_the_papers_in_the_game_words_only(fmt):
+  paper = prompts.load(f"extraction_{fmt}")
+  for game_words, ours in CONVERSATION_WORDS:
+    paper = paper.replace(game_words, ours)
+  assert prompts.load(f"extraction_{fmt}_conversation") == paper
+  assert "game" not in paper.lower()
+
+
+def _conversation(env="chat", feedback="Too long.", outcome=Outcome(False, 0.0, "Too long.")):
+  history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+  return Trajectory(
+      env=EnvSpec(env), model=ModelInfo("m"),
+      turns=[Turn("Hi", "Hi", "Hello!", content=formats.chat_content(history),
+                  prompt_format="chat"),
+             Turn("Tell me a joke", "Tell me a joke", "No.", content=formats.chat_content(
+                 history + [{"role": "assistant", "content": "Hello!"},
+                            {"role": "user", "content": "Tell me a joke"}]),
+                  prompt_format="chat")],
+      final_feedback=feedback, outcome=outcome)
+
+
+def test_format_conversation_exact():
+  t = _conversation()
+  assert ex.format_trajectory(t) == ex.format_conversation(t) == (
+      "\nSystem: Be brief.\n"
+      "\nUser: Hi\n\nAssistant: Hello!\n"
+      "\nUser: Tell me a joke\n\nAssistant: No.\n"
+      "\n\nResult: failure (reward 0)\nFeedback: Too long.\n")
+  plain = dataclasses.replace(t, turns=t.turns[:1], final_feedback="",
+                              outcome=Outcome(True, 0.5, ""))
+  assert ex.format_trajectory(plain) == (
+      "\nSystem: Be brief.\n\nUser: Hi\n\nAssistant: Hello!\n\n\nResult: success (reward 0.5)\n")
+  bare = dataclasses.replace(plain, outcome=None, turns=(Turn("o", "p", "r"),))
+  assert ex.format_trajectory(bare) == "\nUser: o\n\nAssistant: r\n"
+
+
+@pytest.mark.parametrize("fmt", ["structured", "unstructured"])
+def test_the_template_follows_the_trajectory_s_env(fmt):
+  config = ex.ExtractionConfig(knowledge_format=fmt)
+  chat = _conversation()
+  p = ex.extraction_prompt(chat, "", config)
+  assert p == prompts.load(f"extraction_{fmt}_conversation").format(
+      latest_experience=ex.format_conversation(chat), previous_experience=ex.NO_PREVIOUS)
+  # The prompt variant picks among the paper's game prompts only.
+  assert ex.extraction_prompt(chat, "", dataclasses.replace(config, prompt_variant="official")) \
+      == p
+  # A conversation recorded from one of our games is read as the game it is.
+  game = _conversation(env="frozenlake")
+  assert ex.extraction_prompt(game, "", config) == prompts.load(f"extraction_{fmt}").format(
+      latest_experience=ex.format_game(game), previous_experience=ex.NO_PREVIOUS)
+  assert ex.format_trajectory(game).startswith("\nRound0_Input: Hi\n\nRound0_Output: Hello!")
+
+
+def test_extraction_runs_read_a_mixed_pool_each_trajectory_with_its_own_template(tok):
+  """A pool of our games and recorded conversations: each extraction call's prompt is the
+  paper's for a game and ours for a conversation."""
+  pool = [_traj(0, turns=1), _conversation(), _traj(1, turns=1), _conversation(env="support")]
+  config = ex.ExtractionConfig(knowledge_format="unstructured", num_trajectories=4, num_runs=1,
+                               with_previous=False, pool_order="chunks")
+  prompts_seen = []
+
+  def generate(conversations, *, seed):
+    prompts_seen.extend(c[0]["content"] for c in conversations)
+    return ["learned"] * len(conversations)
+
+  ex.run_extraction(pool, config, generate=generate, tokenizer=tok)
+  paper = prompts.load("extraction_unstructured")
+  ours = prompts.load("extraction_unstructured_conversation")
+  assert prompts_seen == [
+      paper.format(latest_experience=ex.format_game(pool[0]), previous_experience=ex.NO_PREVIOUS),
+      ours.format(latest_experience=ex.format_conversation(pool[1]),
+                  previous_experience=ex.NO_PREVIOUS),
+      paper.format(latest_experience=ex.format_game(pool[2]), previous_experience=ex.NO_PREVIOUS),
+      ours.format(latest_experience=ex.format_conversation(pool[3]),
+                  previous_experience=ex.NO_PREVIOUS)]

@@ -18,11 +18,15 @@ What each piece does, and how it follows the official implementation (microsoft/
 ``oel/verl/verl/trainer/ppo/ray_trainer.py``, ``_validate_textgame`` and ``_truncate_experience``;
 ``oel/scripts/textgame_extract*.sh`` and ``oel/usage_example.sh`` for the settings):
 
-- `format_trajectory`: each turn as ``\\nRound{i}_Input: <observation>\\n\\nRound{i}_Output:
-  <response>`` (``i`` from 0; the response as recorded, reasoning included), then
-  ``\\n\\n\\n<final feedback>\\n`` (the official ``textgame_wfeedback=True``, every script's
-  setting).
+- `format_trajectory`: our games (`format_game`): each turn as ``\\nRound{i}_Input:
+  <observation>\\n\\nRound{i}_Output: <response>`` (``i`` from 0; the response as recorded,
+  reasoning included), then ``\\n\\n\\n<final feedback>\\n`` (the official
+  ``textgame_wfeedback=True``, every script's setting).
   `Turn.observation` already has the rules paragraph removed, as the official code does for turn 0.
+  A trajectory that is not one of our games (a recorded conversation; `is_game`) is read by
+  `format_conversation` (``User:`` / ``Assistant:`` turns, the result and the feedback) and
+  extracted with our generic templates (``oel_jax/prompts/extraction_*_conversation.txt``, not
+  the paper's; see ``oel_jax/prompts/README.md``).
 - `extraction_prompt`: the paper's Figure 10 (structured) or 11 (unstructured) template
   (`oel_jax.prompts`), filled with that text and the knowledge so far, or with ``No previous
   experience.`` when there is none yet or when `ExtractionConfig.with_previous` is off (the
@@ -87,9 +91,10 @@ from oel_jax.experience.run import (SNAPSHOT_DIR, STATE_FILE, Conversation, Repl
 from oel_jax.experience.state import (STATE_KIND, STATE_VERSION, ExtractionState, load_pool,
                                       plan_orders, pool_digest, start_extraction, step_seed)
 from oel_jax.experience.text import (ITEM_PREFIX, NO_PREVIOUS, accumulate, count_tokens,
-                                     drop_reasoning, extraction_prompt, format_trajectory,
-                                     parse_extraction, parse_items, prompt_template,
-                                     split_items, truncate_knowledge)
+                                     drop_reasoning, extraction_prompt, format_conversation,
+                                     format_game, format_trajectory, is_game, parse_extraction,
+                                     parse_items, prompt_template, split_items,
+                                     truncate_knowledge)
 
 __all__ = [
     "FORMATS", "POOL_ORDERS", "PROMPT_VARIANTS", "ExtractionConfig", "KNOWLEDGE_FILE",
@@ -99,6 +104,6 @@ __all__ = [
     "sampler_generate", "STATE_KIND", "STATE_VERSION", "ExtractionState", "load_pool",
     "plan_orders", "pool_digest", "start_extraction", "step_seed", "ITEM_PREFIX",
     "NO_PREVIOUS", "accumulate", "count_tokens", "drop_reasoning", "extraction_prompt",
-    "format_trajectory", "parse_extraction", "parse_items", "prompt_template", "split_items",
-    "truncate_knowledge",
+    "format_conversation", "format_game", "format_trajectory", "is_game", "parse_extraction",
+    "parse_items", "prompt_template", "split_items", "truncate_knowledge",
 ]

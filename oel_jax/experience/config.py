@@ -58,7 +58,8 @@ class ExtractionConfig:
 
   prompt_variant: str = settings.choice("paper", PROMPT_VARIANTS)
   """``"paper"``: the templates worded as Figures 10 and 11; ``"official"``: as the official
-  code words them (one phrase differs per prompt; see ``oel_jax/prompts/README.md``)."""
+  code words them (one phrase differs per prompt; see ``oel_jax/prompts/README.md``). Games
+  only: recorded conversations are always extracted with our conversation templates."""
 
   pool_order: str = settings.choice("chunks", POOL_ORDERS)
   """How each run draws its n trajectories from the pool: ``"chunks"`` (run k reads

@@ -2,6 +2,12 @@
 
 Trajectories as the extractor reads them, its prompt, parsing its replies, and accumulating and
 truncating the knowledge.
+
+Our games' trajectories (env id in `oel_jax.envs.GAMES`) are read with the paper's text:
+`format_game` (``Round{i}_Input`` / ``Round{i}_Output``) and the paper's templates. Any other
+trajectory (a recorded conversation: served requests, imported chat logs) is read as a
+conversation: `format_conversation` (``User:`` / ``Assistant:`` turns, then the result and the
+feedback) and our generic templates (``extraction_*_conversation.txt``, not the paper's).
 """
 
 from __future__ import annotations
@@ -9,7 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 from oel_jax import chat, prompts
+from oel_jax.envs.textarena_games import GAMES
 from oel_jax.envs.trajectory import Trajectory
+from oel_jax.prompts import formats
 from oel_jax.experience.config import FORMATS, ExtractionConfig
 
 ITEM_PREFIX = "- EXPERIENCE ITEM:"
@@ -19,8 +27,19 @@ NO_PREVIOUS = "No previous experience."
 """What the prompt shows in place of the knowledge when there is none (official text)."""
 
 
+def is_game(trajectory: Trajectory) -> bool:
+  """Whether the trajectory is one of our games (its env id is in `oel_jax.envs.GAMES`)."""
+  return trajectory.env.id in GAMES
+
+
 def format_trajectory(trajectory: Trajectory) -> str:
-  """The trajectory as the extractor reads it (the prompt's ``latest_experience``).
+  """The trajectory as the extractor reads it (the prompt's ``latest_experience``):
+  `format_game` for our games, else `format_conversation`."""
+  return format_game(trajectory) if is_game(trajectory) else format_conversation(trajectory)
+
+
+def format_game(trajectory: Trajectory) -> str:
+  """A game as the paper's extractor reads it.
 
   ``\\nRound{i}_Input: <observation>\\n\\nRound{i}_Output: <response>`` per turn (``i`` from 0),
   then ``\\n\\n\\n<final_feedback>\\n`` when the trajectory has a final feedback.
@@ -32,26 +51,66 @@ def format_trajectory(trajectory: Trajectory) -> str:
   return "".join(parts)
 
 
-def prompt_template(config: ExtractionConfig) -> str:
-  """The extraction template for the config's knowledge format and prompt variant."""
+def _system_text(trajectory: Trajectory) -> str:
+  """The system message the conversation opened with ("" when none, or not a chat turn)."""
+  if not trajectory.turns or trajectory.turns[0].prompt_format != formats.CHAT.id:
+    return ""
+  first = formats.parse_chat_content(trajectory.turns[0].content)[0]
+  return first["content"] if first["role"] == "system" else ""
+
+
+def format_conversation(trajectory: Trajectory) -> str:
+  """A recorded conversation as the extractor reads it (ours, not the paper's).
+
+  ``\\nSystem: <text>\\n`` when the conversation opens with a system message (a ``"chat"``
+  turn's content), then per turn ``\\nUser: <observation>\\n\\nAssistant: <response>\\n``,
+  then, when there is an outcome or a feedback text, ``\\n\\n`` and the lines ``Result:
+  success|failure (reward <r>)`` and ``Feedback: <final_feedback>``, each ending in a newline.
+  """
+  system = _system_text(trajectory)
+  parts = [f"\nSystem: {system}\n"] if system else []
+  parts += [f"\nUser: {turn.observation}\n\nAssistant: {turn.response}\n"
+            for turn in trajectory.turns]
+  closing = []
+  if trajectory.outcome is not None:
+    result = "success" if trajectory.outcome.success else "failure"
+    closing.append(f"Result: {result} (reward {trajectory.outcome.reward:g})\n")
+  if trajectory.final_feedback:
+    closing.append(f"Feedback: {trajectory.final_feedback}\n")
+  if closing:
+    parts.append("\n\n" + "".join(closing))
+  return "".join(parts)
+
+
+def prompt_template(config: ExtractionConfig, conversation: bool = False) -> str:
+  """The extraction template for the config's knowledge format and prompt variant (the
+  paper's); ``conversation``: our generic template for recorded conversations (the variant
+  does not apply)."""
   name = f"extraction_{config.knowledge_format}"
-  if config.prompt_variant == "official":
+  if conversation:
+    name += "_conversation"
+  elif config.prompt_variant == "official":
     name += "_official"
   return prompts.load(name)
 
 
 def extraction_prompt(trajectory: Trajectory | str, knowledge: str,
-                      config: ExtractionConfig) -> str:
+                      config: ExtractionConfig, *, conversation: bool | None = None) -> str:
   """The extractor's user message for one trajectory, given the run's knowledge so far.
 
   Args:
     trajectory: a trajectory, or its text from `format_trajectory`.
     knowledge: the knowledge accumulated so far in this run ("" at the start).
     config: picks the template and whether the knowledge is shown (`with_previous`).
+    conversation: use the conversation template; default: for a trajectory, whether it is not
+      one of our games (`is_game`); for a text, False (the paper's template).
   """
+  if conversation is None:
+    conversation = not isinstance(trajectory, str) and not is_game(trajectory)
   text = trajectory if isinstance(trajectory, str) else format_trajectory(trajectory)
   previous = knowledge if (config.with_previous and knowledge) else NO_PREVIOUS
-  return prompt_template(config).format(latest_experience=text, previous_experience=previous)
+  return prompt_template(config, conversation).format(latest_experience=text,
+                                                      previous_experience=previous)
 
 
 def drop_reasoning(text: str) -> tuple[str, bool]:

@@ -4,7 +4,8 @@ Each ``*.txt`` file here starts with a citation header (lines beginning with ``#
 ends with the line ``# ---8<--- ...``; everything after that line is the template, byte
 for byte: no trailing newline is added or removed. Templates with placeholders are filled
 with ``str.format``. See ``README.md`` for the list and where each one comes from
-(arXiv:2603.16856, Appendix B).
+(arXiv:2603.16856, Appendix B), and the two that are ours, not the paper's (the
+``*_conversation`` extraction prompts for recorded conversations).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ NAMES = (
     "extraction_unstructured",
     "extraction_structured_official",
     "extraction_unstructured_official",
+    "extraction_structured_conversation",
+    "extraction_unstructured_conversation",
 )
 """The templates shipped in this package, by name (file name without ``.txt``)."""
 

@@ -5,6 +5,12 @@ Pass rate and response length of ``model/`` (``evaluation/pass_rate.json``, the 
 pass rate of the round-start model with the knowledge in its prompt, after each extraction
 snapshot (``evaluation/in_context.json``). Round `INITIAL` evaluates the config's model the
 same way, before round 0, so that the plot starts from the model as it was.
+
+What is evaluated is what the config names: the held-out games of ``config.env`` when
+``config.evaluation.games`` (default), IF-Eval when ``config.ifeval.enabled``; with neither
+(e.g. a deployment's recorded conversations, which have no game to play), the stage loads no
+model and records empty metrics, and the run's reports (summary.json, metrics.jsonl, the plot)
+simply hold no evaluation.
 """
 
 from __future__ import annotations
@@ -43,12 +49,13 @@ def run(round_: Round, config: RunConfig, workdir: Workdir, pool: ModelPool) -> 
     if config.evaluation.in_context:
       metrics["in_context"] = _in_context(int(round_), config, workdir, pool, out)
       artifacts["in_context"] = os.path.join(out, "in_context.json")
-  result = evaluate(pool.sampler(path), pool.tokenizer(), config.evaluation_config(), model=info,
-                    trajectory_path=os.path.join(out, "games.jsonl"))
-  write_json(os.path.join(out, "pass_rate.json"), result.to_dict())
-  metrics["pass_rate"] = result.to_dict()
-  artifacts.update(pass_rate=os.path.join(out, "pass_rate.json"),
-                   games=os.path.join(out, "games.jsonl"))
+  if config.evaluation.games:
+    result = evaluate(pool.sampler(path), pool.tokenizer(), config.evaluation_config(),
+                      model=info, trajectory_path=os.path.join(out, "games.jsonl"))
+    write_json(os.path.join(out, "pass_rate.json"), result.to_dict())
+    metrics["pass_rate"] = result.to_dict()
+    artifacts.update(pass_rate=os.path.join(out, "pass_rate.json"),
+                     games=os.path.join(out, "games.jsonl"))
   if config.ifeval.enabled:
     metrics["ifeval"] = _ifeval(path, config, pool, out)
     artifacts["ifeval"] = os.path.join(out, "ifeval.json")
