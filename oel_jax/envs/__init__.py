@@ -10,10 +10,13 @@
 - `rollout` (with `RolloutConfig`): many games played in lockstep by one sampler, one batched
   generation per turn, or with continuous batching (``RolloutConfig.slots``); `game_seeds`:
   training and held-out board seeds that never overlap.
+- `play_through_api` (with `ApiSampling`): the games played through an OpenAI-compatible
+  chat endpoint, as a deployment's users would (`oel_jax.serve` records them).
 
 TextArena is imported only when a game is reset, so reading trajectory files does not need it.
 """
 
+from oel_jax.envs.api_play import ApiSampling, play_through_api
 from oel_jax.envs.base import (
     ACTIONS,
     NO_ACTION,
@@ -61,4 +64,5 @@ __all__ = [
     "TrajectoryWriter", "Turn", "load_trajectories", "read_trajectories", "schema",
     "validate_record", "write_trajectories",
     "FORMAT_ERROR_RESPONSE", "RolloutConfig", "game_seeds", "rollout", "strip_reasoning",
+    "ApiSampling", "play_through_api",
 ]

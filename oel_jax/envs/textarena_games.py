@@ -318,6 +318,11 @@ class TextArenaGame:
     return self._prompt
 
   @property
+  def observation(self) -> str:
+    """What the environment said this turn, alone ("" once the game is over)."""
+    return self._observation
+
+  @property
   def history(self) -> str:
     """The observation history under ``Current situation:`` (as of the last prompt)."""
     text = "".join(self._chunks).replace(self._rules, self._task)
