@@ -158,7 +158,8 @@ class Engine:
     try:
       while True:
         with self._cv:
-          while not (self._stopping or self._inbox or self._swap or self._busy()):
+          while not (self._stopping or self._inbox or self._swap or self._busy()
+                     or self._waiting):
             self._cv.wait()
           if self._stopping:
             break
