@@ -78,7 +78,7 @@ def build_service(args: argparse.Namespace):
                       path=args.model)
   engine = Engine(sampler, model, EngineOptions(
       slots=args.slots, max_tokens=args.max_tokens, chunk_steps=args.chunk_steps,
-      max_groups=args.max_groups)).start()
+      max_groups=args.max_groups)).warm_up().start()
   return ChatService(tokenizer, engine, args.workdir, load, ServiceOptions(
       env_id=args.env_id, enable_thinking=args.thinking == "on",
       fixed_name=args.served_model_name is not None))

@@ -22,10 +22,11 @@ import collections
 import dataclasses
 import logging
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any
 
-from oel_jax.sampling import Sampler
+from oel_jax.sampling import Sampler, bucket_size
 from oel_jax.serve.protocol import Sampling
 from oel_jax.serve.records import ServedModel
 from oel_jax.slots import SlotDecoder
@@ -103,6 +104,7 @@ class Engine:
     self._owners: dict[tuple, dict[int, _Job]] = {}
     self._thread = threading.Thread(target=self._run, name="oel-serve-engine", daemon=True)
     self.steps = 0  # decode calls, for tests and logs
+    self.stats = collections.Counter()  # seconds and counts of prefill and decode calls
 
   @property
   def model(self) -> ServedModel:
@@ -113,6 +115,25 @@ class Engine:
   def sampler(self) -> Sampler:
     """The sampler serving now."""
     return self._sampler
+
+  def warm_up(self) -> Engine:
+    """Compiles the programs the shortest prompts need before the engine starts: a prefill
+    per batch bucket of requests admitted together (1, 2, 4, ... up to ``slots``) and the
+    decode chunk. Longer prompts compile theirs on first use (once in the server's life)."""
+    if self._thread.is_alive():
+      raise RuntimeError("warm_up: call it before start")
+    decoder = SlotDecoder(self._sampler, self.options.slots, max_new_tokens=self.options.max_tokens,
+                          temperature=0.0, top_k=0, top_p=1.0, chunk_steps=1)
+    n = 1
+    while True:
+      n = min(n, self.options.slots)
+      decoder.start(list(range(n)), [[self._sampler.pad_id]] * n, [0] * n,
+                    [min(2, self.options.max_tokens)] * n)
+      while decoder.busy:
+        decoder.run()
+      if n == self.options.slots:
+        return self
+      n = bucket_size(n + 1, 1, self._sampler.buckets_per_doubling)
 
   def start(self) -> Engine:
     """Starts the engine thread."""
@@ -252,8 +273,12 @@ class Engine:
       decoder = self._decoders[key]
       jobs = [job for _, job in started]
       try:
+        t0 = time.perf_counter()
         decoder.start([row for row, _ in started], [j.prompt for j in jobs],
                       [j.seed for j in jobs], [j.sampling.max_tokens for j in jobs])
+        self.stats["prefill_calls"] += 1
+        self.stats["prefill_rows"] += len(jobs)
+        self.stats["prefill_s"] += time.perf_counter() - t0
       except Exception as e:  # pylint: disable=broad-except
         for job in jobs:
           job.future.set_exception(e)
@@ -267,7 +292,10 @@ class Engine:
         continue
       owners = self._owners[key]
       try:
+        t0 = time.perf_counter()
         replies = decoder.run()
+        self.stats["decode_s"] += time.perf_counter() - t0
+        self.stats["decode_rows"] += decoder.busy + len(replies)
       except Exception as e:  # pylint: disable=broad-except
         log.exception("decoding failed; failing the group's %d requests", len(owners))
         for job in owners.values():
