@@ -103,8 +103,8 @@ class Engine:
     self._decoders: dict[tuple, SlotDecoder] = {}
     self._owners: dict[tuple, dict[int, _Job]] = {}
     self._thread = threading.Thread(target=self._run, name="oel-serve-engine", daemon=True)
-    self.steps = 0  # decode calls, for tests and logs
-    self.stats = collections.Counter()  # seconds and counts of prefill and decode calls
+    self.stats = collections.Counter()
+    """Prefill and decode calls: counts, seconds, rows (a row per request in each call)."""
 
   @property
   def model(self) -> ServedModel:
@@ -175,6 +175,9 @@ class Engine:
   def _busy(self) -> bool:
     return any(d.busy for d in self._decoders.values())
 
+  def _free_rows(self) -> bool:
+    return any(d.busy < d.slots for d in self._decoders.values())
+
   def _run(self) -> None:
     try:
       while True:
@@ -184,6 +187,7 @@ class Engine:
             self._cv.wait()
           if self._stopping:
             break
+          arrived = bool(self._inbox)
           self._waiting.extend(self._inbox)
           self._inbox.clear()
           swap = self._swap
@@ -192,7 +196,10 @@ class Engine:
           continue
         if swap is None:
           self._admit()
-        self._decode()
+        # While requests keep arriving and rows are free, decode one step at a time so that
+        # the next arrivals join at once (clients answered together come back together);
+        # otherwise whole chunks, which spread each call's overhead over more tokens.
+        self._decode(1 if arrived and self._free_rows() else None)
     except BaseException as e:  # pylint: disable=broad-except
       log.exception("the engine thread failed")
       self._fail_all(e)
@@ -285,16 +292,18 @@ class Engine:
         continue
       self._owners[key].update(started)
 
-  def _decode(self) -> None:
-    """One chunk of decode steps for every busy group; hands the finished replies back."""
+  def _decode(self, steps: int | None = None) -> None:
+    """One chunk of decode steps (``steps``, default ``chunk_steps``) for every busy group;
+    hands the finished replies back."""
     for key, decoder in list(self._decoders.items()):
       if not decoder.busy:
         continue
       owners = self._owners[key]
       try:
         t0 = time.perf_counter()
-        replies = decoder.run()
+        replies = decoder.run(steps)
         self.stats["decode_s"] += time.perf_counter() - t0
+        self.stats["decode_calls"] += 1
         self.stats["decode_rows"] += decoder.busy + len(replies)
       except Exception as e:  # pylint: disable=broad-except
         log.exception("decoding failed; failing the group's %d requests", len(owners))
@@ -303,7 +312,6 @@ class Engine:
         del self._decoders[key]
         del self._owners[key]
         continue
-      self.steps += 1
       for reply in replies:
         owners.pop(reply.row).future.set_result(
             Generated(reply.tokens, reply.finish_reason, self._model))
