@@ -553,3 +553,15 @@ def _ignore(fn):
     fn()
   except Exception:  # pylint: disable=broad-except
     pass
+
+
+def test_command_line_bad_input(tmp_path, capsys):
+  from oel_jax.serve.__main__ import main  # pylint: disable=import-outside-toplevel
+  assert main(["--model", str(tmp_path / "missing"), "--workdir", str(tmp_path / "w")]) == 2
+  assert capsys.readouterr().err.strip().endswith("missing: not a checkpoint directory")
+  (tmp_path / "empty").mkdir()
+  assert main(["--model", str(tmp_path / "empty"), "--workdir", str(tmp_path / "w")]) == 2
+  assert "cannot load the checkpoint's tokenizer" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    main(["--model", "m", "--workdir", "w", "--max_tokens", "9000", "--max_seq_len", "8192"])
+  assert "--max_tokens (9000) must be less than --max_seq_len (8192)" in capsys.readouterr().err

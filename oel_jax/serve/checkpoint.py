@@ -40,6 +40,8 @@ def load_tokenizer(path: str) -> Any:
   Raises:
     InputError: there is none, or it cannot be loaded; naming the directory.
   """
+  if not os.path.isdir(path):
+    raise InputError(f"{path}: not a checkpoint directory")
   try:
     tokenizer = chat.load_tokenizer(path)
   except (OSError, ValueError) as e:
@@ -76,8 +78,13 @@ def load_model(path: str, options: LoadOptions) -> Any:
   """
   if not os.path.isdir(path):
     raise InputError(f"{path}: not a checkpoint directory")
-  return load_hf(path, dtype=getattr(jnp, options.param_dtype),
-                 compute_dtype=getattr(jnp, options.compute_dtype))
+  try:
+    return load_hf(path, dtype=getattr(jnp, options.param_dtype),
+                   compute_dtype=getattr(jnp, options.compute_dtype))
+  except InputError:
+    raise
+  except (OSError, ValueError) as e:  # a missing config.json, a config that is not Qwen3's
+    raise InputError(f"{path}: not a loadable Qwen3 checkpoint: {chat_error(e)}") from None
 
 
 def make_sampler(model: Any, tokenizer: Any, options: LoadOptions) -> Sampler:
