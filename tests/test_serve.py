@@ -66,7 +66,9 @@ def fixture_ckpts(tmp_path_factory):
   shutil.copytree(a, other)
   with open(other / "chat_template.jinja", "a", encoding="utf-8") as f:
     f.write("{# another template #}")
-  return {"a": a, "b": b, "other_template": str(other)}
+  one_layer = root / "one_layer"
+  save_hf(tiny.tiny_model(2, num_layers=1), one_layer, tokenizer=tiny.load_tiny_tokenizer())
+  return {"a": a, "b": b, "other_template": str(other), "one_layer": str(one_layer)}
 
 
 @pytest.fixture(scope="module", name="tok")
@@ -81,12 +83,19 @@ class Reference:
     self.tok = tok
     self.models = {path: checkpoint.load_model(path, LOAD) for path in (ckpts["a"], ckpts["b"])}
     self.sampler = checkpoint.make_sampler(self.models[ckpts["a"]], tok, LOAD)
+    self.one_layer = ckpts["one_layer"]
     self.lock = threading.Lock()
 
   def reply(self, messages, *, model, max_tokens=MAX_TOKENS, temperature=0.0, top_p=1.0,
             seed=0, thinking=True):
     """``(text, finish_reason, completion tokens, prompt tokens)``."""
     ids = chat.encode_chat(self.tok, messages, enable_thinking=thinking)
+    if model == self.one_layer:  # another architecture: a sampler of its own
+      sampler = checkpoint.make_sampler(checkpoint.load_model(model, LOAD), self.tok, LOAD)
+      out = sampler.generate([ids], max_new_tokens=max_tokens, temperature=temperature,
+                             top_p=top_p, seed=[seed])
+      return (self.tok.decode(out.tokens[0], skip_special_tokens=True), out.finish_reasons[0],
+              len(out.tokens[0]), len(ids))
     with self.lock:
       self.sampler.update_weights(self.models[model])
       out = self.sampler.generate([ids], max_new_tokens=max_tokens, temperature=temperature,
@@ -436,6 +445,13 @@ def test_hot_swap_under_load(server, ref, ckpts):
   assert (status, body["error"]["param"]) == (400, "model")
   status, body = _post(url, {"model": ckpts["a"], "round": -1})
   assert (status, body["error"]["param"]) == (400, "round")
+  # Another architecture with the same tokenizer: a sampler of its own.
+  status, body = _post(url, {"model": ckpts["one_layer"], "round": 2})
+  assert status == 200 and (body["id"], body["oel_round"]) == (ckpts["one_layer"], 2)
+  reply = client.chat.completions.create(model="m", messages=_user(QUESTIONS[0]),
+                                         temperature=0, max_tokens=MAX_TOKENS)
+  assert reply.choices[0].message.content == ref.reply(_user(QUESTIONS[0]),
+                                                       model=ckpts["one_layer"])[0]
   # Back to the first model; without a name the path names it.
   status, body = _post(url, {"model": ckpts["a"]})
   assert status == 200 and (body["id"], body["oel_round"]) == (ckpts["a"], None)

@@ -10,20 +10,24 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from oel_jax.serve.engine import EngineStopped
 from oel_jax.serve.protocol import RequestError
 from oel_jax.serve.service import ChatService
+
+log = logging.getLogger(__name__)
 
 CONVERSATION_HEADER = "X-Conversation-Id"
 """Names a request's conversation (wins over ``metadata.conversation_id``); every reply
 carries it back."""
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-                404: "not_found_error", 409: "conflict_error"}
+                404: "not_found_error", 409: "conflict_error", 503: "service_unavailable"}
 
 
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
@@ -67,6 +71,15 @@ def create_app(service: ChatService, api_key: str | None = None) -> FastAPI:
   @app.exception_handler(RequestError)
   async def request_error(_, error: RequestError):
     return error_response(error.status, str(error), error.field)
+
+  @app.exception_handler(EngineStopped)
+  async def engine_stopped(_, error: EngineStopped):
+    return error_response(503, f"the server is not serving: {error}")
+
+  @app.exception_handler(Exception)
+  async def server_error(_, error: Exception):
+    log.exception("a request failed")
+    return error_response(500, f"the server failed: {type(error).__name__}: {error}")
 
   @app.get("/v1/models")
   async def models():

@@ -17,6 +17,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from oel_jax.errors import InputError
+
 log = logging.getLogger(__name__)
 
 
@@ -81,7 +83,7 @@ def read_lines(path: str) -> Iterator[tuple[int, Any]]:
   missing); a torn last line is skipped.
 
   Raises:
-    ValueError: a line other than the last is not JSON (naming the file and line).
+    InputError: a line other than the last is not JSON (naming the file and line).
   """
   if not os.path.exists(path):
     return
@@ -92,4 +94,4 @@ def read_lines(path: str) -> Iterator[tuple[int, Any]]:
       try:
         yield number, json.loads(raw)
       except ValueError as e:
-        raise ValueError(f"{path}:{number}: not a JSON line: {e}") from None
+        raise InputError(f"{path}:{number}: not a JSON line: {e}") from None
