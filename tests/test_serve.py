@@ -283,7 +283,7 @@ def test_concurrent_requests_share_steps_and_equal_their_solo_replies(server, re
   # Decode calls ran several rows at once (one at a time, each call would hold one row).
   calls = server.engine.stats["decode_calls"] - stats.get("decode_calls", 0)
   rows = server.engine.stats["decode_rows"] - stats.get("decode_rows", 0)
-  assert rows / calls >= 2
+  assert rows / calls >= 2, (rows, calls)
   assert len({r.id for r in replies}) == len(jobs)
   for reply in replies:
     validate_record(_record_for(server, reply.id))
