@@ -258,6 +258,20 @@ def test_thinking_off_and_stop_strings(server, ref, ckpts, tok):
   assert record["metadata"]["sampling"]["stop"] == [stop, "never in it"]
 
 
+def test_stream_gives_the_whole_reply_as_chunks(server, ref, ckpts):
+  client = server.client()
+  chunks = list(client.chat.completions.create(
+      model="m", messages=_user(QUESTIONS[5]), temperature=0, max_tokens=MAX_TOKENS,
+      stream=True, stream_options={"include_usage": True}))
+  text, reason, n, prompt_tokens = ref.reply(_user(QUESTIONS[5]), model=ckpts["a"])
+  assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+  assert [c.choices[0].finish_reason for c in chunks if c.choices] == [None, reason]
+  assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (
+      prompt_tokens, n)
+  assert len({c.id for c in chunks}) == 1
+  assert _record_for(server, chunks[0].id)["turns"][0]["response"] == text
+
+
 def test_concurrent_requests_share_steps_and_equal_their_solo_replies(server, ref, ckpts):
   """Eight clients at once, in two sampling groups: each reply is generate's on its prompt
   alone (greedy, and sampled with its seed), and the rows shared decode steps."""
@@ -306,7 +320,8 @@ BAD_REQUESTS = [
     (dict(max_tokens=4, max_completion_tokens=5), "max_completion_tokens"),
     (dict(seed=-1), "seed"),
     (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
-    (dict(stream=True), "stream"),
+    (dict(stream="yes"), "stream"),
+    (dict(stream_options={"include_usage": True}), "stream_options"),
     (dict(presence_penalty=0.5), "presence_penalty"),
     (dict(logprobs=True), "logprobs"),
     (dict(model=""), "model"),

@@ -20,9 +20,12 @@ Endpoints (with ``--api_key``, or ``OEL_API_KEY`` in the environment, every one 
   `Sampler.generate` on this prompt alone, whatever else is being served), ``stop``,
   ``n`` (1 only), ``chat_template_kwargs={"enable_thinking": bool}`` (Qwen3 thinking on or
   off; default ``--thinking``). The reply's ``content`` is the raw text, thinking included;
-  ``finish_reason`` is "stop" or "length"; ``usage`` counts tokens. Streaming, tools,
-  penalties and log-probabilities are refused with a 400 that names the field, as is any
-  malformed field (and nothing is recorded). Extensions (the openai client's ``extra_body``):
+  ``finish_reason`` is "stop" or "length"; ``usage`` counts tokens. ``stream=true`` answers
+  with server-sent ``chat.completion.chunk`` events, but only once the reply is done (its whole
+  text in one chunk, then the finish reason, then the usage if ``stream_options`` asks): for
+  clients that want a stream, not for latency. A ``stop`` string cuts the text; decoding still
+  runs to a stop token or ``max_tokens``. Tools, penalties and log-probabilities are refused
+  with a 400 that names the field, as is any malformed field (and nothing is recorded). Extensions (the openai client's ``extra_body``):
   ``oel_prompt={"format", "content", "observation"?}`` declares the messages to be
   ``oel_jax.prompts.formats.FORMATS[format].messages(content)`` (checked), so the record keeps
   that format (a game played through the API is consolidated as our games are);

@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from oel_jax.serve.engine import EngineStopped
 from oel_jax.serve.protocol import RequestError
@@ -89,7 +89,12 @@ def create_app(service: ChatService, api_key: str | None = None) -> FastAPI:
   async def chat_completions(request: Request):
     body, conversation_id = await service.complete(
         await _json_body(request), request.headers.get(CONVERSATION_HEADER))
-    return JSONResponse(body, headers={CONVERSATION_HEADER: conversation_id})
+    headers = {CONVERSATION_HEADER: conversation_id}
+    if isinstance(body, list):  # stream=true: server-sent events
+      events = "".join(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n" for chunk in body)
+      return Response(events + "data: [DONE]\n\n", media_type="text/event-stream",
+                      headers=headers)
+    return JSONResponse(body, headers=headers)
 
   @app.post("/v1/feedback")
   async def feedback(request: Request):

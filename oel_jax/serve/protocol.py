@@ -26,7 +26,7 @@ MAX_SEED = 2 ** 64
 
 # Accepted and not used: they label the request, or ask for what we do anyway.
 _IGNORED = ("user", "store", "service_tier", "safety_identifier", "prompt_cache_key",
-            "stream_options", "parallel_tool_calls")
+            "parallel_tool_calls")
 # Refused unless absent, null or this neutral value: they would change the reply.
 _UNSUPPORTED = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {},
                 "logprobs": False, "top_logprobs": 0, "tools": [], "tool_choice": "none",
@@ -34,7 +34,7 @@ _UNSUPPORTED = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {},
                 "audio": None, "modalities": ["text"], "prediction": None,
                 "reasoning_effort": None, "web_search_options": None, "verbosity": None}
 _KNOWN = {"model", "messages", "temperature", "top_p", "top_k", "max_tokens",
-          "max_completion_tokens", "seed", "stop", "n", "stream", "metadata",
+          "max_completion_tokens", "seed", "stop", "n", "stream", "stream_options", "metadata",
           "chat_template_kwargs", "oel_prompt", "oel_env", *_IGNORED, *_UNSUPPORTED}
 
 
@@ -102,6 +102,11 @@ class ChatRequest:
   """The ``oel_prompt`` extension, checked against the messages."""
   env: dict[str, Any] | None
   """The ``oel_env`` extension: ``{"id": str, "settings": {...}}``."""
+  stream: bool = False
+  """Answer as server-sent events (``chat.completion.chunk``s). The whole reply comes in one
+  chunk once it is done: the stream is for clients that ask for one, not for latency."""
+  include_usage: bool = False
+  """``stream_options.include_usage``: a last chunk carries the token counts."""
 
 
 def _number(body: Mapping[str, Any], name: str, default: float, low: float, high: float,
@@ -217,8 +222,6 @@ def _refuse_unsupported(body: Mapping[str, Any]) -> None:
   n = body.get("n")
   if n is not None and n != 1:
     raise RequestError("n", f"only n=1 is supported (one reply per request), got {n!r}")
-  if body.get("stream") not in (None, False):
-    raise RequestError("stream", "streaming is not supported; leave stream unset or false")
   for name, neutral in _UNSUPPORTED.items():
     if body.get(name) not in (None, neutral):
       raise RequestError(name, f"not supported by this server (leave it unset or "
@@ -311,6 +314,25 @@ def _env(value: Any) -> dict[str, Any] | None:
   return {"id": env_id, "settings": dict(settings)}
 
 
+def _stream(body: Mapping[str, Any]) -> tuple[bool, bool]:
+  stream, options = body.get("stream"), body.get("stream_options")
+  if stream is not None and not isinstance(stream, bool):
+    raise RequestError("stream", f"expected true or false, got {stream!r:.80}")
+  if options is None:
+    return bool(stream), False
+  if not stream:
+    raise RequestError("stream_options", "only with stream=true")
+  if not isinstance(options, Mapping):
+    raise RequestError("stream_options", f"expected an object, got {options!r:.80}")
+  extra = sorted(set(options) - {"include_usage"})
+  if extra:
+    raise RequestError(f"stream_options.{extra[0]}", "not supported (only include_usage is)")
+  usage = options.get("include_usage")
+  if usage is not None and not isinstance(usage, bool):
+    raise RequestError("stream_options.include_usage", f"expected true or false, got {usage!r}")
+  return True, bool(usage)
+
+
 def parse_chat_request(body: Any, *, max_tokens: int) -> ChatRequest:
   """Checks a decoded ``/v1/chat/completions`` body.
 
@@ -329,9 +351,10 @@ def parse_chat_request(body: Any, *, max_tokens: int) -> ChatRequest:
     raise RequestError("model", f"required: a non-empty string, got {model!r:.80}")
   messages = parse_messages(body.get("messages"))
   _refuse_unsupported(body)
+  stream, include_usage = _stream(body)
   return ChatRequest(
       model=model, messages=messages, sampling=_sampling(body, max_tokens),
       enable_thinking=_thinking(body.get("chat_template_kwargs")),
       conversation_id=_conversation_id(body.get("metadata")),
       prompt=_declared_prompt(body.get("oel_prompt"), messages),
-      env=_env(body.get("oel_env")))
+      env=_env(body.get("oel_env")), stream=stream, include_usage=include_usage)

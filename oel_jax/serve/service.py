@@ -94,8 +94,9 @@ class ChatService:
   # ---- /v1/chat/completions ----
 
   async def complete(self, body: Any, header_conversation_id: str | None
-                     ) -> tuple[dict[str, Any], str]:
-    """Completes a chat and records it; returns the response body and the conversation id.
+                     ) -> tuple[dict[str, Any] | list[dict[str, Any]], str]:
+    """Completes a chat and records it; returns the response body (for ``stream``: the
+    ``chat.completion.chunk`` events) and the conversation id.
 
     Raises:
       RequestError: a malformed or unsupported request (nothing is queued or recorded).
@@ -133,6 +134,9 @@ class ChatService:
                                    env_id=self.options.env_id)
     await _in_thread(self.served_log.append, record)
     self._conversations.add(conversation_id)
+    if request.stream:
+      return _completion_chunks(request_id, created, reply, request.include_usage), \
+          conversation_id
     return _completion_body(request_id, created, reply), conversation_id
 
   # ---- /v1/feedback ----
@@ -222,3 +226,19 @@ def _completion_body(request_id: str, created: float, reply: records.Reply) -> d
       "system_fingerprint": None,
       "oel_model": {"name": reply.model.name, "round": reply.model.round},
   }
+
+
+def _completion_chunks(request_id: str, created: float, reply: records.Reply,
+                       include_usage: bool) -> list[dict[str, Any]]:
+  """The reply as ``chat.completion.chunk`` events: its whole text, then its finish reason
+  (then the usage, when asked for)."""
+  body = _completion_body(request_id, created, reply)
+  head = {k: body[k] for k in ("id", "created", "model", "system_fingerprint", "oel_model")}
+  head["object"] = "chat.completion.chunk"
+  choice = lambda delta, reason: [{"index": 0, "delta": delta, "finish_reason": reason,
+                                   "logprobs": None}]
+  chunks = [{**head, "choices": choice({"role": "assistant", "content": reply.text}, None)},
+            {**head, "choices": choice({}, reply.finish_reason)}]
+  if include_usage:
+    chunks.append({**head, "choices": [], "usage": body["usage"]})
+  return chunks
