@@ -97,7 +97,8 @@ class _Programs:
   def _prefill(self, params, state: SlotState, rows, ids, mask, keys, budget, temperature,
                top_k, top_p) -> SlotState:
     """Prefills prompts `[n, P]` (left-padded) into slots ``rows`` `[n]` (``N`` for a filler
-    row: dropped) and samples each one's first token; the other slots are untouched."""
+    row: dropped), each with its token ``budget`` `[n]`, and samples each one's first token;
+    the other slots are untouched."""
     self.num_compilations += 1  # runs only while tracing
     sampler = self.sampler
     model = nnx.merge(sampler._graphdef, params)
@@ -120,7 +121,7 @@ class _Programs:
     return SlotState(
         cache=cache, token=put(state.token, tok), step=put(state.step, zero + 1),
         done=put(state.done, jnp.isin(tok, eos) | (budget <= 1)),
-        budget=put(state.budget, zero + budget), keys=put(state.keys, keys),
+        budget=put(state.budget, budget), keys=put(state.keys, keys),
         tokens=put(state.tokens, jnp.full((n, gen), sampler.pad_id, jnp.int32).at[:, 0].set(tok)),
         logprobs=put(state.logprobs, jnp.zeros((n, gen), jnp.float32).at[:, 0].set(lp)))
 
@@ -212,9 +213,13 @@ class SlotDecoder:
     return sum(self._busy)
 
   def start(self, rows: Sequence[int], prompts: Sequence[Sequence[int]],
-            seeds: Sequence[int]) -> None:
+            seeds: Sequence[int], budgets: Sequence[int] | None = None) -> None:
     """Prefills ``prompts`` (token ids) into the free ``rows``, one seed per prompt (in
-    [0, 2^64), as `Sampler.generate` takes them), and samples their first tokens."""
+    [0, 2^64), as `Sampler.generate` takes them), and samples their first tokens.
+
+    ``budgets``: the most tokens each prompt's reply may have, in [1, max_new_tokens] (default:
+    max_new_tokens for every one), as `Sampler.generate`'s ``max_new_tokens`` for that prompt
+    alone (a server's per-request limit)."""
     if not prompts:
       return
     rows = [int(r) for r in rows]
@@ -226,13 +231,20 @@ class SlotDecoder:
     if len(set(rows)) != len(rows):
       raise ValueError(f"start: rows repeat: {rows}")
     row_seeds = _row_seeds(list(seeds), len(prompts))
+    budgets = [self.max_new_tokens] * len(prompts) if budgets is None else list(budgets)
+    if len(budgets) != len(prompts):
+      raise ValueError(f"start: {len(budgets)} budgets for {len(prompts)} prompts")
     sampler = self.sampler
-    for i, p in enumerate(prompts):
+    for i, (p, budget) in enumerate(zip(prompts, budgets)):
+      if (isinstance(budget, bool) or not isinstance(budget, (int, np.integer))
+          or not 1 <= budget <= self.max_new_tokens):
+        raise ValueError(f"start: budget {i} must be an integer in [1, max_new_tokens="
+                         f"{self.max_new_tokens}], got {budget!r}")
       if not p:
         raise ValueError(f"start: prompt {i} is empty")
-      if len(p) + self.max_new_tokens > sampler.max_seq_len:
+      if len(p) + budget > sampler.max_seq_len:
         raise ValueError(f"start: prompt {i} has {len(p)} tokens; with max_new_tokens="
-                         f"{self.max_new_tokens} it exceeds max_seq_len={sampler.max_seq_len}")
+                         f"{budget} it exceeds max_seq_len={sampler.max_seq_len}")
     prompt_len = bucket_size(max(len(p) for p in prompts), sampler.min_prompt_bucket,
                              sampler.buckets_per_doubling)
     self._ensure_cache(prompt_len)
@@ -240,9 +252,11 @@ class SlotDecoder:
     ids, mask, _, keys = sampler._pad_batch(prompts, row_seeds, prompt_len, n)
     slot_rows = np.full((n,), self.slots, np.int32)  # fillers point past the end: dropped
     slot_rows[:len(rows)] = rows
+    row_budgets = np.ones((n,), np.int32)
+    row_budgets[:len(rows)] = budgets
     self._state = self._programs.prefill(
         sampler._params, self._state, jnp.asarray(slot_rows), jnp.asarray(ids),
-        jnp.asarray(mask), jnp.asarray(keys), jnp.int32(self.max_new_tokens), *self._knobs)
+        jnp.asarray(mask), jnp.asarray(keys), jnp.asarray(row_budgets), *self._knobs)
     for r in rows:
       self._busy[r] = True
 

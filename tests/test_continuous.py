@@ -83,6 +83,34 @@ def test_slot_decoder_gives_generates_tokens(sampler, sampling):
   assert {"stop", "length"} == set(expected.finish_reasons)
 
 
+def test_slot_decoder_per_row_budgets_give_generates_tokens_alone(sampler):
+  """Each row's own budget (a server's max_tokens per request): its reply is `generate`'s
+  with that budget, on its prompt alone."""
+  prompts, seeds = _prompts(5, seed=2)
+  budgets = [1, 3, 16, 7, 2]
+  decoder = SlotDecoder(sampler, 2, max_new_tokens=NEW, temperature=0.7, top_k=0, top_p=0.9,
+                        chunk_steps=3)
+  queue, owner, out = list(range(5)), {}, [None] * 5
+  while queue or decoder.busy:
+    rows = decoder.free_rows[:len(queue)]
+    started, queue = queue[:len(rows)], queue[len(rows):]
+    owner.update(zip(rows, started))
+    decoder.start(rows, [prompts[i] for i in started], [seeds[i] for i in started],
+                  [budgets[i] for i in started])
+    for reply in decoder.run():
+      out[owner.pop(reply.row)] = reply
+  for i, reply in enumerate(out):
+    alone = sampler.generate([prompts[i]], max_new_tokens=budgets[i], temperature=0.7,
+                             top_p=0.9, seed=[seeds[i]])
+    assert (reply.tokens, reply.finish_reason) == (alone.tokens[0], alone.finish_reasons[0])
+    assert len(reply.tokens) <= budgets[i]
+  assert "length" in [r.finish_reason for r in out]
+  with pytest.raises(ValueError, match=r"budget 0 must be an integer in \[1, max_new_tokens=16\]"):
+    decoder.start([0], [[1, 2]], [0], [17])
+  with pytest.raises(ValueError, match="2 budgets for 1 prompts"):
+    decoder.start([0], [[1, 2]], [0], [1, 2])
+
+
 def test_slot_decoder_one_token_budget(sampler):
   """Rows that end at their first token (prefill alone), started in rows out of order."""
   prompts, seeds = _prompts(2, seed=1)
