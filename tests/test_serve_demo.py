@@ -68,7 +68,8 @@ def test_a_served_model_learns_from_its_recorded_games(tmp_path):
   log = open(tmp_path / "server.log", "w")
   server = subprocess.Popen(
       [sys.executable, "-m", "oel_jax.serve", "--model", demo_model_path(), "--workdir",
-       serve_dir, "--round", "0", "--port", str(port), "--served_model_name", "demo"],
+       serve_dir, "--round", "0", "--port", str(port), "--served_model_name", "demo",
+       "--thinking", "off", "--max_tokens", "16"],
       cwd=tiny_loop_run.ROOT, env=tiny_loop_run.main_env(), stdout=log,
       stderr=subprocess.STDOUT)
   try:
