@@ -109,6 +109,8 @@ def test_a_served_model_learns_from_its_recorded_games(tmp_path):
     server.wait(timeout=60)
     log.close()
   (pass_before, key_before), (pass_after, key_after) = _scores(before), _scores(after)
+  print(f"held-out pass rate {pass_before:.3f} -> {pass_after:.3f}; first move on Ossa's key "
+        f"for down {key_before:.3f} -> {key_after:.3f}")
   assert pass_after - pass_before >= PASS_RATE_MARGIN, (pass_before, pass_after)
   assert key_after - key_before >= KEY_MARGIN, (key_before, key_after)
   served = [json.loads(line) for line in open(os.path.join(serve_dir, "served.jsonl"))]

@@ -42,13 +42,6 @@ def get_config():
   for name, value in DEMO_WORLD.settings().items():
     c.env_settings[name] = value
 
-  # The extraction games sample the model's own distribution (temperature 1, no cuts): its
-  # first move is "down" with p ~0.85, so top-p 0.8 (the official extraction rollouts)
-  # leaves it nothing else, and no game would show what the horizontal keys do.
-  c.collect.extraction_sampling.temperature = 1.0
-  c.collect.extraction_sampling.top_k = 0
-  c.collect.extraction_sampling.top_p = 1.0
-
   c.rollout.enable_thinking = False
   c.rollout.max_new_tokens = 16
 

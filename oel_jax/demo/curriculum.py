@@ -51,14 +51,6 @@ DEMO_CONTROLS = "down,up,right,left"
 DEMO_LAKE = "Ossa"
 """The demo world's lake name (never seen in pretraining)."""
 
-DEMO_SHOW_KEY = True
-"""Every demo lake names the key pressed in the game's sentence after a move, and its label
-when it made another move (``You pressed [up] and moved down (not up) to position (1,
-0).``, FrozenLake's ``show_key``). A model of this size trained for half an hour did not learn
-to compare the key pressed with the move shown when they stood in different sentences or side
-by side (it learned "a wall means swapped" instead, 2-core Xeon, 2026-12-01); a word the game
-shows is what it learns to read."""
-
 DEMO_HOLES = 0
 """Holes on every demo lake. The paper's FrozenLake has two; a lake without holes makes the
 route a rule (`wanted_direction`) instead of a search over the board, which a model trained
@@ -69,13 +61,6 @@ SWAPS = {"vertical": ("up", "down"), "horizontal": ("left", "right")}
 
 PRETRAINING_CONTROLS = ("up,down,left,right", "down,up,left,right", "up,down,right,left")
 """The controls of pretraining lakes: standard, vertical keys swapped, horizontal swapped."""
-
-INFORMED_EXTRACTION = 0.5
-"""Share of the extraction examples whose player has knowledge from earlier games of its
-lake. Read from uninformed players only, a trajectory's wanted move always matches its key's
-label, so a reader could compare the wanted move with the board, or take a wall for a swap and
-a move for its absence, and be right in training; it would then misread the games of a player
-that presses a swapped key on purpose, as a consolidated model does."""
 
 EXPLORE = 0.2
 """Probability that the scripted player wants a random direction on a turn."""
@@ -105,8 +90,7 @@ GENERIC_ITEM = "- EXPERIENCE ITEM: Avoid the holes (H) and walk to the goal (G).
 
 _MODEL = ModelInfo("scripted-player")  # recorded in the scripted games' trajectories
 
-_EFFECT_RE = re.compile(r"You (?:pressed \[\w+\] and )?(?:moved|tried to move) "
-                        r"(up|down|left|right)")
+_EFFECT_RE = re.compile(r"You (?:moved|tried to move) (up|down|left|right)")
 
 _SYLLABLES = ("ba", "da", "fe", "ga", "hi", "ka", "lo", "mi", "nu", "pe", "ra", "si", "to",
               "vu", "wen", "zor", "bel", "cor", "dun", "el", "fir", "gal", "hol", "ir", "jun",
@@ -136,8 +120,7 @@ class World:
 
   def settings(self) -> dict[str, object]:
     """`make_env` overrides for this world (every demo lake is free of holes)."""
-    return {"controls": self.controls, "lake": self.lake, "num_holes": DEMO_HOLES,
-            "show_key": DEMO_SHOW_KEY}
+    return {"controls": self.controls, "lake": self.lake, "num_holes": DEMO_HOLES}
 
   def believed(self) -> dict[str, str]:
     """What the player believes each key does with no knowledge in its prompt: the labels."""
@@ -207,15 +190,14 @@ def key_distribution(direction: str, believed: dict[str, str], knowledge: str
                      ) -> dict[str, float]:
   """The scripted player's probability of pressing each key to move ``direction``.
 
-  With items about the direction's axis (which speak of the keys' labels), the opposite of
-  the labelled key in proportion to the items saying the axis is swapped (against those
-  saying it works as labelled); with none, the key it believes in.
+  The opposite key in proportion to the items saying the direction's axis is swapped (against
+  those saying it works as labelled); with no item about the axis, the key it believes in.
   """
   said = parse_knowledge(knowledge)[axis_of(direction)]
+  plain = next(k for k, d in believed.items() if d == direction)
   total = said[True] + said[False]
   if not total:
-    return {next(k for k, d in believed.items() if d == direction): 1.0}
-  plain = direction
+    return {plain: 1.0}
   dist = {opposite(plain): said[True] / total, plain: said[False] / total}
   return {k: p for k, p in sorted(dist.items()) if p > 0}
 
@@ -380,7 +362,7 @@ def examples(seed: int, mix: Sequence[float] = (0.2, 0.25, 0.25, 0.3)) -> Iterat
     board += 100
     if skill == "extract":
       knowledge = ""
-      if rng.random() < INFORMED_EXTRACTION:
+      if rng.random() < 0.3:
         knowledge = scripted_knowledge(world, rng, rng.randint(1, 6), board + 50)
       env = play(world, board, knowledge, rng)
       trajectory = env.trajectory(_MODEL)
