@@ -82,9 +82,8 @@ SHOW_KEY = ("You pressed [up] and moved up to position (0, 1).",
 """How FrozenLake's ``show_key`` setting words a move: the key pressed and the move it made,
 in one sentence, and the key's label in ``(not ...)`` when the move was another (also before
 ``but hit a wall!``). The plain game says only the move (``You moved down to position (1,
-0).``), with the key pressed a line above it; the learning demo's reader
-(`oel_jax.demo.curriculum`) needs to tell a key that moved as labelled from one that did not,
-which its small model learns to do from a word the game shows, not by comparing two words."""
+0).``), with the key pressed a line above it. Off by default and in the shipped learning
+demo; tried for the demo's reader in session 13 (docs/benchmarks.md, "The learning demo")."""
 
 _MOVE_RE = re.compile(r"You (moved|tried to move) (up|down|left|right)\b")
 
