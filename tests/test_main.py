@@ -35,26 +35,37 @@ def test_ci_runs_exactly_the_readme_commands():
 
 def test_the_base_install_declares_what_oel_jax_imports():
   """Every third-party module that oel_jax imports, and jinja2 (transformers needs it for chat
-  templates but does not depend on it), is a base dependency: not one the test extra brings."""
+  templates but does not depend on it), is a base dependency: not one the test extra brings.
+  The one exception is `oel_jax.serve`, whose web stack is the ``serve`` extra (imported only
+  there, and declared there)."""
   import ast  # pylint: disable=import-outside-toplevel
   import importlib.metadata  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
   import tomllib  # pylint: disable=import-outside-toplevel
   with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
     project = tomllib.load(f)["project"]
-  declared = {re.split(r"[<>=!~\[ ;]", d, maxsplit=1)[0].lower().replace("_", "-")
-              for d in project["dependencies"]}
+  def names(requirements):
+    return {re.split(r"[<>=!~\[ ;]", d, maxsplit=1)[0].lower().replace("_", "-")
+            for d in requirements}
+
+  declared = names(project["dependencies"])
+  serve_extra = names(project["optional-dependencies"]["serve"])
+  serve_folder = os.path.join(ROOT, "oel_jax", "serve")
+  serve_modules = set()
   optional = {"datasets"}  # google/IFEval from the hub: optional, with a clear ImportError
   modules = set()
   for folder, _, files in os.walk(os.path.join(ROOT, "oel_jax")):
     for name in files:
       if name.endswith(".py"):
         tree = ast.parse(open(os.path.join(folder, name)).read())
+        imported = set()
         for node in ast.walk(tree):
           if isinstance(node, ast.Import):
-            modules.update(a.name.split(".")[0] for a in node.names)
+            imported.update(a.name.split(".")[0] for a in node.names)
           elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            modules.add(node.module.split(".")[0])
+            imported.add(node.module.split(".")[0])
+        in_serve = os.path.commonpath([folder, serve_folder]) == serve_folder
+        (serve_modules if in_serve else modules).update(imported)
   third_party = {m for m in modules - set(sys.stdlib_module_names) - {"oel_jax"} - optional}
   distributions = importlib.metadata.packages_distributions()
   needed = {"jinja2"}
@@ -62,6 +73,12 @@ def test_the_base_install_declares_what_oel_jax_imports():
     assert module in distributions, f"oel_jax imports {module!r}, which is not installed"
     needed.update(d.lower().replace("_", "-") for d in distributions[module])
   assert needed <= declared, f"imported but not declared: {sorted(needed - declared)}"
+  serving = set()
+  for module in serve_modules - modules - set(sys.stdlib_module_names) - {"oel_jax"}:
+    assert module in distributions, f"oel_jax.serve imports {module!r}, which is not installed"
+    serving.update(d.lower().replace("_", "-") for d in distributions[module])
+  missing = serving - declared - serve_extra
+  assert not missing, f"oel_jax.serve imports, declared in no extra: {sorted(missing)}"
 
 
 def test_tiny_plumbing_run_finishes_two_rounds_in_a_few_minutes(tiny_run):
