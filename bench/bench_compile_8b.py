@@ -71,11 +71,20 @@ def main():
   parser.add_argument("--knowledge_texts", type=int, default=0,
                       help="also compile the step with this many cached knowledge prefixes "
                            "of --knowledge slots (the paper: 10); 0: only today's whole rows")
+  parser.add_argument("--tpu", default="",
+                      help="compile for this TPU topology's first data x fsdp x tp devices "
+                           "(e.g. v5p:2x2x2; compile-only, no TPU needed, but libtpu must be "
+                           "installed) instead of simulated CPU devices")
   parser.add_argument("--skip_whole", action="store_true",
                       help="with --knowledge_texts, compile only the cached step")
   args = parser.parse_args()
 
-  mesh = parallel.make_mesh(parallel.MeshConfig(data=args.data, fsdp=args.fsdp, tp=args.tp))
+  mesh_config = parallel.MeshConfig(data=args.data, fsdp=args.fsdp, tp=args.tp)
+  devices = None
+  if args.tpu:
+    from tpu_compile import tpu_devices  # pylint: disable=import-outside-toplevel
+    devices = tpu_devices(args.tpu)[:args.data * args.fsdp * args.tp]
+  mesh = parallel.make_mesh(mesh_config, devices=devices)
   config = PRESETS["Qwen3-8B"].replace(param_dtype=jnp.float32, compute_dtype=jnp.bfloat16,
                                         remat=True, num_layers=args.layers,
                                         attention_block_size=args.attention_block)
@@ -93,7 +102,8 @@ def main():
                        teacher_ids=i32(args.rows, tt), teacher_mask=i32(args.rows, tt),
                        student_index=i32(args.rows, r), teacher_index=i32(args.rows, r),
                        response_mask=jax.ShapeDtypeStruct((args.rows, r), jnp.float32))
-  print(f"Qwen3-8B consolidation step on mesh {dict(mesh.shape)} (simulated CPU devices); "
+  where = f"TPU {args.tpu}, compile-only" if args.tpu else "simulated CPU devices"
+  print(f"Qwen3-8B consolidation step on mesh {dict(mesh.shape)} ({where}); "
         f"{args.rows} rows in {micro} micro-batches of {args.micro_rows}; student "
         f"{ts} tokens, teacher {tt} tokens, response {r}; {args.layers} layers, attention "
         f"block {args.attention_block}; jax {jax.__version__}", flush=True)

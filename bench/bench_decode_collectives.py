@@ -58,18 +58,28 @@ def main():
   parser.add_argument("--new", type=int, default=256)
   parser.add_argument("--meshes", nargs="+", default=["1,8,1", "1,4,2", "2,2,2", "1,1,8"],
                       help="data,fsdp,tp per mesh")
+  parser.add_argument("--tpu", default="",
+                      help="compile for this TPU topology's devices (e.g. v5e:2x4; "
+                           "compile-only, no TPU needed, but libtpu must be installed) "
+                           "instead of simulated CPU devices")
   args = parser.parse_args()
   config = PRESETS[args.preset].replace(num_layers=args.layers, param_dtype=jnp.bfloat16,
                                         compute_dtype=jnp.bfloat16)
   print(f"{args.preset} widths, {args.layers} layers, bf16; {args.rows} rows, prompt "
-        f"{args.prompt}, {args.new} new tokens; jax {jax.__version__}, XLA:CPU, 8 simulated "
-        "devices; bytes per device")
+        f"{args.prompt}, {args.new} new tokens; jax {jax.__version__}, "
+        + (f"XLA:TPU {args.tpu} (compile-only)" if args.tpu else "XLA:CPU, 8 simulated devices")
+        + "; bytes per device")
+  devices = None
+  if args.tpu:
+    from tpu_compile import tpu_devices  # pylint: disable=import-outside-toplevel
+    devices = tpu_devices(args.tpu)
   print("| mesh | weights (all) MB | weights per device MB | collective MB per step | "
         "share of weights per device | weight all-gathers | collectives per step (ops) |")
   print("|---|---|---|---|---|---|---|")
   for spec in args.meshes:
     data, fsdp, tp = map(int, spec.split(","))
-    mesh = parallel.make_mesh(parallel.MeshConfig(data=data, fsdp=fsdp, tp=tp))
+    mesh = parallel.make_mesh(parallel.MeshConfig(data=data, fsdp=fsdp, tp=tp),
+                              devices=None if devices is None else devices[:data * fsdp * tp])
     model = abstract_sharded_model(config, mesh)
     params = nnx.state(model)
     weights = sum(math.prod(p.shape) * p.dtype.itemsize for p in jax.tree.leaves(params))
