@@ -217,12 +217,15 @@ def main():
   parser.add_argument("--topology", default="v5e:2x2")
   parser.add_argument("--preset", default="Qwen3-0.6B")
   parser.add_argument("--layers", type=int, default=2)
-  parser.add_argument("--batch", type=int, default=16)
-  parser.add_argument("--prompt", type=int, default=32)
+  parser.add_argument("--batch", type=int, default=None, help="decode: 16; step: 4")
+  parser.add_argument("--prompt", type=int, default=None, help="decode: 32; step: 128")
   parser.add_argument("--new", type=int, default=128,
                       help="decode: new tokens; step: response tokens")
   parser.add_argument("--knowledge", type=int, default=128, help="step: knowledge tokens")
   args = parser.parse_args()
+  defaults = {"decode": (16, 32), "step": (4, 128)}[args.what]
+  args.batch = defaults[0] if args.batch is None else args.batch
+  args.prompt = defaults[1] if args.prompt is None else args.prompt
   {"decode": decode, "step": step}[args.what](args)
 
 
