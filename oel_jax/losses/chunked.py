@@ -135,6 +135,15 @@ def _chunked_per_token_bwd(cfg, res, cotangents):
     chunk_xs = (hs, saved["lse_s"], dense_coef, saved["idx"], g_tok[..., None] * saved["g"])
   else:
     chunk_xs = (hs, saved["lse_s"], dense_coef, ht, saved["lse_t"], g_tok)
+  # The unembedding tile's gradient is dz^T hs, a dot contracting both operands' leading
+  # (token) dimension. XLA:CPU multiplies 16-bit operands natively only when the left
+  # operand is contracted on its last dimension; otherwise it converts both to float32 and
+  # runs a float32 matmul (several times slower with AMX). In 16-bit the tile's gradient is
+  # therefore accumulated transposed, `[H, tile]` += hs^T dz, with hs^T `[n, H, C]` formed
+  # once here, outside the loops (inside, XLA folds the transpose back into the dot), and
+  # transposed back once per tile. Float32 keeps the direct form (bit for bit as before).
+  transposed = _grad_tile_transposed(mm_dtype)
+  hs_t = jnp.swapaxes(hs, 1, 2) if transposed else None  # [n, H, C]
 
   # Tiles run last to first. The last tile is shifted back to end at V; its rows that the
   # tile before it also covers are zeroed (so the hidden-state gradient counts them once)
@@ -151,16 +160,22 @@ def _chunked_per_token_bwd(cfg, res, cotangents):
     wt_j = None if sparse else to_wt(jax.lax.dynamic_slice_in_dim(wt_v, start, tile, axis=0))
 
     def chunk_body(acc, xs):
+      if transposed:
+        xs, hs_t_c = xs
       hs_c = xs[0]
       dz = _tile_logits_grad(cfg, xs, ws_j, wt_j, start, temperature)
       dz = jnp.where(fresh[None, :], dz, 0.0).astype(mm_dtype)
-      acc = acc + jnp.einsum("cv,ch->vh", dz, hs_c, preferred_element_type=jnp.float32)
+      if transposed:  # [H, tile]
+        acc = acc + jnp.einsum("hc,cv->hv", hs_t_c, dz, preferred_element_type=jnp.float32)
+      else:  # [tile, H]
+        acc = acc + jnp.einsum("cv,ch->vh", dz, hs_c, preferred_element_type=jnp.float32)
       dh_c = jnp.einsum("cv,vh->ch", dz, ws_j, preferred_element_type=jnp.float32)
       return acc, dh_c
 
-    acc, dh_j = jax.lax.scan(chunk_body, jnp.zeros((tile, ws.shape[1]), jnp.float32),
-                             chunk_xs)
-    new = _sliceable(acc.astype(ws.dtype))[0]
+    acc_shape = (ws.shape[1], tile) if transposed else (tile, ws.shape[1])
+    acc, dh_j = jax.lax.scan(chunk_body, jnp.zeros(acc_shape, jnp.float32),
+                             (chunk_xs, hs_t) if transposed else chunk_xs)
+    new = _sliceable((acc.T if transposed else acc).astype(ws.dtype))[0]
     dw_v = jax.lax.dynamic_update_slice_in_dim(dw_v, new, start, axis=0)
     return (dw_v, dh + dh_j), None
 
@@ -168,6 +183,12 @@ def _chunked_per_token_bwd(cfg, res, cotangents):
   (dw_v, dh), _ = jax.lax.scan(tile_body, init, jnp.arange(n_tiles), reverse=True)
   return (dh.astype(hs.dtype), to_dw(dw_v), jnp.zeros_like(ht), jnp.zeros_like(wt),
           jnp.zeros_like(temperature))
+
+
+def _grad_tile_transposed(mm_dtype) -> bool:
+  """Whether the backward pass accumulates each unembedding tile's gradient as `[H, tile]`
+  (16-bit matmuls; see `_chunked_per_token_bwd`) rather than `[tile, H]`."""
+  return jnp.dtype(mm_dtype).itemsize == 2
 
 
 def _tile_logits_grad(cfg, xs, ws_j, wt_j, start, temperature):
