@@ -551,18 +551,23 @@ def test_chunked_bf16_inputs_close_to_plain():
     assert np.max(np.abs(a - b)) <= 2e-2 * np.max(np.abs(b))
 
 
-def test_chunked_bf16_unembedding_gradient_is_the_direct_form_to_one_rounding(monkeypatch):
+@pytest.mark.parametrize("chunk_size", [5, 64])
+def test_chunked_bf16_unembedding_gradient_is_the_direct_form_to_one_rounding(monkeypatch,
+                                                                              chunk_size):
   """In 16-bit the backward accumulates each tile's unembedding gradient transposed
   (`[H, tile]`, a dot XLA:CPU runs in bf16). Against the direct `[tile, H]` form (float32
   operands there): the same products summed in float32 in another order, so each bf16
-  element is within one rounding, and the hidden states' gradient is bit for bit."""
+  element is within one rounding, and the hidden states' gradient is bit for bit. With
+  one token chunk (64 > 18 tokens) the tile's only dot meets the transpose directly (what
+  XLA:CPU would fold into a dot its runtime cannot execute)."""
   from oel_jax.losses import chunked
   hs, ws, ht, wt, mask = _hidden_inputs(43, h=32, h_teacher=24, v=128, dtype=np.float32)
   hs, ws, ht, wt = (x.astype(jnp.bfloat16) for x in (hs, ws, ht, wt))
 
   def grads():
     f = lambda hs, ws: losses.topk_reverse_kl_from_hidden(
-        hs, ws, ht, wt, mask, k=16, temperature=0.7, chunk_size=5, vocab_chunk_size=48)
+        hs, ws, ht, wt, mask, k=16, temperature=0.7, chunk_size=chunk_size,
+        vocab_chunk_size=48)
     return [np.asarray(g, np.float32) for g in jax.jit(jax.grad(f, argnums=(0, 1)))(hs, ws)]
 
   assert chunked._grad_tile_transposed(jnp.bfloat16)

@@ -128,6 +128,7 @@ def _chunked_per_token_bwd(cfg, res, cotangents):
   sparse = "idx" in saved
   vocab = ws.shape[0]
   tile = min(cfg.vocab_chunk_size, vocab)
+  n_chunks = hs.shape[0]
   n_tiles = -(-vocab // tile)
   mm_dtype = jnp.result_type(hs.dtype, ws.dtype)
   dense_coef = g_tok * saved["sum_g"]  # [n, C]: multiplies q
@@ -159,23 +160,38 @@ def _chunked_per_token_bwd(cfg, res, cotangents):
     ws_j = to_ws(jax.lax.dynamic_slice_in_dim(ws_v, start, tile, axis=0))
     wt_j = None if sparse else to_wt(jax.lax.dynamic_slice_in_dim(wt_v, start, tile, axis=0))
 
-    def chunk_body(acc, xs):
+    def chunk_grads(xs):
+      """One token chunk's `([H, tile] or [tile, H] unembedding, [C, H] hidden)` gradients."""
       if transposed:
         xs, hs_t_c = xs
       hs_c = xs[0]
       dz = _tile_logits_grad(cfg, xs, ws_j, wt_j, start, temperature)
       dz = jnp.where(fresh[None, :], dz, 0.0).astype(mm_dtype)
-      if transposed:  # [H, tile]
-        acc = acc + jnp.einsum("hc,cv->hv", hs_t_c, dz, preferred_element_type=jnp.float32)
-      else:  # [tile, H]
-        acc = acc + jnp.einsum("cv,ch->vh", dz, hs_c, preferred_element_type=jnp.float32)
-      dh_c = jnp.einsum("cv,vh->ch", dz, ws_j, preferred_element_type=jnp.float32)
-      return acc, dh_c
+      if transposed:
+        dw_c = jnp.einsum("hc,cv->hv", hs_t_c, dz, preferred_element_type=jnp.float32)
+      else:
+        dw_c = jnp.einsum("cv,ch->vh", dz, hs_c, preferred_element_type=jnp.float32)
+      return dw_c, jnp.einsum("cv,vh->ch", dz, ws_j, preferred_element_type=jnp.float32)
 
-    acc_shape = (ws.shape[1], tile) if transposed else (tile, ws.shape[1])
-    acc, dh_j = jax.lax.scan(chunk_body, jnp.zeros(acc_shape, jnp.float32),
-                             (chunk_xs, hs_t) if transposed else chunk_xs)
-    new = _sliceable((acc.T if transposed else acc).astype(ws.dtype))[0]
+    def chunk_body(acc, xs):
+      dw_c, dh_c = chunk_grads(xs)
+      return acc + dw_c, dh_c
+
+    # The first chunk's product starts the tile's float32 accumulator (the same sums as
+    # adding it to zeros, without a zero fill and an add of the whole tile per tile).
+    xs = (chunk_xs, hs_t) if transposed else chunk_xs
+    acc, dh_first = chunk_grads(jax.tree.map(lambda x: x[0], xs))
+    if n_chunks > 1:
+      acc, dh_rest = jax.lax.scan(chunk_body, acc, jax.tree.map(lambda x: x[1:], xs))
+      dh_j = jnp.concatenate([dh_first[None], dh_rest])
+    else:
+      dh_j = dh_first[None]
+    if transposed:
+      # The barrier keeps XLA:CPU from folding the transpose into a 16-bit dot that produced
+      # `acc` (with a single token chunk): the folded dot is one its runtime cannot execute
+      # ("Unsupported element type for DotThunk::Execute: BF16 x BF16 = F32").
+      acc = jax.lax.optimization_barrier(acc).T
+    new = _sliceable(acc.astype(ws.dtype))[0]
     dw_v = jax.lax.dynamic_update_slice_in_dim(dw_v, new, start, axis=0)
     return (dw_v, dh + dh_j), None
 
