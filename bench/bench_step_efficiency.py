@@ -10,6 +10,9 @@ Found by `profile_train_step.py` (session 12 and 14 profiles, docs/benchmarks.md
   moments first (they are donated and overwritten in place). Now `train.apply_optimizer`
   takes the update from the selected moments (bit for bit the same state).
 
+(The third change, the first token chunk's product starting each tile's accumulator instead
+of a zero fill and an add, gives the same sums and is in every variant here.)
+
 Each variant is a step traced under a patch that restores the old code for the named part;
 this script times them taking turns (best of `--steps`; wall-clock and process CPU time),
 gives each one's share of the bf16 matmul rate (the FLOP count of `bench_train_step.py`),
@@ -81,7 +84,7 @@ def main():
   print(f"model: Qwen3-0.6B widths, {args.layers} layers, vocab {config.vocab_size}; batch {b}, "
         f"prompt {p}, knowledge {kn}, response {r} ({b * r} scored tokens per step)")
   flops = step_flops(config, args)
-  paths = {"session 13 (float32 gradient-tile dot; optax, then select)": (True, True),
+  paths = {"direct gradient tile (float32 dot); optax, then select": (True, True),
            "+ gradient tile in bf16 (transposed)": (False, True),
            "+ optimizer from the selected moments (now)": (False, False)}
   trainers, states, first = {}, {}, {}
@@ -94,7 +97,7 @@ def main():
                    [np.asarray(x) for x in jax.tree.leaves((state.params, state.opt_state))])
     trainers[name], states[name] = (trainer, teacher_params), state
   names = list(paths)
-  same = all(np.array_equal(a.view(np.uint8), c.view(np.uint8))
+  same = all(np.array_equal(np.atleast_1d(a).view(np.uint8), np.atleast_1d(c).view(np.uint8))
              for a, c in zip(first[names[1]][2], first[names[2]][2]))
   for name in names:
     first[name] = first[name][:2]
