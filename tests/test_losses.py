@@ -554,12 +554,12 @@ def test_chunked_bf16_inputs_close_to_plain():
 @pytest.mark.parametrize("chunk_size", [5, 64])
 def test_chunked_bf16_unembedding_gradient_is_the_direct_form_to_one_rounding(monkeypatch,
                                                                               chunk_size):
-  """In 16-bit the backward accumulates each tile's unembedding gradient transposed
-  (`[H, tile]`, a dot XLA:CPU runs in bf16). Against the direct `[tile, H]` form (float32
-  operands there): the same products summed in float32 in another order, so each bf16
-  element is within one rounding, and the hidden states' gradient is bit for bit. With
-  one token chunk (64 > 18 tokens) the tile's only dot meets the transpose directly (what
-  XLA:CPU would fold into a dot its runtime cannot execute)."""
+  """In 16-bit (top-k support) the backward multiplies each tile's unembedding gradient from
+  dz^T built from logits computed transposed (a dot XLA:CPU runs in bf16). Against the
+  direct form (dz^T hs from dz, float32 operands there): the same products up to the
+  logits' float32 summation order, summed in another order, so each bf16 element is within
+  one rounding, and the hidden states' gradient is bit for bit. One token chunk (64 > 18
+  tokens) and several."""
   from oel_jax.losses import chunked
   hs, ws, ht, wt, mask = _hidden_inputs(43, h=32, h_teacher=24, v=128, dtype=np.float32)
   hs, ws, ht, wt = (x.astype(jnp.bfloat16) for x in (hs, ws, ht, wt))

@@ -126,7 +126,8 @@ def _compiled_step_dots(config, old=False):
   return _dots(hlo)
 
 
-_LOSS_DW = "hc,cv->hv"  # the loss's `[V, H]` gradient tile, accumulated transposed in bf16
+_LOSS_DW = "vc,ch->vh"  # the loss's `[V, H]` gradient tile in bf16, from dz^T `[tile, C]`
+_LOSS_LOGITS_T = "vh,ch->vc"  # the transposed logits tile that dz^T is built from
 _LOSS_DW_OLD = "cv,ch->vh"  # its direct form: XLA:CPU's own float32 dot of bf16 operands
 
 
@@ -141,10 +142,11 @@ def _spec(name: str) -> str:
 def test_bf16_step_runs_no_float32_matmul(remat):
   """Every matmul of the compiled bf16 step, forward and backward, model and loss, takes bf16
   operands, the loss's `[V, H]` gradient tile included (before session 14 XLA:CPU converted
-  that dot's operands to float32 itself: it contracted both operands' leading dimension)."""
+  that dot's operands to float32 itself: it contracted both operands' leading dimension;
+  now its left operand is dz^T, built from logits computed transposed)."""
   dots = _compiled_step_dots(BF16.replace(remat=remat))
   assert all(_spec(d[2]) for d in dots), dots  # every dot is one of ours, found by its name
-  head_specs = ("ch,vh->cv", "cv,vh->ch", _LOSS_DW)
+  head_specs = ("ch,vh->cv", "cv,vh->ch", _LOSS_DW, _LOSS_LOGITS_T)
   model = [d for d in dots if _spec(d[2]) not in head_specs]
   head = [d for d in dots if _spec(d[2]) in head_specs]
   assert len(model) >= 2 * 7 * CONFIG.num_layers, dots  # forward and backward
