@@ -3,8 +3,9 @@
 Found by `profile_train_step.py` (session 12 and 14 profiles, docs/benchmarks.md):
 - the loss's `[V, H]` gradient tile (`cv,ch->vh`, both operands contracted on their leading
   dimension) had bf16 operands, but XLA:CPU converted them to float32 itself and ran a
-  float32 matmul. Now, in 16-bit, the tile's gradient is accumulated transposed (`[H, tile]
-  += hs^T dz`, `chunked._grad_tile_transposed`), a dot XLA:CPU runs in bf16;
+  float32 matmul. Now, in 16-bit with a top-k support, its left operand is dz^T `[tile, C]`
+  built from logits computed transposed (`chunked._grad_tile_transposed`,
+  `_tile_logits_grad_transposed`), a dot XLA:CPU runs in bf16;
 - the optimizer: selected after optax's update (`jnp.where(finite, new, old)`), the new
   parameters' fusion recomputed AdamW's moments from the old ones, and XLA copied the old
   moments first (they are donated and overwritten in place). Now `train.apply_optimizer`
@@ -85,7 +86,7 @@ def main():
         f"prompt {p}, knowledge {kn}, response {r} ({b * r} scored tokens per step)")
   flops = step_flops(config, args)
   paths = {"direct gradient tile (float32 dot); optax, then select": (True, True),
-           "+ gradient tile in bf16 (transposed)": (False, True),
+           "+ gradient tile in bf16 (dz^T from transposed logits)": (False, True),
            "+ optimizer from the selected moments (now)": (False, False)}
   trainers, states, first = {}, {}, {}
   for name, flags in paths.items():
