@@ -15,6 +15,7 @@ dot, and its JAX name) and prints:
 
   python bench/profile_train_step.py [--layers 2] [--batch 4] [--prompt 128] [--response 128]
       [--before]  # the program before session 12's bf16 loss head and backward matmuls
+      [--before14]  # before session 14's bf16 gradient tile and optimizer re-formulation
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.profiler import ProfileData
 
+from bench_step_efficiency import patched
 from bench_step_precision import before
 from machine import matmul_rate
 from step_inputs import add_step_arguments, random_step_batch, random_step_models
@@ -120,6 +122,9 @@ def main():
   parser.add_argument("--before", action="store_true",
                       help="profile the pre-session-12 program (float32 loss head and "
                            "backward matmuls; bench_step_precision.before)")
+  parser.add_argument("--before14", action="store_true",
+                      help="profile the program before session 14's loss gradient tile in "
+                           "bf16 and optimizer re-formulation (bench_step_efficiency.patched)")
   args = parser.parse_args()
   rate = matmul_rate()
   print(f"machine: {os.cpu_count()} cores; bf16 matmul {rate / 1e9:.0f} GFLOP/s; jax "
@@ -130,7 +135,9 @@ def main():
   trainer = Trainer(student, TrainConfig(learning_rate=1e-6, k=256))
   state = trainer.init_state(student)
   teacher_params = trainer.teacher_params(teacher)
-  with before() if args.before else contextlib.nullcontext():
+  context = (before() if args.before else patched(True, True) if args.before14 else
+             contextlib.nullcontext())
+  with context:
     hlo = trainer.lower(state, teacher_params, batch).compile().as_text()
     state, _ = trainer.train_step(state, teacher_params, batch)  # compile and warm up
   instructions = program_instructions(hlo)

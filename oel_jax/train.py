@@ -234,6 +234,41 @@ def _head(model: Qwen3) -> jax.Array:
   return w.astype(dtype) if jnp.dtype(dtype).itemsize == 2 else w
 
 
+def apply_optimizer(config: TrainConfig, tx: optax.GradientTransformation, grads, opt_state,
+                    params, finite: jax.Array):
+  """`(params, opt_state)` after one step of `tx = config.optimizer()`, or the inputs
+  unchanged where `finite` (a bool scalar) is False: bit for bit `optax.apply_updates(params,
+  tx.update(grads, opt_state, params)[0])` and the new state, each `jnp.where(finite, new,
+  old)`.
+
+  Written so that XLA reads each parameter-sized array once and writes it once. Selected
+  directly, the new parameters recompute AdamW's new moments from the old ones inside their
+  own fusion, and since the moments' buffers are donated and overwritten in place by the
+  moments' fusions, XLA first copies the old moments: for the `[V, H]` table that is two
+  extra passes, and the moments read twice. Here the moments are computed and selected
+  first (by optax), materialised (an optimisation barrier), and the update is taken from
+  the selected moments: the same numbers where `finite` (they are the new moments) and
+  unused where not (the old parameters are kept).
+  """
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  _, new_state = tx.update(grads, opt_state, params)  # the update itself is rebuilt below
+  new_state = jax.lax.optimization_barrier(keep(new_state, opt_state))
+  adam = new_state[1][0]
+  if not isinstance(adam, optax.ScaleByAdamState):
+    raise TypeError(f"apply_optimizer expects TrainConfig.optimizer()'s chain (clip, AdamW); "
+                    f"its second state is {type(adam).__name__}")
+  # optax.scale_by_adam's update from its new moments (eps_root 0), then the chain's
+  # stateless tail: weight decay and the learning rate, by optax's own transforms.
+  mu_hat = optax.tree.bias_correction(adam.mu, config.b1, adam.count)
+  nu_hat = optax.tree.bias_correction(adam.nu, config.b2, adam.count)
+  updates = jax.tree.map(lambda m, v: m / (jnp.sqrt(v + 0.0) + config.eps), mu_hat, nu_hat)
+  updates, _ = optax.add_decayed_weights(config.weight_decay).update(
+      updates, optax.EmptyState(), params)
+  updates, _ = optax.scale_by_learning_rate(config.learning_rate).update(
+      updates, optax.EmptyState())
+  return keep(optax.apply_updates(params, updates), params), new_state
+
+
 class Trainer:
   """Builds and runs the jitted consolidation step for one model architecture.
 
@@ -461,13 +496,10 @@ class Trainer:
       grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
       loss = loss / denom
       grad_norm = optax.global_norm(grads)
-      updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
       finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-      # A non-finite step leaves the state exactly as it was (train_step raises or skips).
-      keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-      new_state = TrainState(params=keep(params, state.params),
-                             opt_state=keep(opt_state, state.opt_state),
+      params, opt_state = apply_optimizer(self.config, self.tx, grads, state.opt_state,
+                                          state.params, finite)
+      new_state = TrainState(params=params, opt_state=opt_state,
                              step=state.step + finite.astype(jnp.int32))
       metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": tokens,
                  **{name: total / denom for name, total in sums.items()}}

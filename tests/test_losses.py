@@ -551,6 +551,34 @@ def test_chunked_bf16_inputs_close_to_plain():
     assert np.max(np.abs(a - b)) <= 2e-2 * np.max(np.abs(b))
 
 
+@pytest.mark.parametrize("chunk_size", [5, 64])
+def test_chunked_bf16_unembedding_gradient_is_the_direct_form_to_one_rounding(monkeypatch,
+                                                                              chunk_size):
+  """In 16-bit (top-k support) the backward multiplies each tile's unembedding gradient from
+  dz^T built from logits computed transposed (a dot XLA:CPU runs in bf16). Against the
+  direct form (dz^T hs from dz, float32 operands there): the same products up to the
+  logits' float32 summation order, summed in another order, so each bf16 element is within
+  one rounding, and the hidden states' gradient is bit for bit. One token chunk (64 > 18
+  tokens) and several."""
+  from oel_jax.losses import chunked
+  hs, ws, ht, wt, mask = _hidden_inputs(43, h=32, h_teacher=24, v=128, dtype=np.float32)
+  hs, ws, ht, wt = (x.astype(jnp.bfloat16) for x in (hs, ws, ht, wt))
+
+  def grads():
+    f = lambda hs, ws: losses.topk_reverse_kl_from_hidden(
+        hs, ws, ht, wt, mask, k=16, temperature=0.7, chunk_size=chunk_size,
+        vocab_chunk_size=48)
+    return [np.asarray(g, np.float32) for g in jax.jit(jax.grad(f, argnums=(0, 1)))(hs, ws)]
+
+  assert chunked._grad_tile_transposed(jnp.bfloat16)
+  dh, dw = grads()
+  monkeypatch.setattr(chunked, "_grad_tile_transposed", lambda dtype: False)
+  dh_direct, dw_direct = grads()
+  np.testing.assert_array_equal(dh, dh_direct)
+  assert np.max(np.abs(dw_direct)) > 1e-4 and np.count_nonzero(dw_direct) > 0.9 * dw.size
+  np.testing.assert_allclose(dw, dw_direct, rtol=2**-7, atol=1e-30)
+
+
 def test_chunked_entropies_match_logits_form():
   hs, ws, ht, wt, _ = _hidden_inputs(42)
   stats = losses.per_token_divergence_from_hidden(hs, ws, ht, wt, k=7, temperature=0.7,

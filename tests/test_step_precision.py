@@ -126,7 +126,9 @@ def _compiled_step_dots(config, old=False):
   return _dots(hlo)
 
 
-_LOSS_DW = "cv,ch->vh"  # the loss's `[V, H]` gradient tile: XLA:CPU's own float32 dot
+_LOSS_DW = "vc,ch->vh"  # the loss's `[V, H]` gradient tile in bf16, from dz^T `[tile, C]`
+_LOSS_LOGITS_T = "vh,ch->vc"  # the transposed logits tile that dz^T is built from
+_LOSS_DW_OLD = "cv,ch->vh"  # its direct form: XLA:CPU's own float32 dot of bf16 operands
 
 
 def _spec(name: str) -> str:
@@ -137,21 +139,34 @@ def _spec(name: str) -> str:
 
 
 @pytest.mark.parametrize("remat", [False, True])
-def test_bf16_step_runs_no_float32_matmul_but_the_loss_head_gradient(remat):
+def test_bf16_step_runs_no_float32_matmul(remat):
   """Every matmul of the compiled bf16 step, forward and backward, model and loss, takes bf16
-  operands, except the loss's `[V, H]` gradient dot (`cv,ch->vh`): XLA:CPU converts its
-  bf16 operands to float32 itself (a dot contracting both operands' leading dimension)."""
+  operands, the loss's `[V, H]` gradient tile included (before session 14 XLA:CPU converted
+  that dot's operands to float32 itself: it contracted both operands' leading dimension;
+  now its left operand is dz^T, built from logits computed transposed)."""
   dots = _compiled_step_dots(BF16.replace(remat=remat))
   assert all(_spec(d[2]) for d in dots), dots  # every dot is one of ours, found by its name
-  model = [d for d in dots if _spec(d[2]) not in ("ch,vh->cv", "cv,vh->ch", _LOSS_DW)]
-  head = [d for d in dots if _spec(d[2]) in ("ch,vh->cv", "cv,vh->ch")]
-  assert len(model) >= 2 * 7 * CONFIG.num_layers and head, dots  # forward and backward
+  head_specs = ("ch,vh->cv", "cv,vh->ch", _LOSS_DW, _LOSS_LOGITS_T)
+  model = [d for d in dots if _spec(d[2]) not in head_specs]
+  head = [d for d in dots if _spec(d[2]) in head_specs]
+  assert len(model) >= 2 * 7 * CONFIG.num_layers, dots  # forward and backward
+  assert {_spec(d[2]) for d in head} == set(head_specs), dots
   assert [d for d in model + head if d[0] != "bf16 x bf16"] == []
-  # The probe itself: the old program has float32 dots of both kinds.
+  # The probe itself: the old program has float32 dots of both kinds, and the direct form
+  # of the gradient tile is a float32 dot.
   old = _compiled_step_dots(BF16.replace(remat=remat), old=True)
   assert any(d[0] == "f32 x f32" and "transpose(" in d[2]
-             and _spec(d[2]) not in ("ch,vh->cv", "cv,vh->ch", _LOSS_DW) for d in old), old
+             and _spec(d[2]) not in head_specs + (_LOSS_DW_OLD,) for d in old), old
   assert any(d[0] == "f32 x f32" and _spec(d[2]) == "ch,vh->cv" for d in old), old
+
+
+def test_bf16_direct_gradient_tile_is_a_float32_dot(monkeypatch):
+  """The probe for the loss's gradient tile: its direct `[tile, H]` form, in the same bf16
+  step, compiles to a float32 dot (what the transposed form avoids)."""
+  from oel_jax.losses import chunked
+  monkeypatch.setattr(chunked, "_grad_tile_transposed", lambda dtype: False)
+  dots = _compiled_step_dots(BF16)
+  assert [d[0] for d in dots if _spec(d[2]) == _LOSS_DW_OLD] == ["f32 x f32"], dots
 
 
 def test_bf16_sharded_step_close_to_single_device():

@@ -128,6 +128,7 @@ def _chunked_per_token_bwd(cfg, res, cotangents):
   sparse = "idx" in saved
   vocab = ws.shape[0]
   tile = min(cfg.vocab_chunk_size, vocab)
+  n_chunks = hs.shape[0]
   n_tiles = -(-vocab // tile)
   mm_dtype = jnp.result_type(hs.dtype, ws.dtype)
   dense_coef = g_tok * saved["sum_g"]  # [n, C]: multiplies q
@@ -135,6 +136,17 @@ def _chunked_per_token_bwd(cfg, res, cotangents):
     chunk_xs = (hs, saved["lse_s"], dense_coef, saved["idx"], g_tok[..., None] * saved["g"])
   else:
     chunk_xs = (hs, saved["lse_s"], dense_coef, ht, saved["lse_t"], g_tok)
+  # The unembedding tile's gradient is dz^T hs, a dot contracting both operands' leading
+  # (token) dimension. XLA:CPU multiplies 16-bit operands natively only when the left
+  # operand is contracted on its last dimension; otherwise it converts both to float32 and
+  # runs a float32 matmul (several times slower with AMX). An explicit transpose of dz is
+  # folded back into the dot, and transposing a `[H, tile]` accumulator instead costs a
+  # strided pass slower than the float32 dot. So in 16-bit, for a top-k support, the
+  # tile's logits are also computed transposed, `[tile, C]` (a matmul in the fast form,
+  # both operands contracted on their last dimension), and dz^T is built from them
+  # directly: every dot then runs in bf16, at the price of one more logits matmul per
+  # chunk. Float32 and the full vocabulary keep the direct form (bit for bit as before).
+  transposed = sparse and _grad_tile_transposed(mm_dtype)
 
   # Tiles run last to first. The last tile is shifted back to end at V; its rows that the
   # tile before it also covers are zeroed (so the hidden-state gradient counts them once)
@@ -150,16 +162,32 @@ def _chunked_per_token_bwd(cfg, res, cotangents):
     ws_j = to_ws(jax.lax.dynamic_slice_in_dim(ws_v, start, tile, axis=0))
     wt_j = None if sparse else to_wt(jax.lax.dynamic_slice_in_dim(wt_v, start, tile, axis=0))
 
-    def chunk_body(acc, xs):
+    def chunk_grads(xs):
+      """One token chunk's `([tile, H] unembedding, [C, H] hidden)` gradients."""
       hs_c = xs[0]
       dz = _tile_logits_grad(cfg, xs, ws_j, wt_j, start, temperature)
       dz = jnp.where(fresh[None, :], dz, 0.0).astype(mm_dtype)
-      acc = acc + jnp.einsum("cv,ch->vh", dz, hs_c, preferred_element_type=jnp.float32)
-      dh_c = jnp.einsum("cv,vh->ch", dz, ws_j, preferred_element_type=jnp.float32)
-      return acc, dh_c
+      if transposed:
+        dz_t = _tile_logits_grad_transposed(xs, ws_j, start, temperature)  # [tile, C]
+        dz_t = jnp.where(fresh[:, None], dz_t, 0.0).astype(mm_dtype)
+        dw_c = jnp.einsum("vc,ch->vh", dz_t, hs_c, preferred_element_type=jnp.float32)
+      else:
+        dw_c = jnp.einsum("cv,ch->vh", dz, hs_c, preferred_element_type=jnp.float32)
+      return dw_c, jnp.einsum("cv,vh->ch", dz, ws_j, preferred_element_type=jnp.float32)
 
-    acc, dh_j = jax.lax.scan(chunk_body, jnp.zeros((tile, ws.shape[1]), jnp.float32),
-                             chunk_xs)
+    def chunk_body(acc, xs):
+      dw_c, dh_c = chunk_grads(xs)
+      return acc + dw_c, dh_c
+
+    # The first chunk's product starts the tile's float32 accumulator (the same sums as
+    # adding it to zeros, without a zero fill and an add of the whole tile per tile).
+    xs = chunk_xs
+    acc, dh_first = chunk_grads(jax.tree.map(lambda x: x[0], xs))
+    if n_chunks > 1:
+      acc, dh_rest = jax.lax.scan(chunk_body, acc, jax.tree.map(lambda x: x[1:], xs))
+      dh_j = jnp.concatenate([dh_first[None], dh_rest])
+    else:
+      dh_j = dh_first[None]
     new = _sliceable(acc.astype(ws.dtype))[0]
     dw_v = jax.lax.dynamic_update_slice_in_dim(dw_v, new, start, axis=0)
     return (dw_v, dh + dh_j), None
@@ -168,6 +196,27 @@ def _chunked_per_token_bwd(cfg, res, cotangents):
   (dw_v, dh), _ = jax.lax.scan(tile_body, init, jnp.arange(n_tiles), reverse=True)
   return (dh.astype(hs.dtype), to_dw(dw_v), jnp.zeros_like(ht), jnp.zeros_like(wt),
           jnp.zeros_like(temperature))
+
+
+def _grad_tile_transposed(mm_dtype) -> bool:
+  """Whether the backward pass (for a top-k support) multiplies the unembedding tile's
+  gradient from dz^T built from transposed logits (16-bit matmuls; see
+  `_chunked_per_token_bwd`) rather than from dz."""
+  return jnp.dtype(mm_dtype).itemsize == 2
+
+
+def _tile_logits_grad_transposed(xs, ws_j, start, temperature):
+  """`_tile_logits_grad`'s `[tile, C]` transpose for a top-k support, computed from the
+  transposed logits `[tile, C]` (no transpose of a `[C, tile]` array)."""
+  hs_c, lse_c, coef_c, idx_c, u_c = xs
+  tile = ws_j.shape[0]
+  s = jnp.einsum("vh,ch->vc", ws_j, hs_c, preferred_element_type=jnp.float32) / temperature
+  q = jnp.exp(s - lse_c[None, :])
+  local = idx_c - start
+  local = jnp.where((local >= 0) & (local < tile), local, tile)  # tile = dropped
+  cols = jnp.broadcast_to(jnp.arange(hs_c.shape[0])[:, None], local.shape)
+  point = jnp.zeros(s.shape, jnp.float32).at[local, cols].add(u_c, mode="drop")
+  return (point - q * coef_c[None, :]) / temperature
 
 
 def _tile_logits_grad(cfg, xs, ws_j, wt_j, start, temperature):
