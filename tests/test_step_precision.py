@@ -222,3 +222,27 @@ def test_16bit_einsum_rejects_a_spec_its_backward_cannot_transpose(spec):
   x = jnp.ones((2, 2, 2), jnp.bfloat16)
   with pytest.raises(ValueError, match=r"_einsum: spec"):
     qwen3._einsum(spec, x, jnp.ones((2, 2), jnp.bfloat16), jnp.bfloat16)
+
+
+def test_gradient_tile_takes_the_transposed_form_only_for_cpu(monkeypatch):
+  """The transposed form costs one more logits matmul per chunk; only XLA:CPU needs it
+  (XLA:TPU multiplies the direct form in bf16: `bench/tpu_compile.py step`). The platform
+  comes from the mesh being traced under, else the default backend."""
+  from oel_jax.losses import chunked
+  assert chunked._grad_tile_transposed(jnp.bfloat16)
+  assert not chunked._grad_tile_transposed(jnp.float32)
+  seen = []
+
+  def traced(x):
+    seen.append(chunked._traced_platform())
+    return x
+
+  with jax.set_mesh(parallel.make_mesh(parallel.MeshConfig(fsdp=2), jax.devices()[:2])):
+    jax.jit(traced)(1.0)
+  assert seen == ["cpu"]
+  monkeypatch.setattr(chunked, "_traced_platform", lambda: "tpu")
+  assert not chunked._grad_tile_transposed(jnp.bfloat16)
+  monkeypatch.undo()
+  monkeypatch.setattr(chunked.jax, "default_backend", lambda: "gpu")
+  assert chunked._traced_platform() == "gpu"  # no mesh in context: the default backend
+  assert not chunked._grad_tile_transposed(jnp.bfloat16)

@@ -201,8 +201,19 @@ def _chunked_per_token_bwd(cfg, res, cotangents):
 def _grad_tile_transposed(mm_dtype) -> bool:
   """Whether the backward pass (for a top-k support) multiplies the unembedding tile's
   gradient from dz^T built from transposed logits (16-bit matmuls; see
-  `_chunked_per_token_bwd`) rather than from dz."""
-  return jnp.dtype(mm_dtype).itemsize == 2
+  `_chunked_per_token_bwd`) rather than from dz.
+
+  Only for XLA:CPU: XLA:TPU multiplies the direct form's 16-bit operands as given
+  (`bench/tpu_compile.py step`), so there the extra logits matmul would be pure cost."""
+  return jnp.dtype(mm_dtype).itemsize == 2 and _traced_platform() == "cpu"
+
+
+def _traced_platform() -> str:
+  """The platform of the program being traced: its mesh's devices (a `Trainer` on a mesh
+  traces under `jax.set_mesh`), else the default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
 
 
 def _tile_logits_grad_transposed(xs, ws_j, start, temperature):
