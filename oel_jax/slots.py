@@ -176,11 +176,11 @@ class _Programs:
       return jnp.where(started.reshape(-1, *(1,) * (old.ndim - 1)), new[source], old)
 
     cache = state.cache
-    slots = cache.slots
+    pad_slots = ((0, 0), (0, cache.slots - prompt_len))  # a started row's mask: prompt, empty
     cache = KVCache(
         k=tuple(c.at[rows, :, :prompt_len].set(f, mode="drop") for c, f in zip(cache.k, fresh.k)),
         v=tuple(c.at[rows, :, :prompt_len].set(f, mode="drop") for c, f in zip(cache.v, fresh.v)),
-        mask=put(cache.mask, jnp.pad(fresh.mask, ((0, 0), (0, slots - prompt_len)))),
+        mask=jnp.where(started[:, None], jnp.pad(fresh.mask[source], pad_slots), cache.mask),
         index=put(cache.index, fresh.index))
     return self._constrain(SlotState(
         cache=cache, token=put(state.token, tok), step=put(state.step, zero + 1),
