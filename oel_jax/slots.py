@@ -114,7 +114,8 @@ class _Programs:
     self.prefill = jax.jit(self._prefill, donate_argnums=(1,), **out)
     self.decode = jax.jit(self._decode, donate_argnums=(1,), **out)
     self.zeros = jax.jit(self._zeros, static_argnums=(0, 1, 2), **out)
-    self.grow = jax.jit(self._grow, static_argnums=(1,), donate_argnums=(0,), **out)
+    # Not donated: the cache changes shape, so its buffers could not be reused.
+    self.grow = jax.jit(self._grow, static_argnums=(1,), **out)
 
   def _constrain(self, state: SlotState) -> SlotState:
     """The state pinned to its shardings (a loop's carry, a scatter's result) on a mesh."""
