@@ -118,7 +118,10 @@ class _Programs:
     self.grow = jax.jit(self._grow, static_argnums=(1,), **out)
 
   def _constrain(self, state: SlotState) -> SlotState:
-    """The state pinned to its shardings (a loop's carry, a scatter's result) on a mesh."""
+    """The state pinned to its shardings on a mesh: the decode loop's carry, so that the
+    partitioner keeps the cache's layout through the loop rather than picking its own (the
+    programs' ``out_shardings`` pin only what they return; XLA:CPU's propagation keeps the
+    layout without this too, in the tests)."""
     if self.shardings is None:
       return state
     return jax.lax.with_sharding_constraint(state, self.shardings)
@@ -167,8 +170,10 @@ class _Programs:
     tok, lp = self._sample(model, hidden[:, -1], keys, zero, temperature, top_k, top_p)
     eos = jnp.asarray(sampler.eos_ids, jnp.int32)
     gen = state.tokens.shape[1]
-    # The per-row arrays: each state row picks its new prompt's values, if it has one. (A
-    # scatter into rows split over a mesh gathers the whole array first; this stays local.)
+    # The per-row arrays: each state row picks its new prompt's values, if it has one. (XLA
+    # partitions a scatter of these into rows split over a mesh by gathering the whole array
+    # first; this stays local. The caches' scatter it partitions without: each device writes
+    # its own rows, from the new rows gathered.)
     started = rows[None, :] == jnp.arange(state.done.shape[0])[:, None]  # [N, n]
     source = jnp.argmax(started, axis=1)  # [N]: the prompt a started row takes
     started = started.any(axis=1)
@@ -183,12 +188,12 @@ class _Programs:
         v=tuple(c.at[rows, :, :prompt_len].set(f, mode="drop") for c, f in zip(cache.v, fresh.v)),
         mask=jnp.where(started[:, None], jnp.pad(fresh.mask[source], pad_slots), cache.mask),
         index=put(cache.index, fresh.index))
-    return self._constrain(SlotState(
+    return SlotState(
         cache=cache, token=put(state.token, tok), step=put(state.step, zero + 1),
         done=put(state.done, jnp.isin(tok, eos) | (budget <= 1)),
         budget=put(state.budget, budget), keys=put(state.keys, keys),
         tokens=put(state.tokens, jnp.full((n, gen), sampler.pad_id, jnp.int32).at[:, 0].set(tok)),
-        logprobs=put(state.logprobs, jnp.zeros((n, gen), jnp.float32).at[:, 0].set(lp))))
+        logprobs=put(state.logprobs, jnp.zeros((n, gen), jnp.float32).at[:, 0].set(lp)))
 
   def _decode(self, params, state: SlotState, steps, temperature, top_k, top_p) -> SlotState:
     """Up to ``steps`` decode steps for every running row (fewer when all have stopped)."""
