@@ -174,9 +174,9 @@ class _Programs:
     # partitions a scatter of these into rows split over a mesh by gathering the whole array
     # first; this stays local. The caches' scatter it partitions without: each device writes
     # its own rows, from the new rows gathered.)
-    started = rows[None, :] == jnp.arange(state.done.shape[0])[:, None]  # [N, n]
-    source = jnp.argmax(started, axis=1)  # [N]: the prompt a started row takes
-    started = started.any(axis=1)
+    takes = rows[None, :] == jnp.arange(state.done.shape[0])[:, None]  # [N, n]
+    source = jnp.argmax(takes, axis=1)  # [N]: the prompt a started row takes
+    started = takes.any(axis=1)  # [N]
 
     def put(old, new):
       return jnp.where(started.reshape(-1, *(1,) * (old.ndim - 1)), new[source], old)
