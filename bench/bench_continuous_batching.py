@@ -22,6 +22,12 @@ in the last bits between batches); lockstep itself differs from lockstep that wa
 proven by tests/test_continuous.py; this counts what a long sampled run shows.
 
   python bench/bench_continuous_batching.py [--games 64] [--slots 64,32,16]
+      [--mesh DATA,FSDP,TP]
+
+``--mesh``: the model and both paths split over a (data, fsdp, tp) mesh; without that many
+accelerators, on that many simulated CPU devices (``--xla_force_host_platform_device_count``,
+set here when XLA_FLAGS does not set it), where only the ratio to lockstep in the same run
+means anything.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import time
 import jax
 import numpy as np
 
-from oel_jax import chat, tiny
+from oel_jax import chat, parallel, tiny
 from oel_jax.envs import ModelInfo, RolloutConfig, continuous, game_seeds, rollout
 from oel_jax.reply_lengths import LognormalLengthSampler
 
@@ -47,16 +53,30 @@ def main():
   parser.add_argument("--sigma", type=float, default=0.8)
   parser.add_argument("--cap", type=int, default=1024)
   parser.add_argument("--temperature", type=float, default=0.7)
+  parser.add_argument("--mesh", default=None, help="data,fsdp,tp (default: one device)")
   args = parser.parse_args()
+  mesh = None
+  if args.mesh:
+    sizes = dict(zip(("data", "fsdp", "tp"), (int(x) for x in args.mesh.split(","))))
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+      # Read when the backend starts, at the first device query below.
+      os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
+                                 f"platform_device_count={np.prod(list(sizes.values()))}")
+    mesh = parallel.make_mesh(parallel.MeshConfig(**sizes))
   tokenizer = tiny.load_tiny_tokenizer()
+  model = tiny.tiny_model()
+  if mesh is not None:
+    model = parallel.shard_model(model, mesh)
   sampler = LognormalLengthSampler(
-      tiny.tiny_model(), median=args.median, sigma=args.sigma,
+      model, median=args.median, sigma=args.sigma,
       eos_ids=chat.stop_token_ids(tokenizer), pad_id=tokenizer.pad_token_id,
-      max_seq_len=4096)
+      max_seq_len=4096, mesh=mesh)
   seeds = game_seeds("train", 0, 0, args.games)
   model = ModelInfo("tiny", 0)
   config = RolloutConfig(max_new_tokens=args.cap, temperature=args.temperature, progress=False)
-  print(f"machine: {os.cpu_count()} cores, jax {jax.__version__}; tiny model, {args.games} "
+  print(f"machine: {os.cpu_count()} cores, jax {jax.__version__}, devices: "
+        f"{dict(mesh.shape) if mesh is not None else 1} ({jax.devices()[0].platform}); "
+        f"tiny model, {args.games} "
         f"frozenlake games, thinking on, temperature {args.temperature}; reply length "
         f"lognormal(median {args.median:g}, sigma {args.sigma:g}) capped at {args.cap}")
 

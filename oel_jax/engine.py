@@ -28,7 +28,7 @@ class TokenSampler(Protocol):
   ``share_prefix=True``: prefill the prefix common to all prompts once, the replies unchanged
   (callers whose prompts all hold one knowledge text ask for it). An optional
   ``supports_slots`` attribute, when True, says that `oel_jax.slots.SlotDecoder` can drive it
-  (continuous batching: `oel_jax.sampling.Sampler` on one device).
+  (continuous batching: `oel_jax.sampling.Sampler`, on one device or a mesh).
   """
 
   def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,

@@ -127,8 +127,8 @@ class Sampler:
   @property
   def supports_slots(self) -> bool:
     """Whether `oel_jax.slots.SlotDecoder` (continuous batching) can drive this sampler: on
-    one device only, so far (its per-row cache writes are not laid out for a mesh)."""
-    return self.mesh is None
+    one device and on a mesh (`oel_jax.slots.state_shardings` lays its state out there)."""
+    return True
 
   def __init__(self, model: Qwen3, *, eos_ids: Sequence[int], pad_id: int, max_seq_len: int,
                min_prompt_bucket: int = 32, min_batch_bucket: int = 4,

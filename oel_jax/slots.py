@@ -34,7 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.sharding import PartitionSpec as P
 
+from oel_jax import parallel
 from oel_jax.models.qwen3 import KVCache
 from oel_jax.sampling import Sampler, _row_seeds, bucket_size, sample_next
 
@@ -75,16 +77,74 @@ class Reply:
   """"stop" (a stop token) or "length" (``max_new_tokens`` reached)."""
 
 
+def batch_shards(sampler: Sampler) -> int:
+  """Devices a batch is split over: the mesh's data x fsdp (1 without a mesh)."""
+  mesh = sampler.mesh
+  return 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def state_shardings(sampler: Sampler) -> SlotState | None:
+  """Where each array of a `SlotState` lives on the sampler's mesh (None without one): rows
+  over (data, fsdp); the cache's KV heads also over tp, as the key and value projections
+  (`k_proj`, `v_proj`: heads over tp) and so `generate`'s cache are split (the model's
+  sharding refuses KV heads that tp does not divide)."""
+  mesh = sampler.mesh
+  if mesh is None:
+    return None
+  spec = lambda *axes: jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), *axes))
+  layers = sampler.config.num_layers
+  return SlotState(
+      cache=KVCache(k=(spec("tp", None, None),) * layers, v=(spec("tp", None, None),) * layers,
+                    mask=spec(None), index=spec()),
+      token=spec(), step=spec(), done=spec(), budget=spec(), keys=spec(None),
+      tokens=spec(None), logprobs=spec(None))
+
+
 class _Programs:
-  """The jitted prefill and decode-chunk programs of one sampler (compiled per shape, kept for
-  the sampler's life, so every rollout after the first reuses them)."""
+  """The jitted programs of one sampler's slots: a new state, a larger cache, prefill and
+  decode chunk (compiled per shape, kept for the sampler's life, so every rollout after the
+  first reuses them). On a mesh every one returns the state with `state_shardings`."""
 
   def __init__(self, sampler: Sampler):
     self.sampler = sampler
     self.num_compilations = 0
+    self.shardings = state_shardings(sampler)
+    out = {} if self.shardings is None else {"out_shardings": self.shardings}
     # The state is donated: the caches are updated in place, not copied every call.
-    self.prefill = jax.jit(self._prefill, donate_argnums=(1,))
-    self.decode = jax.jit(self._decode, donate_argnums=(1,))
+    self.prefill = jax.jit(self._prefill, donate_argnums=(1,), **out)
+    self.decode = jax.jit(self._decode, donate_argnums=(1,), **out)
+    self.zeros = jax.jit(self._zeros, static_argnums=(0, 1, 2), **out)
+    # Not donated: the cache changes shape, so its buffers could not be reused.
+    self.grow = jax.jit(self._grow, static_argnums=(1,), **out)
+
+  def _constrain(self, state: SlotState) -> SlotState:
+    """The state pinned to its shardings on a mesh: the decode loop's carry, so that the
+    partitioner keeps the cache's layout through the loop rather than picking its own (the
+    programs' ``out_shardings`` pin only what they return; XLA:CPU's propagation keeps the
+    layout without this too, in the tests)."""
+    if self.shardings is None:
+      return state
+    return jax.lax.with_sharding_constraint(state, self.shardings)
+
+  def _zeros(self, rows: int, slots: int, gen: int) -> SlotState:
+    """An empty state: ``rows`` rows, all done, ``slots`` cache slots, ``gen`` token columns."""
+    cache = KVCache.zeros(self.sampler.config, rows, slots)
+    return SlotState(
+        cache=cache.replace(index=jnp.zeros((rows,), jnp.int32)),
+        token=jnp.zeros((rows,), jnp.int32), step=jnp.zeros((rows,), jnp.int32),
+        done=jnp.ones((rows,), bool), budget=jnp.zeros((rows,), jnp.int32),
+        keys=jnp.zeros((rows, 2), jnp.uint32),
+        tokens=jnp.full((rows, gen), self.sampler.pad_id, jnp.int32),
+        logprobs=jnp.zeros((rows, gen), jnp.float32))
+
+  def _grow(self, state: SlotState, slots: int) -> SlotState:
+    """The state with ``slots`` cache slots: each row's slots kept, new empty ones after."""
+    grow = slots - state.cache.slots
+    pad = lambda a: jnp.pad(a, [(0, 0)] * 2 + [(0, grow), (0, 0)])
+    cache = state.cache
+    return state.replace(cache=cache.replace(
+        k=tuple(pad(k) for k in cache.k), v=tuple(pad(v) for v in cache.v),
+        mask=jnp.pad(cache.mask, ((0, 0), (0, grow)))))
 
   def _sample(self, model, hidden, keys, step, temperature, top_k, top_p):
     """Each row's token number ``step`` `[N]` from hidden states `[N, H]`, as `generate`
@@ -110,13 +170,23 @@ class _Programs:
     tok, lp = self._sample(model, hidden[:, -1], keys, zero, temperature, top_k, top_p)
     eos = jnp.asarray(sampler.eos_ids, jnp.int32)
     gen = state.tokens.shape[1]
-    put = lambda old, new: old.at[rows].set(new, mode="drop")
+    # The per-row arrays: each state row picks its new prompt's values, if it has one. (XLA
+    # partitions a scatter of these into rows split over a mesh by gathering the whole array
+    # first; this stays local. The caches' scatter it partitions without: each device writes
+    # its own rows, from the new rows gathered.)
+    takes = rows[None, :] == jnp.arange(state.done.shape[0])[:, None]  # [N, n]
+    source = jnp.argmax(takes, axis=1)  # [N]: the prompt a started row takes
+    started = takes.any(axis=1)  # [N]
+
+    def put(old, new):
+      return jnp.where(started.reshape(-1, *(1,) * (old.ndim - 1)), new[source], old)
+
     cache = state.cache
-    slots = cache.slots
+    pad_slots = ((0, 0), (0, cache.slots - prompt_len))  # a started row's mask: prompt, empty
     cache = KVCache(
         k=tuple(c.at[rows, :, :prompt_len].set(f, mode="drop") for c, f in zip(cache.k, fresh.k)),
         v=tuple(c.at[rows, :, :prompt_len].set(f, mode="drop") for c, f in zip(cache.v, fresh.v)),
-        mask=put(cache.mask, jnp.pad(fresh.mask, ((0, 0), (0, slots - prompt_len)))),
+        mask=jnp.where(started[:, None], jnp.pad(fresh.mask[source], pad_slots), cache.mask),
         index=put(cache.index, fresh.index))
     return SlotState(
         cache=cache, token=put(state.token, tok), step=put(state.step, zero + 1),
@@ -147,11 +217,11 @@ class _Programs:
       tok, lp = self._sample(model, hidden[:, 0], st.keys, st.step, temperature, top_k, top_p)
       here = (columns == st.step[:, None]) & live[:, None]  # [N, G]: this step's column
       step = st.step + live
-      return i + 1, st.replace(
+      return i + 1, self._constrain(st.replace(
           cache=cache, token=jnp.where(live, tok, st.token), step=step,
           done=st.done | (jnp.isin(tok, eos) | (step >= st.budget)),
           tokens=jnp.where(here, tok[:, None], st.tokens),
-          logprobs=jnp.where(here, lp[:, None], st.logprobs))
+          logprobs=jnp.where(here, lp[:, None], st.logprobs)))
 
     _, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
     return state
@@ -171,8 +241,10 @@ class SlotDecoder:
   """``slots`` rows decoding at once, each started and handed back on its own.
 
   Args:
-    sampler: the `Sampler` whose model and weights decode (one device: `supports_slots`).
-    slots: rows decoded at once.
+    sampler: the `Sampler` whose model and weights decode (`supports_slots`), on one device
+      or on its mesh (`state_shardings`).
+    slots: rows decoded at once (on a mesh the state holds `rows`, this rounded up to a
+      multiple of data x fsdp; the extra rows stay empty).
     max_new_tokens: token budget of each reply.
     temperature, top_k, top_p: the sampling settings (as in `Sampler.generate`).
     chunk_steps: decode steps per `run` call (a finished row waits at most this many
@@ -182,8 +254,8 @@ class SlotDecoder:
   def __init__(self, sampler: Sampler, slots: int, *, max_new_tokens: int,
                temperature: float, top_k: int, top_p: float, chunk_steps: int = 16):
     if not getattr(sampler, "supports_slots", False):
-      raise ValueError("SlotDecoder: this sampler does not support slots (a Sampler on a "
-                       "mesh: use generate)")
+      raise ValueError(f"SlotDecoder: this sampler ({type(sampler).__name__}) does not "
+                       "support slots (supports_slots is not True): use generate")
     for name, value in (("slots", slots), ("max_new_tokens", max_new_tokens),
                         ("chunk_steps", chunk_steps)):
       if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
@@ -193,6 +265,9 @@ class SlotDecoder:
                        f"(>= 0), top_k={top_k} (>= 0), top_p={top_p} (in (0, 1])")
     self.sampler = sampler
     self.slots = int(slots)
+    shards = batch_shards(sampler)
+    self.rows = -(-self.slots // shards) * shards
+    """Rows of the state: ``slots`` rounded up to a multiple of the mesh's batch shards."""
     self.max_new_tokens = int(max_new_tokens)
     self.chunk_steps = int(chunk_steps)
     self._knobs = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
@@ -248,15 +323,17 @@ class SlotDecoder:
     prompt_len = bucket_size(max(len(p) for p in prompts), sampler.min_prompt_bucket,
                              sampler.buckets_per_doubling)
     self._ensure_cache(prompt_len)
-    n = bucket_size(len(prompts), 1, sampler.buckets_per_doubling)
+    n = bucket_size(len(prompts), 1, sampler.buckets_per_doubling, batch_shards(sampler))
     ids, mask, _, keys = sampler._pad_batch(prompts, row_seeds, prompt_len, n)
-    slot_rows = np.full((n,), self.slots, np.int32)  # fillers point past the end: dropped
+    slot_rows = np.full((n,), self.rows, np.int32)  # fillers point past the end: dropped
     slot_rows[:len(rows)] = rows
     row_budgets = np.ones((n,), np.int32)
     row_budgets[:len(rows)] = budgets
+    # Every device is told every destination row; the prompts are split as generate's are.
+    slot_rows, = self._place([slot_rows], split=False)
+    ids, mask, keys, row_budgets = self._place([ids, mask, keys, row_budgets], split=True)
     self._state = self._programs.prefill(
-        sampler._params, self._state, jnp.asarray(slot_rows), jnp.asarray(ids),
-        jnp.asarray(mask), jnp.asarray(keys), jnp.asarray(row_budgets), *self._knobs)
+        sampler._params, self._state, slot_rows, ids, mask, keys, row_budgets, *self._knobs)
     for r in rows:
       self._busy[r] = True
 
@@ -268,13 +345,14 @@ class SlotDecoder:
     state = self._programs.decode(self.sampler._params, self._state,
                                   jnp.int32(steps or self.chunk_steps), *self._knobs)
     self._state = state
-    done, count = np.asarray(state.done), np.asarray(state.step)
+    done, count = parallel.to_host(state.done), parallel.to_host(state.step)
     finished = [r for r in range(self.slots) if self._busy[r] and done[r]]
     if not finished:
       return []
     # Whole arrays to the host (a few hundred KB), indexed there: a device gather would be one
     # more small program per count of finished rows.
-    tokens, logprobs = np.asarray(state.tokens)[finished], np.asarray(state.logprobs)[finished]
+    tokens = parallel.to_host(state.tokens)[finished]
+    logprobs = parallel.to_host(state.logprobs)[finished]
     eos = set(self.sampler.eos_ids)
     replies = []
     for i, r in enumerate(finished):
@@ -284,28 +362,23 @@ class SlotDecoder:
       self._busy[r] = False
     return replies
 
+  def _place(self, arrays: Sequence[np.ndarray], *, split: bool) -> list[jax.Array]:
+    """Host inputs on the device(s): on a mesh ``split`` over its batch axes, or whole on
+    every device."""
+    mesh = self.sampler.mesh
+    if mesh is None:
+      return [jnp.asarray(a) for a in arrays]
+    sharding = jax.sharding.NamedSharding(mesh, P(("data", "fsdp")) if split else P())
+    return [parallel.place(a, sharding) for a in arrays]
+
   def _ensure_cache(self, prompt_len: int) -> None:
     """Makes room for prompts of ``prompt_len`` slots: the state on first use, a larger
     cache (running rows kept, their slots unchanged) when a longer prompt comes."""
     if prompt_len <= self._prompt_slots:
       return
-    config, sampler = self.sampler.config, self.sampler
     slots = prompt_len + self._gen
     if self._state is None:
-      n = self.slots
-      cache = KVCache.zeros(config, n, slots)
-      self._state = SlotState(
-          cache=cache.replace(index=jnp.zeros((n,), jnp.int32)),
-          token=jnp.zeros((n,), jnp.int32), step=jnp.zeros((n,), jnp.int32),
-          done=jnp.ones((n,), bool), budget=jnp.zeros((n,), jnp.int32),
-          keys=jnp.zeros((n, 2), jnp.uint32),
-          tokens=jnp.full((n, self._gen), sampler.pad_id, jnp.int32),
-          logprobs=jnp.zeros((n, self._gen), jnp.float32))
+      self._state = self._programs.zeros(self.rows, slots, self._gen)
     else:
-      grow = slots - self._state.cache.slots
-      pad = lambda a: jnp.pad(a, [(0, 0)] * 2 + [(0, grow), (0, 0)])
-      cache = self._state.cache
-      self._state = self._state.replace(cache=cache.replace(
-          k=tuple(pad(k) for k in cache.k), v=tuple(pad(v) for v in cache.v),
-          mask=jnp.pad(cache.mask, ((0, 0), (0, grow)))))
+      self._state = self._programs.grow(self._state, slots)
     self._prompt_slots = prompt_len

@@ -30,13 +30,15 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 # pylint: disable=wrong-import-position
-from oel_jax import chat, tiny
+from oel_jax import chat, parallel, tiny
 from oel_jax.envs import validate_record
 from oel_jax.models import save_hf
 from oel_jax.prompts import formats
 from oel_jax.serve import checkpoint
 from oel_jax.serve.app import create_app
+from oel_jax.sampling import Sampler
 from oel_jax.serve.engine import Engine, EngineOptions
+from oel_jax.serve.protocol import Sampling
 from oel_jax.serve.records import ServedModel
 from oel_jax.serve.service import ChatService
 from processes import free_port
@@ -596,3 +598,30 @@ def test_command_line_bad_input(tmp_path, capsys):
   with pytest.raises(SystemExit):
     main(["--model", "m", "--workdir", "w", "--max_tokens", "9000", "--max_seq_len", "8192"])
   assert "--max_tokens (9000) must be less than --max_seq_len (8192)" in capsys.readouterr().err
+
+
+def test_engine_on_a_mesh_gives_generates_replies(ckpts, tok, ref):
+  """An engine over a sampler split on a 2x2x2 mesh (simulated CPU devices; three slots, four
+  rows): concurrent requests, greedy and sampled, get `generate`'s replies on one device."""
+  mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tp=2))
+  one_device = checkpoint.make_sampler(checkpoint.load_model(ckpts["a"], LOAD), tok, LOAD)
+  sampler = Sampler(parallel.shard_model(checkpoint.load_model(ckpts["a"], LOAD), mesh),
+                    eos_ids=one_device.eos_ids, pad_id=one_device.pad_id,
+                    max_seq_len=LOAD.max_seq_len, min_prompt_bucket=LOAD.min_prompt_bucket,
+                    mesh=mesh)
+  engine = Engine(sampler, ServedModel("tiny-a", 0, ckpts["a"]),
+                  EngineOptions(slots=3, max_tokens=MAX_TOKENS, chunk_steps=4)).start()
+  try:
+    requests = [([{"role": "user", "content": q}], temperature, seed)
+                for q, seed in zip(QUESTIONS[:5], range(5)) for temperature in (0.0, 0.8)]
+    futures = [engine.submit(chat.encode_chat(tok, messages, enable_thinking=True),
+                             Sampling(temperature, 1.0, 0, MAX_TOKENS, seed, ()), seed)
+               for messages, temperature, seed in requests]
+    for (messages, temperature, seed), future in zip(requests, futures):
+      got = future.result(timeout=600)
+      ids = chat.encode_chat(tok, messages, enable_thinking=True)
+      assert (tok.decode(got.tokens, skip_special_tokens=True), got.finish_reason,
+              len(got.tokens), len(ids)) == ref.reply(messages, model=ckpts["a"],
+                                                      temperature=temperature, seed=seed)
+  finally:
+    engine.stop()

@@ -168,8 +168,8 @@ class RolloutConfig:
   and prefill its game's next turn (or the next game) into its row while the others keep
   decoding (`oel_jax.envs.continuous`), instead of one `generate` call per turn that waits
   for its longest reply. The same trajectories. Needs a sampler that supports slots (a
-  `Sampler` on one device); other samplers, and rollouts that share a knowledge prefix, play
-  in lockstep. None: lockstep."""
+  `Sampler`, on one device or a mesh); other samplers, and rollouts that share a knowledge
+  prefix, play in lockstep. None: lockstep."""
 
   progress: bool = settings.boolean(True)
   """Show a tqdm progress bar (games finished, current turn, games still running)."""

@@ -84,14 +84,15 @@ class Engine:
   """Decodes submitted prompts in continuous batches on one thread (see the module docstring).
 
   Args:
-    sampler: the served model's sampler (one device: `Sampler.supports_slots`).
+    sampler: the served model's sampler (`Sampler.supports_slots`: on one device or a mesh).
     model: what replies record as their model.
     options: slots, token limit, chunk size and groups.
   """
 
   def __init__(self, sampler: Sampler, model: ServedModel, options: EngineOptions):
     if not sampler.supports_slots:
-      raise ValueError("Engine: the sampler does not support slots (one device only)")
+      raise ValueError(f"Engine: the sampler ({type(sampler).__name__}) does not support "
+                       "slots (supports_slots is not True)")
     self.options = options
     self._sampler = sampler
     self._model = model
