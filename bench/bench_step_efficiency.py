@@ -27,19 +27,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from machine import matmul_rate
-from step_inputs import add_step_arguments, random_step_batch, random_step_models
+from step_inputs import add_step_arguments, step_setup, steps_in_turns
 from oel_jax import train
 from oel_jax.losses import chunked
-from oel_jax.train import TrainConfig, Trainer
 
 
 def _optax_then_select(config, tx, grads, opt_state, params, finite):
@@ -76,41 +74,18 @@ def main():
   parser = argparse.ArgumentParser()
   add_step_arguments(parser)
   args = parser.parse_args()
-  rate = matmul_rate()
-  print(f"machine: {os.cpu_count()} cores; bf16 matmul {rate / 1e9:.0f} GFLOP/s; "
-        f"jax {jax.__version__}; load average {os.getloadavg()[0]:.1f}")
-  config, student, teacher = random_step_models(args)
-  batch = random_step_batch(args)
-  b, p, kn, r = args.batch, args.prompt, args.knowledge, args.response
-  print(f"model: Qwen3-0.6B widths, {args.layers} layers, vocab {config.vocab_size}; batch {b}, "
-        f"prompt {p}, knowledge {kn}, response {r} ({b * r} scored tokens per step)")
+  rate, config, student, teacher, batch = step_setup(args)
   flops = step_flops(config, args)
   paths = {"direct gradient tile (float32 dot); optax, then select": (True, True),
            "+ gradient tile in bf16 (dz^T from transposed logits)": (False, True),
            "+ optimizer from the selected moments (now)": (False, False)}
-  trainers, states, first = {}, {}, {}
-  for name, flags in paths.items():
-    trainer = Trainer(student, TrainConfig(learning_rate=1e-6, k=256))
-    teacher_params = trainer.teacher_params(teacher)
-    with patched(*flags):
-      state, metrics = trainer.train_step(trainer.init_state(student), teacher_params, batch)
-    first[name] = (float(metrics["loss"]), float(metrics["grad_norm"]),
-                   [np.asarray(x) for x in jax.tree.leaves((state.params, state.opt_state))])
-    trainers[name], states[name] = (trainer, teacher_params), state
+  first, best = steps_in_turns(
+      {name: functools.partial(patched, *flags) for name, flags in paths.items()},
+      student, teacher, batch, args.steps, keep_first_state=True)
   names = list(paths)
   same = all(np.array_equal(np.atleast_1d(a).view(np.uint8), np.atleast_1d(c).view(np.uint8))
              for a, c in zip(first[names[1]][2], first[names[2]][2]))
-  for name in names:
-    first[name] = first[name][:2]
-  best = {name: np.full(2, np.inf) for name in paths}
-  for _ in range(args.steps):
-    for name in paths:
-      trainer, teacher_params = trainers[name]
-      wall, cpu = time.perf_counter(), time.process_time()
-      states[name], metrics = trainer.train_step(states[name], teacher_params, batch)
-      float(metrics["loss"])
-      best[name] = np.minimum(best[name], [time.perf_counter() - wall,
-                                           time.process_time() - cpu])
+  first = {name: first[name][:2] for name in names}
   base = names[0]
   print(f"step FLOPs {flops / 1e9:.0f} G")
   print("| step | s (wall / CPU) | speed-up (wall / CPU) | FLOP/s | share of matmul rate | "

@@ -27,15 +27,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from machine import matmul_rate
-from step_inputs import add_step_arguments, random_step_batch, random_step_models
+from step_inputs import add_step_arguments, step_setup, steps_in_turns
 from oel_jax import train
 from oel_jax.models import init_model, qwen3
 from oel_jax.train import TrainConfig, Trainer
@@ -64,13 +62,7 @@ def main():
   parser = argparse.ArgumentParser()
   add_step_arguments(parser)
   args = parser.parse_args()
-  print(f"machine: {os.cpu_count()} cores; bf16 matmul {matmul_rate() / 1e9:.0f} GFLOP/s; "
-        f"jax {jax.__version__}; load average {os.getloadavg()[0]:.1f}")
-  config, student, teacher = random_step_models(args)
-  batch = random_step_batch(args)
-  b, p, kn, r = args.batch, args.prompt, args.knowledge, args.response
-  print(f"model: Qwen3-0.6B widths, {args.layers} layers, vocab {config.vocab_size}; batch {b}, "
-        f"prompt {p}, knowledge {kn}, response {r} ({b * r} scored tokens per step)")
+  _, config, student, teacher, batch = step_setup(args)
 
   paths = {"before (float32 loss head, float32 backward matmuls)": before,
            "now (bf16 loss head, bf16 backward matmuls)": contextlib.nullcontext}
@@ -81,30 +73,14 @@ def main():
   _, m32 = exact.train_step(exact.init_state(student), f32_teacher, batch)
   l32, g32 = float(m32["loss"]), float(m32["grad_norm"])
   del exact, f32_teacher, m32
-  trainers, states, first = {}, {}, {}
-  for name, context in paths.items():
-    trainer = Trainer(student, TrainConfig(learning_rate=1e-6, k=256))
-    teacher_params = trainer.teacher_params(teacher)
-    with context():
-      state, metrics = trainer.train_step(trainer.init_state(student), teacher_params, batch)
-    trainers[name], states[name] = (trainer, teacher_params), state
-    first[name] = (float(metrics["loss"]), float(metrics["grad_norm"]))
-  best = {name: np.full(2, np.inf) for name in paths}
-  for _ in range(args.steps):
-    for name in paths:
-      trainer, teacher_params = trainers[name]
-      wall, cpu = time.perf_counter(), time.process_time()
-      states[name], metrics = trainer.train_step(states[name], teacher_params, batch)
-      float(metrics["loss"])
-      best[name] = np.minimum(best[name], [time.perf_counter() - wall,
-                                           time.process_time() - cpu])
+  first, best = steps_in_turns(paths, student, teacher, batch, args.steps)
   base = next(iter(paths))
   print(f"float32 compute: first loss {l32:.6f}, grad norm {g32:.6f}")
   print("| step | s (wall / CPU) | speed-up (wall / CPU) | first loss | first grad norm | "
         "loss error vs float32 | grad-norm error vs float32 |")
   print("|---|---|---|---|---|---|---|")
   for name in paths:
-    t, (l, g) = best[name], first[name]
+    t, (l, g, _) = best[name], first[name]
     print(f"| {name} | {t[0]:.2f} / {t[1]:.2f} | {best[base][0] / t[0]:.2f}x / "
           f"{best[base][1] / t[1]:.2f}x | {l:.6f} | {g:.6f} | {abs(l - l32) / abs(l32):.1e} | "
           f"{abs(g - g32) / abs(g32):.1e} |")

@@ -80,6 +80,14 @@ def decode_reads(hlo: str, weight_sizes: set[int], cache_shape: tuple[int, ...])
   return kernels, reads
 
 
+def one_device_meshes(topology: str):
+  """``(backend name, one-device mesh)`` for this host's CPU and for a chip of ``topology``."""
+  for platform, devices in (("XLA:CPU", jax.devices("cpu")[:1]),
+                            (f"XLA:TPU {topology}", tpu_devices(topology)[:1])):
+    yield platform, parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=1, tp=1),
+                                       devices=devices)
+
+
 def abstract_sharded_model(config, mesh):
   """The model with abstract weights placed by their shardings on ``mesh``."""
   model = abstract_model(config)
@@ -98,9 +106,7 @@ def decode(args):
   print(f"{args.preset} widths, {args.layers} layers, bf16 weights and compute; batch "
         f"{args.batch}, prompt {args.prompt}, {args.new} new tokens; jax {jax.__version__}; "
         "one device each\n")
-  for platform, devices in (("XLA:CPU", jax.devices("cpu")[:1]),
-                            (f"XLA:TPU {args.topology}", tpu_devices(args.topology)[:1])):
-    mesh = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=1, tp=1), devices=devices)
+  for platform, mesh in one_device_meshes(args.topology):
     model = abstract_sharded_model(config, mesh)
     weights = {math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model))
                if len(p.shape) >= 2}
@@ -179,9 +185,7 @@ def step(args):
         f"weights, bf16 compute and teacher; batch {args.batch}, prompt {args.prompt}, "
         f"knowledge {args.knowledge}, response {args.new}; jax {jax.__version__}; one device "
         "each\n")
-  for platform, devices in (("XLA:CPU", jax.devices("cpu")[:1]),
-                            (f"XLA:TPU {args.topology}", tpu_devices(args.topology)[:1])):
-    mesh = parallel.make_mesh(parallel.MeshConfig(data=1, fsdp=1, tp=1), devices=devices)
+  for platform, mesh in one_device_meshes(args.topology):
     student = abstract_sharded_model(config, mesh)
     trainer = Trainer(student, TrainConfig(learning_rate=1e-6), mesh=mesh)
     params = nnx.state(student)
