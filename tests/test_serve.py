@@ -13,6 +13,7 @@ oel_jax.serve`), as a deployment would.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import shutil
@@ -24,7 +25,9 @@ import time
 import urllib.error
 import urllib.request
 
+import jax
 import pytest
+from flax import nnx
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -598,17 +601,22 @@ def test_command_line_bad_input(tmp_path, capsys):
   with pytest.raises(SystemExit):
     main(["--model", "m", "--workdir", "w", "--max_tokens", "9000", "--max_seq_len", "8192"])
   assert "--max_tokens (9000) must be less than --max_seq_len (8192)" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    main(["--model", "m", "--workdir", "w", "--mesh", "2,2"])
+  assert "--mesh must be DATA,FSDP,TP" in capsys.readouterr().err
+  assert main(["--model", "m", "--workdir", "w", "--mesh", "3,1,1"]) == 2  # 8 devices here
+  assert capsys.readouterr().err.startswith("error: --mesh 3,1,1: ")
 
 
 def test_engine_on_a_mesh_gives_generates_replies(ckpts, tok, ref):
   """An engine over a sampler split on a 2x2x2 mesh (simulated CPU devices; three slots, four
   rows): concurrent requests, greedy and sampled, get `generate`'s replies on one device."""
   mesh = parallel.make_mesh(parallel.MeshConfig(data=2, fsdp=2, tp=2))
-  one_device = checkpoint.make_sampler(checkpoint.load_model(ckpts["a"], LOAD), tok, LOAD)
-  sampler = Sampler(parallel.shard_model(checkpoint.load_model(ckpts["a"], LOAD), mesh),
-                    eos_ids=one_device.eos_ids, pad_id=one_device.pad_id,
-                    max_seq_len=LOAD.max_seq_len, min_prompt_bucket=LOAD.min_prompt_bucket,
-                    mesh=mesh)
+  on_mesh = dataclasses.replace(LOAD, mesh=mesh)  # what `--mesh 2,2,2` loads with
+  sampler = checkpoint.make_sampler(checkpoint.load_model(ckpts["a"], on_mesh), tok, on_mesh)
+  assert sampler.mesh is mesh
+  weights = nnx.state(nnx.merge(sampler._graphdef, sampler._params))  # pylint: disable=protected-access
+  assert {len(x.sharding.device_set) for x in jax.tree.leaves(weights)} == {8}
   engine = Engine(sampler, ServedModel("tiny-a", 0, ckpts["a"]),
                   EngineOptions(slots=3, max_tokens=MAX_TOKENS, chunk_steps=4)).start()
   try:

@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--param_dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--compute_dtype", default="bfloat16", choices=("float32", "bfloat16"))
   p.add_argument("--min_prompt_bucket", type=int, default=32, help="smallest padded prompt")
+  p.add_argument("--mesh", default="", help="DATA,FSDP,TP: split the weights over a mesh of "
+                 "this process's devices and decode on it (-1 on one axis takes the rest, e.g. "
+                 "1,-1,1); default: one device")
   p.add_argument("--log_level", default="info", choices=("debug", "info", "warning", "error"))
   args = p.parse_args(argv)
   for name in ("port", "max_tokens", "max_seq_len", "slots", "chunk_steps", "max_groups",
@@ -55,6 +58,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
   if args.round is not None and args.round < 0:
     p.error(f"--round must be >= 0, got {args.round}")
+  if args.mesh:
+    from oel_jax import parallel  # pylint: disable=import-outside-toplevel
+    try:
+      data, fsdp, tp = (int(x) for x in args.mesh.split(","))
+      args.mesh_config = parallel.MeshConfig(data=data, fsdp=fsdp, tp=tp)
+    except ValueError as e:
+      p.error(f"--mesh must be DATA,FSDP,TP (positive sizes, -1 on at most one axis), got "
+              f"{args.mesh!r}: {one_line(e)}")
   if args.max_tokens >= args.max_seq_len:
     p.error(f"--max_tokens ({args.max_tokens}) must be less than --max_seq_len "
             f"({args.max_seq_len})")
@@ -64,14 +75,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_service(args: argparse.Namespace):
   """The checkpoint loaded and the engine started behind a `ChatService`."""
   # pylint: disable=import-outside-toplevel
+  from oel_jax import parallel
   from oel_jax.serve import checkpoint
   from oel_jax.serve.engine import Engine, EngineOptions
   from oel_jax.serve.records import ServedModel
   from oel_jax.serve.service import ChatService, ServiceOptions
 
+  mesh = None
+  if args.mesh:
+    try:
+      mesh = parallel.make_mesh(args.mesh_config)
+    except ValueError as e:
+      raise InputError(f"--mesh {args.mesh}: {one_line(e)}") from None
   load = checkpoint.LoadOptions(param_dtype=args.param_dtype, compute_dtype=args.compute_dtype,
                                 max_seq_len=args.max_seq_len,
-                                min_prompt_bucket=args.min_prompt_bucket)
+                                min_prompt_bucket=args.min_prompt_bucket, mesh=mesh)
   tokenizer = checkpoint.load_tokenizer(args.model)
   sampler = checkpoint.make_sampler(checkpoint.load_model(args.model, load), tokenizer, load)
   model = ServedModel(name=args.served_model_name or args.model, round=args.round,

@@ -32,6 +32,9 @@ class LoadOptions:
   """Longest prompt + reply a request may have."""
   min_prompt_bucket: int = 32
   """Smallest padded prompt length (prompts pad to powers of two from here)."""
+  mesh: Any = None
+  """A `jax.sharding.Mesh` (axes data, fsdp, tp) the weights are split over and the requests
+  decoded on, every reloaded checkpoint too; None: one device."""
 
 
 def load_tokenizer(path: str) -> Any:
@@ -80,7 +83,7 @@ def load_model(path: str, options: LoadOptions) -> Any:
     raise InputError(f"{path}: not a checkpoint directory")
   try:
     return load_hf(path, dtype=getattr(jnp, options.param_dtype),
-                   compute_dtype=getattr(jnp, options.compute_dtype))
+                   compute_dtype=getattr(jnp, options.compute_dtype), mesh=options.mesh)
   except InputError:
     raise
   except (OSError, ValueError) as e:  # a missing config.json, a config that is not Qwen3's
@@ -88,8 +91,9 @@ def load_model(path: str, options: LoadOptions) -> Any:
 
 
 def make_sampler(model: Any, tokenizer: Any, options: LoadOptions) -> Sampler:
-  """A one-device sampler for ``model`` that stops at the tokenizer's turn-end tokens."""
+  """A sampler for ``model`` (on the options' mesh, if any) that stops at the tokenizer's
+  turn-end tokens."""
   stops = chat.stop_token_ids(tokenizer)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
   return Sampler(model, eos_ids=stops, pad_id=pad, max_seq_len=options.max_seq_len,
-                 min_prompt_bucket=options.min_prompt_bucket)
+                 min_prompt_bucket=options.min_prompt_bucket, mesh=options.mesh)
