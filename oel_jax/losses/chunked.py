@@ -142,9 +142,9 @@ def _chunked_per_token_bwd(cfg, res, cotangents):
   # runs a float32 matmul (several times slower with AMX). An explicit transpose of dz is
   # folded back into the dot, and transposing a `[H, tile]` accumulator instead costs a
   # strided pass slower than the float32 dot. So in 16-bit on XLA:CPU, for a top-k
-  # support, the tile's logits are also computed transposed, `[tile, C]` (a matmul in the fast form,
-  # both operands contracted on their last dimension), and dz^T is built from them
-  # directly: every dot then runs in bf16, at the price of one more logits matmul per
+  # support, the tile's logits are also computed transposed, `[tile, C]` (a matmul in the
+  # fast form, both operands contracted on their last dimension), and dz^T is built from
+  # them directly: every dot then runs in bf16, at the price of one more logits matmul per
   # chunk. Float32, the full vocabulary and other backends (XLA:TPU multiplies the direct
   # form in bf16) keep the direct form.
   transposed = sparse and _grad_tile_transposed(mm_dtype)
