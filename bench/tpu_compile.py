@@ -178,7 +178,8 @@ def _reachable(hlo: str, roots) -> set[str]:
 
 def step(args):
   """Compiles the train step for each platform and lists its dots by operand types."""
-  from oel_jax.train import DistillBatch, TrainConfig, TrainState, Trainer  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from oel_jax.train import DistillBatch, TrainConfig, TrainState, Trainer
   config = PRESETS[args.preset].replace(num_layers=args.layers, param_dtype=jnp.float32,
                                         compute_dtype=jnp.bfloat16)
   print(f"{args.preset} widths, {args.layers} layers, consolidation step: float32 master "

@@ -27,7 +27,6 @@ import urllib.request
 
 import jax
 import pytest
-from flax import nnx
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -615,8 +614,8 @@ def test_engine_on_a_mesh_gives_generates_replies(ckpts, tok, ref):
   on_mesh = dataclasses.replace(LOAD, mesh=mesh)  # what `--mesh 2,2,2` loads with
   sampler = checkpoint.make_sampler(checkpoint.load_model(ckpts["a"], on_mesh), tok, on_mesh)
   assert sampler.mesh is mesh
-  weights = nnx.state(nnx.merge(sampler._graphdef, sampler._params))  # pylint: disable=protected-access
-  assert {len(x.sharding.device_set) for x in jax.tree.leaves(weights)} == {8}
+  weights = jax.tree.leaves(sampler._params)  # pylint: disable=protected-access
+  assert {len(x.sharding.device_set) for x in weights} == {8}
   engine = Engine(sampler, ServedModel("tiny-a", 0, ckpts["a"]),
                   EngineOptions(slots=3, max_tokens=MAX_TOKENS, chunk_steps=4)).start()
   try:
