@@ -363,13 +363,13 @@ class SlotDecoder:
     return replies
 
   def _place(self, arrays: Sequence[np.ndarray], *, split: bool) -> list[jax.Array]:
-    """Host inputs on the device(s): on a mesh ``split`` over its batch axes, or whole on
-    every device."""
+    """Host inputs on the device(s): on a mesh ``split`` over its batch axes (as the
+    sampler places `generate`'s batch), or whole on every device."""
     mesh = self.sampler.mesh
-    if mesh is None:
-      return [jnp.asarray(a) for a in arrays]
-    sharding = jax.sharding.NamedSharding(mesh, P(("data", "fsdp")) if split else P())
-    return [parallel.place(a, sharding) for a in arrays]
+    if split or mesh is None:
+      return self.sampler._place(arrays)
+    replicated = jax.sharding.NamedSharding(mesh, P())
+    return [parallel.place(a, replicated) for a in arrays]
 
   def _ensure_cache(self, prompt_len: int) -> None:
     """Makes room for prompts of ``prompt_len`` slots: the state on first use, a larger
