@@ -6,8 +6,8 @@ Usage:
 The model is the tiny Qwen3 architecture (`oel_jax.tiny`: 4 layers, width 256, the tiny
 tokenizer; 3.7M parameters) with fresh random weights, trained by supervised fine-tuning
 (`oel_jax.sft`) on the synthetic curriculum of `oel_jax.demo.curriculum` only: scripted
-FrozenLake play on remapped lakes without and with a knowledge block, and scripted answers to
-the paper's extraction prompt. The demo's world (`curriculum.DEMO_CONTROLS` on lake
+FrozenLake play on lakes with thin ice without and with a knowledge block, and scripted
+answers to the paper's extraction prompt. The demo's world (`curriculum.DEMO_THIN_ICE` on lake
 `curriculum.DEMO_LAKE`) never appears in it.
 
 Determinism: the curriculum comes from ``random.Random(seed)``, the initial weights from
@@ -147,11 +147,10 @@ def main(argv=None):
       "seed": args.seed, "steps": args.steps, "examples": args.examples,
       "learning_rate": args.learning_rate, "warmup": args.warmup,
       "buckets": {str(b): ROWS[b] for b in BUCKETS},
-      "curriculum": {"skills": dict(skills), "demo_controls": curriculum.DEMO_CONTROLS,
+      "curriculum": {"skills": dict(skills), "demo_thin_ice": curriculum.DEMO_THIN_ICE,
                      "demo_lake": curriculum.DEMO_LAKE,
-                     "pretraining_controls": curriculum.PRETRAINING_CONTROLS,
-                     "explore": curriculum.EXPLORE, "knowledge_explore": curriculum.KNOWLEDGE_EXPLORE,
-                     "read_error": curriculum.READ_ERROR},
+                     "pretraining_thin_ice": curriculum.PRETRAINING_THIN_ICE,
+                     "explore": curriculum.EXPLORE, "read_error": curriculum.READ_ERROR},
       "parameters": config.num_params(),
       "loss_curve": curve,
       "seconds": round(time.time() - start),

@@ -15,8 +15,9 @@ change per variant, in the same world and with the same seeds:
   trajectories instead of extracted knowledge (``consolidation.context="raw_trajectories"``).
 
 After each run, every evaluated model (initial and each round's) also plays the held-out boards
-on the standard, unnamed lake (the paper's FrozenLake prompt and controls, no holes, like every
-demo lake): the out-of-distribution check.
+on two other lakes: the standard, unnamed lake (the paper's FrozenLake prompt, no holes and no
+thin ice: the out-of-distribution check) and the mirror lake (unnamed, the top row thin: the
+opposite of Ossa, where the first move Ossa teaches falls through).
 Resumable (each loop resumes; finished measurements are read back). Writes ``results.json``
 and ``demo_experiments.png`` into ``--out``.
 """
@@ -36,7 +37,7 @@ if _REPO not in sys.path:
 import numpy as np  # pylint: disable=wrong-import-position
 
 from oel_jax import config as config_lib  # pylint: disable=wrong-import-position
-from oel_jax.demo.curriculum import STANDARD_WORLD  # pylint: disable=wrong-import-position
+from oel_jax.demo.curriculum import MIRROR_WORLD, STANDARD_WORLD  # pylint: disable=wrong-import-position
 from oel_jax.envs import ModelInfo  # pylint: disable=wrong-import-position
 from oel_jax.evaluate import evaluate  # pylint: disable=wrong-import-position
 from oel_jax.loop import INITIAL, OnlineLoop  # pylint: disable=wrong-import-position
@@ -69,9 +70,9 @@ def configure(variant: str, seed: int, model: str = "", rounds: int = 0):
   return config
 
 
-def standard_lake(loop: OnlineLoop, summary) -> list[dict]:
-  """Pass rate of every evaluated model on the standard, unnamed lake (held-out boards)."""
-  config = dataclasses.replace(loop.plan.evaluation, env_settings=STANDARD_WORLD.settings(),
+def other_lake(loop: OnlineLoop, summary, world) -> list[dict]:
+  """Pass rate of every evaluated model on ``world``'s lake (the held-out boards)."""
+  config = dataclasses.replace(loop.plan.evaluation, env_settings=world.settings(),
                                progress=False)
   out = []
   for e in summary["evaluations"]:
@@ -92,7 +93,8 @@ def run_one(variant: str, seed: int, out: str, model: str = "", rounds: int = 0)
   summary = loop.run()
   record = {"variant": variant, "seed": seed, "evaluations": summary["evaluations"],
             "seconds_loop": round(time.time() - start)}
-  record["standard_lake"] = standard_lake(loop, summary)
+  record["standard_lake"] = other_lake(loop, summary, STANDARD_WORLD)
+  record["mirror_lake"] = other_lake(loop, summary, MIRROR_WORLD)
   record["seconds"] = round(time.time() - start)
   with open(record_file, "w") as f:
     json.dump(record, f, indent=2)
@@ -114,6 +116,7 @@ def table(records: list[dict]) -> dict:
         "tokens_per_turn": [[e["mean_response_tokens"] for e in r["evaluations"]]
                             for r in runs],
         "standard_lake": [[e["pass_rate"] for e in r["standard_lake"]] for r in runs],
+        "mirror_lake": [[e["pass_rate"] for e in r["mirror_lake"]] for r in runs],
     }
     with warnings.catch_warnings():  # all-NaN columns (no in-context rate) stay NaN quietly
       warnings.simplefilter("ignore", RuntimeWarning)
@@ -145,11 +148,12 @@ def plot(results: dict, path: str) -> None:
                    label="in context (round-start model + knowledge)")
     axes[1].plot(x, r["standard_lake"]["mean"], marker="o", color=line.get_color(),
                  label=LABELS[variant])
+    axes[1].plot(x, r["mirror_lake"]["mean"], marker="s", ls=":", color=line.get_color())
     axes[2].plot(x, r["tokens_per_turn"]["mean"], marker="o", color=line.get_color(),
                  label=LABELS[variant])
   names = ["initial"] + [f"round {i}" for i in range(len(next(iter(results.values()))["rounds"]) - 1)]
   for ax, title in zip(axes, ["held-out games on lake Ossa (no knowledge)",
-                              "standard lake (out of distribution)", "response tokens per turn"]):
+                              "standard lake (solid), mirror lake (dotted)", "response tokens per turn"]):
     ax.set_xticks(range(len(names)), names)
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -179,8 +183,9 @@ def main(argv=None):
       r = records[-1]
       rates = " -> ".join(f"{e['pass_rate']:.3f}" for e in r["evaluations"])
       standard = " -> ".join(f"{e['pass_rate']:.3f}" for e in r["standard_lake"])
-      print(f"{variant} seed {seed}: pass rate {rates}; standard lake {standard} "
-            f"({r['seconds']} s)", flush=True)
+      mirror = " -> ".join(f"{e['pass_rate']:.3f}" for e in r["mirror_lake"])
+      print(f"{variant} seed {seed}: pass rate {rates}; standard lake {standard}; mirror lake "
+            f"{mirror} ({r['seconds']} s)", flush=True)
   results = table(records)
   with open(os.path.join(args.out, "results.json"), "w") as f:
     json.dump(results, f, indent=2)

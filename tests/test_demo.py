@@ -2,13 +2,12 @@
 
 transformers' `Qwen3ForCausalLM` (an implementation we did not write) reads the packaged model
 (``scripts/build_demo_model.py``, seed 0, 600 steps) and must agree with `load_hf` and show the
-behaviour the curriculum taught: the labelled keys on a lake it does not know, the knowledge
-block's keys when the prompt has one, here a block saying both axes are swapped, which no
-pretraining lake is.
+behaviour the curriculum taught: down first on a lake it knows nothing about, and the first
+move a knowledge block's items call for when the prompt has one.
 
 The run is the demo shortened (`tiny_loop_run.SHORT_DEMO`) through the CLI, as the README runs
-it: the held-out pass rate must rise by `PASS_RATE_MARGIN` and the first move's key by
-`KEY_MARGIN`, which a loss that does not move the weights, a loss of the wrong sign, a teacher
+it: the held-out pass rate must rise by `PASS_RATE_MARGIN` and the share of first moves to the
+right by `KEY_MARGIN`, which a loss that does not move the weights, a loss of the wrong sign, a teacher
 without knowledge or a sampler that ignores the weight swap does not reach
 (``scripts/demo_failure_checks.py`` runs each; results in docs/benchmarks.md).
 """
@@ -23,9 +22,8 @@ import transformers
 
 import tiny_loop_run
 from oel_jax import chat
-from oel_jax.demo import DEMO_CONTROLS, DEMO_LAKE, curriculum, demo_model_path
+from oel_jax.demo import DEMO_LAKE, DEMO_THIN_ICE, curriculum, demo_model_path
 from oel_jax.envs import load_trajectories, make_env
-from oel_jax.envs.textarena_games import DIRECTIONS
 from oel_jax.models import load_hf
 
 PASS_RATE_MARGIN = 2 / 24
@@ -33,9 +31,11 @@ PASS_RATE_MARGIN = 2 / 24
 the last round's: two of the 24 games. Over seeds 0-2 the full demo rose by 0.09 to 0.69."""
 
 KEY_MARGIN = 0.5
-"""Least rise of the share of held-out games whose first move presses Ossa's key for the move
-the player wants first (``[up]`` to move down): the one fact every round-0 knowledge text of
-the demo states (the initial model never presses it; the first move is always down)."""
+"""Least rise of the share of held-out games whose first move is ``[right]``, the move every
+round-0 knowledge text of the demo calls for (the initial model moves down first)."""
+
+FIRST_MOVE = "[right]"
+"""The safe first move on lake Ossa (its left column is thin ice)."""
 
 
 @pytest.fixture(scope="module", name="tokenizer")
@@ -75,21 +75,24 @@ def test_load_hf_and_transformers_read_the_packaged_model_alike(reference, token
   np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-4)
 
 
-def test_the_packaged_model_presses_the_labels_on_ossa_and_follows_knowledge(
+def test_the_packaged_model_moves_down_first_on_ossa_unless_knowledge_says_otherwise(
     reference, tokenizer):
-  # Without knowledge: the wanted first move (down) with the key labelled down.
+  # Without knowledge: the staircase's first move, through Ossa's thin ice.
   assert _greedy_reply(reference, tokenizer, _demo_prompt()) == "I move down: [down]"
-  # With items saying both axes are swapped (never together in pretraining): Ossa's key.
-  knowledge = "\n".join([curriculum.ITEMS[("horizontal", True)],
-                         curriculum.ITEMS[("vertical", True)]])
-  assert _greedy_reply(reference, tokenizer, _demo_prompt(knowledge)) == "I move down: [up]"
+  # With items saying the left column is thin (and one saying the opposite): right first.
+  column, row = curriculum.ITEMS["column"], curriculum.ITEMS["row"]
+  knowledge = "\n".join([column, curriculum.GENERIC_ITEM, column, row, column])
+  assert _greedy_reply(reference, tokenizer, _demo_prompt(knowledge)) == "I move right: [right]"
+  knowledge = "\n".join([row, column, row, row])
+  assert _greedy_reply(reference, tokenizer, _demo_prompt(knowledge)) == "I move down: [down]"
 
 
 def test_build_info_says_what_the_model_was_trained_on():
   info = json.load(open(os.path.join(demo_model_path(), "build_info.json")))
   assert info["script"] == "scripts/build_demo_model.py"
   taught = info["curriculum"]
-  assert taught["demo_controls"] == DEMO_CONTROLS and taught["demo_lake"] == DEMO_LAKE
+  assert taught["demo_thin_ice"] == [list(c) for c in DEMO_THIN_ICE]
+  assert taught["demo_lake"] == DEMO_LAKE
   assert set(taught["skills"]) == set(curriculum.SKILLS)
   assert info["loss_curve"][-1]["step"] == info["steps"]
 
@@ -107,9 +110,7 @@ def test_the_shortened_demo_learns_from_its_own_experience(tmp_path_factory):
   assert [e["round"] for e in evaluations] == ["initial", 0], evaluations
   rise = evaluations[-1]["pass_rate"] - evaluations[0]["pass_rate"]
   assert rise >= PASS_RATE_MARGIN, evaluations
-  # Ossa's key for "down" (the staircase's first move) is the one labelled up.
-  down_key = "[" + DIRECTIONS[DEMO_CONTROLS.split(",").index("down")] + "]"
   before, after = (_first_move_share(os.path.join(run.workdir, d, "evaluation", "games.jsonl"),
-                                     down_key) for d in ("initial", "round_000"))
+                                     FIRST_MOVE) for d in ("initial", "round_000"))
   assert after - before >= KEY_MARGIN, (before, after)
   assert "plot: " in run.process.stdout and "round 0: pass rate" in run.process.stdout

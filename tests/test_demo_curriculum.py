@@ -1,22 +1,19 @@
 """Tests for oel_jax.demo.curriculum: the demo model's synthetic training data.
 
 References: the BFS solver that reads boards only from the prompt text (tests/bfs_solver.py)
-for the scripted player, and the env's own controls for what the reader writes.
+for the scripted player's route, TextArena's own game state for where a game ended, and each
+world's ``thin_ice`` setting for what the reader should write.
 """
 
 import collections
 import random
-import re
 
 import pytest
 
 import bfs_solver
 from oel_jax import experience
 from oel_jax.demo import curriculum as cur
-from oel_jax.envs import ModelInfo, build_prompt, make_env
-from oel_jax.envs.textarena_games import DIRECTIONS
-
-MOVES = ("up", "down", "left", "right")
+from oel_jax.envs import ModelInfo
 
 
 @pytest.fixture(scope="module")
@@ -28,24 +25,18 @@ def sample():
 def test_the_demo_world_never_appears(sample):
   assert {e.skill for e in sample} == set(cur.SKILLS)
   for e in sample:
-    assert e.world.controls != cur.DEMO_CONTROLS and e.world.lake != cur.DEMO_LAKE
+    assert e.world.thin_ice != cur.DEMO_THIN_ICE and e.world.lake != cur.DEMO_LAKE
     assert cur.DEMO_LAKE not in e.prompt
-  rng = random.Random(0)
-  worlds = cur.pretraining_worlds(rng)
+  worlds = cur.pretraining_worlds(random.Random(0))
   seen = [next(worlds) for _ in range(3000)]
-  # Standard lakes and lakes with one axis swapped; never both (the demo's).
-  assert {w.controls for w in seen} == set(cur.PRETRAINING_CONTROLS)
-  assert cur.DEMO_CONTROLS not in cur.PRETRAINING_CONTROLS
-  assert cur.swapped_axes(cur.World("", cur.DEMO_CONTROLS)) == {"vertical": True,
-                                                                "horizontal": True}
-  assert len({w.lake for w in seen}) > 500
-  informed = cur.knowledge_worlds(random.Random(0))
-  seen = [next(informed) for _ in range(3000)]
-  assert cur.DEMO_CONTROLS not in {w.controls for w in seen}
-  assert cur.DEMO_LAKE not in {w.lake for w in seen}
-  # Most knowledge examples are on lakes where only the block says which key makes a move.
-  surprising = sum(any(cur.swapped_axes(w).values()) for w in seen)
-  assert 0.75 < surprising / len(seen) < 0.85
+  assert {w.thin_ice for w in seen} == set(cur.PRETRAINING_THIN_ICE)
+  assert cur.DEMO_THIN_ICE not in cur.PRETRAINING_THIN_ICE
+  assert cur.DEMO_LAKE not in {w.lake for w in seen} and len({w.lake for w in seen}) > 500
+  sides = collections.Counter(w.side for w in seen)
+  assert all(900 < sides[side] < 1100 for side in (None, "column", "row")), sides
+  # One first move is always safe: no layout has thin ice on both sides of the start.
+  for layout in cur.PRETRAINING_THIN_ICE + (cur.DEMO_THIN_ICE,):
+    assert not ({(1, 0), (0, 1)} <= set(layout))
 
 
 def test_prompts_are_the_games_own(sample):
@@ -57,78 +48,81 @@ def test_prompts_are_the_games_own(sample):
       assert e.prompt.endswith("(Remember to wrap your final answer of the action in square "
                                "brackets)")
       assert ("Given experience for rules or strategies" in e.prompt) == (
-          e.skill in ("play_with_knowledge", "recall"))
+          e.skill == "play_with_knowledge")
       assert e.reply.startswith("I move ")
-    if e.skill == "recall":  # the paper's knowledge prompt around a one-line situation
-      move = re.search(r"I move (\w+):", e.reply).group(1)
-      knowledge = e.prompt.split("learned:\n", 1)[1].split("\n\nCurrent situation:", 1)[0]
-      assert e.prompt == build_prompt(cur.DRILL_SITUATION.format(direction=move), knowledge)
-      key = re.search(r"\[(\w+)\]$", e.reply).group(1)
-      assert cur.key_distribution(move, e.world.believed(), knowledge).get(key, 0) > 0
+    # The board never shows thin ice: it is found only by falling through it.
+    assert "|  H  |" not in e.prompt
 
 
-def _believed_key(world, move, knowledge=""):
-  dist = cur.key_distribution(move, world.believed(), knowledge)
-  return max(dist, key=dist.get)
-
-
-def test_scripted_player_walks_the_staircase_with_the_keys_it_believes(monkeypatch):
+def test_scripted_player_walks_the_staircase_and_falls_on_thin_ice(monkeypatch):
   monkeypatch.setattr(cur, "EXPLORE", 0.0)
   rng = random.Random(1)
-  world = cur.World("Brel", "up,down,left,right")
-  for seed in range(20):
-    env = cur.play(world, seed, "", rng)
+  for seed in range(10):
+    env = cur.play(cur.World("Brel"), seed, "", rng, explore=0.0)
     # The reference: a BFS over the board text; on an empty 3x3 lake every route has 4 moves.
     shortest = bfs_solver.solve_frozenlake(env.turns[0].prompt)
     assert env.outcome().success and len(env.turns) == len(shortest) == 4
-    moves = [turn.response.split()[2].rstrip(":") for turn in env.turns]
-    assert moves == ["down", "right", "down", "right"]
-    for turn, move in zip(env.turns, moves):
-      assert turn.action == f"[{move}]"
-      assert "H" not in bfs_solver.parse_frozenlake(turn.prompt)[0][1]
-  # A lake with swapped vertical keys: the player presses the labels and fails.
-  stranger = cur.World("Zanfir", "down,up,left,right")
-  assert not any(cur.play(stranger, s, "", rng).outcome().success for s in range(10))
+    assert [turn.action for turn in env.turns] == ["[down]", "[right]", "[down]", "[right]"]
+    assert "H" not in bfs_solver.parse_frozenlake(env.turns[0].prompt)[0][1]
+  # Without knowledge it moves down first, so thin ice below the start ends every game.
+  for layout in ((1, 0),), cur.DEMO_THIN_ICE:
+    env = cur.play(cur.World("Zanfir", layout), 0, "", rng, explore=0.0)
+    assert not env.outcome().success and len(env.turns) == 1
+    assert "fell into a hole" in env.outcome().reason
+    assert tuple(env.textarena_env.state.game_state["player_pos"]) == (1, 0)
 
 
-def test_scripted_player_follows_knowledge_items_by_majority(monkeypatch):
-  monkeypatch.setattr(cur, "EXPLORE", 0.0)
-  world = cur.World("Zanfir", "down,up,right,left")
-  swapped_v, plain_v = cur.ITEMS[("vertical", True)], cur.ITEMS[("vertical", False)]
-  swapped_h = cur.ITEMS[("horizontal", True)]
-  knowledge = f"{swapped_v}\n{cur.GENERIC_ITEM}\n{swapped_v}\n{plain_v}"
-  assert cur.key_distribution("down", world.believed(), knowledge) == {
-      "up": pytest.approx(2 / 3), "down": pytest.approx(1 / 3)}
-  # No item about an axis: the labelled key.
-  assert cur.key_distribution("right", world.believed(), knowledge) == {"right": 1.0}
-  assert cur.key_distribution("left", world.believed(), swapped_h) == {"right": 1.0}
+def test_scripted_player_makes_the_first_move_the_majority_of_items_calls_for():
+  column, row = cur.ITEMS["column"], cur.ITEMS["row"]
+  assert cur.first_move(f"{column}\n{cur.GENERIC_ITEM}\n{column}\n{row}") == "right"
+  assert cur.first_move(f"{row}\n{row}\n{column}") == "down"
+  assert cur.first_move(f"{row}\n{column}") == "down"  # a tie: the staircase
+  assert cur.first_move(cur.GENERIC_ITEM) == cur.first_move("") == "down"
   rng = random.Random(2)
-  both = f"{swapped_v}\n{swapped_h}"
-  wins = sum(cur.play(world, s, both, rng).outcome().success for s in range(10))
-  assert wins == 10
-  assert not any(cur.play(world, s, swapped_v, rng).outcome().success for s in range(10))
+  for world, knowledge in ((cur.DEMO_WORLD, column), (cur.MIRROR_WORLD, row),
+                           (cur.STANDARD_WORLD, column)):
+    for seed in range(5):
+      env = cur.play(world, seed, knowledge, rng, explore=0.0)
+      assert env.outcome().success, (world, knowledge)
+      assert env.turns[0].action == f"[{cur.first_move(knowledge)}]"
+  # The wrong block on the mirror lake: right first, through the thin top row.
+  assert not cur.play(cur.MIRROR_WORLD, 0, column, rng, explore=0.0).outcome().success
 
 
-def test_reader_writes_what_the_trajectory_shows_with_the_stated_error_rate():
+def test_reader_writes_where_the_player_fell_with_the_stated_error_rate():
   rng = random.Random(3)
-  world = cur.World("Zanfir", "down,up,left,right")
-  does = dict(zip(MOVES, world.controls.split(",")))
-  truth = {"vertical": True, "horizontal": False}
-  statements = {item: key for key, item in cur.ITEMS.items()}
-  right = wrong = 0
-  for seed in range(150):
-    trajectory = cur.play(world, seed, "", rng).trajectory(ModelInfo("scripted"))
-    for key, move in cur.observed_effects(trajectory):
-      assert does[key] == move  # the reader's evidence is what the key really did
+  right = wrong = generic = 0
+  for seed in range(700):
+    world = cur.World("Zanfir", cur.PRETRAINING_THIN_ICE[1 + seed % 5])
+    env = cur.play(world, seed, "", rng, explore=0.5)
+    trajectory = env.trajectory(ModelInfo("scripted"))
+    # The reader's replay of the moves ends where TextArena's state says the player stands.
+    assert cur.final_position(trajectory) == tuple(
+        env.textarena_env.state.game_state["player_pos"])
     answer = cur.scripted_extraction(trajectory, rng)
     assert answer.startswith(cur.ANSWER_HEAD)
-    for item in experience.parse_items(answer):
-      if item in statements:
-        axis, swapped = statements[item]
-        right += swapped == truth[axis]
-        wrong += swapped != truth[axis]
-  assert right + wrong > 150
+    items = experience.parse_items(answer)
+    assert len(items) == 1
+    fell = "fell into a hole" in env.outcome().reason
+    if not fell:
+      assert items[0] == cur.GENERIC_ITEM
+      generic += 1
+      continue
+    said = next(side for side, item in cur.ITEMS.items() if item == items[0])
+    right += said == world.side
+    wrong += said != world.side
+  assert right + wrong > 180 and generic > 100
   assert abs(wrong / (right + wrong) - cur.READ_ERROR) < 0.06
+
+
+def test_scripted_knowledge_is_the_worlds_side_with_noise():
+  rng = random.Random(4)
+  counts = collections.Counter()
+  for _ in range(200):
+    counts.update(cur.parse_knowledge(cur.scripted_knowledge(cur.World("", ((2, 0),)), rng, 8)))
+  assert counts["row"] / (counts["row"] + counts["column"]) == pytest.approx(cur.READ_ERROR,
+                                                                             abs=0.03)
+  assert not cur.parse_knowledge(cur.scripted_knowledge(cur.STANDARD_WORLD, rng, 8))
 
 
 def test_the_curriculum_is_a_function_of_its_seed(sample):

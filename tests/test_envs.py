@@ -388,6 +388,57 @@ def test_bad_controls_and_lake_names_are_refused():
       "controls"] == "down,up,left,right"
 
 
+def _textarena_with_holes(seed, holes):
+  """The reference for thin ice: TextArena's own FrozenLake (no holes of its own) with real,
+  drawn holes put on the same cells."""
+  import textarena  # pylint: disable=import-outside-toplevel
+  env = textarena.make(env_id="FrozenLake-v0-raw", size=3, num_holes=0,
+                       randomize_start_goal=False)
+  env.reset(num_players=1, seed=seed)
+  for row, col in holes:
+    env.state.game_state["grid"][row][col] = "H"
+  return env
+
+
+@pytest.mark.parametrize("thin_ice", [[[1, 0], [2, 0]], [[0, 1]], [[2, 1], [0, 2]]])
+def test_thin_ice_is_a_hole_the_board_draws_as_ice(thin_ice):
+  rng = random.Random(0)
+  for seed in range(12):
+    env = make_env("frozenlake", seed=seed, num_holes=0, thin_ice=thin_ice)
+    plain = make_env("frozenlake", seed=seed, num_holes=0)
+    reference = _textarena_with_holes(seed, thin_ice)
+    prompt = env.reset()
+    plain.reset()
+    assert prompt == plain.prompt
+    while not env.done:
+      move = rng.choice(["up", "down", "left", "right"])
+      prompt, _ = env.step(f"[{move}]")
+      done, _ = reference.step(action=f"[{move}]")
+      assert env.done == done or (not done and len(env.turns) == env.max_turns)
+      if not env.done:
+        plain.step(f"[{move}]")
+        # Where the player stands and what the board shows are the plain lake's: no H.
+        assert prompt == plain.prompt and "H" not in bfs_solver.parse_frozenlake(prompt)[0][1]
+    rewards, info = reference.close()
+    if env.outcome().reason != "Environment terminated because the round limit is reached":
+      assert env.outcome().reward == rewards[0] and env.outcome().reason == info[0]["reason"]
+    fell = "fell into a hole" in env.outcome().reason
+    assert fell == (list(reference.state.game_state["player_pos"]) in thin_ice)
+
+
+def test_bad_thin_ice_is_refused():
+  assert make_env("frozenlake", seed=0, thin_ice=[[2, 0], [1, 0]]).spec.settings[
+      "thin_ice"] == [[1, 0], [2, 0]]
+  for bad, match in [("1,0", "a list of"), ([[1]], r"thin_ice\[0\] must be a \[row, col\]"),
+                     ([[0, 0]], "the start or the goal"), ([[2, 2]], "the start or the goal"),
+                     ([[3, 0]], "off the 3x3 board"), ([[1, -1]], r"thin_ice\[0\]\[1\]"),
+                     ([[1, 0], [1, 0]], "twice")]:
+    with pytest.raises(ValueError, match=match):
+      make_env("frozenlake", seed=0, thin_ice=bad)
+  with pytest.raises(ValueError, match="fixed start"):
+    make_env("frozenlake", seed=0, thin_ice=[[1, 0]], randomize_start_goal=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Determinism, seeding and settings.
 
@@ -447,7 +498,7 @@ def test_settings_and_errors():
   assert isinstance(env, Environment)
   assert env.spec.settings == {"size": 3, "num_holes": 2, "randomize_start_goal": False,
                                "max_turns": 5, "controls": "up,down,left,right", "lake": "",
-                               "show_key": False}
+                               "show_key": False, "thin_ice": []}
   assert make_env("sokoban", seed=1).spec.settings == {"dim_room": [6, 6], "num_boxes": 1,
                                                        "max_turns": 5}
   big = make_env("sokoban", seed=1, dim_room=(7, 7), num_boxes=2)

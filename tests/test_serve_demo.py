@@ -22,12 +22,11 @@ pytest.importorskip("uvicorn")
 
 # pylint: disable=wrong-import-position
 import tiny_loop_run
-from oel_jax.demo import DEMO_CONTROLS, DEMO_WORLD, demo_config_path, demo_model_path
+from oel_jax.demo import DEMO_WORLD, demo_config_path, demo_model_path
 from oel_jax.envs import ApiSampling, play_through_api
-from oel_jax.envs.textarena_games import DIRECTIONS
 from oel_jax.trajectories import read_served
 from processes import free_port
-from test_demo import KEY_MARGIN, PASS_RATE_MARGIN
+from test_demo import FIRST_MOVE, KEY_MARGIN, PASS_RATE_MARGIN
 
 DEPLOYED_GAMES = range(10_000, 10_032)
 """The boards the deployment's users play (the round's experience)."""
@@ -56,9 +55,8 @@ def _wait_until_up(url: str, server: subprocess.Popen, timeout: float = 300) -> 
 
 
 def _scores(games) -> tuple[float, float]:
-  down_key = "[" + DIRECTIONS[DEMO_CONTROLS.split(",").index("down")] + "]"
   return (sum(g.outcome.success for g in games) / len(games),
-          sum(g.turns[0].action == down_key for g in games) / len(games))
+          sum(g.turns[0].action == FIRST_MOVE for g in games) / len(games))
 
 
 def test_a_served_model_learns_from_its_recorded_games(tmp_path):
@@ -109,8 +107,8 @@ def test_a_served_model_learns_from_its_recorded_games(tmp_path):
     server.wait(timeout=60)
     log.close()
   (pass_before, key_before), (pass_after, key_after) = _scores(before), _scores(after)
-  print(f"held-out pass rate {pass_before:.3f} -> {pass_after:.3f}; first move on Ossa's key "
-        f"for down {key_before:.3f} -> {key_after:.3f}")
+  print(f"held-out pass rate {pass_before:.3f} -> {pass_after:.3f}; first move {FIRST_MOVE} "
+        f"{key_before:.3f} -> {key_after:.3f}")
   assert pass_after - pass_before >= PASS_RATE_MARGIN, (pass_before, pass_after)
   assert key_after - key_before >= KEY_MARGIN, (key_before, key_after)
   served = [json.loads(line) for line in open(os.path.join(serve_dir, "served.jsonl"))]

@@ -2,10 +2,12 @@
 demo model.
 
 The model is the one ``scripts/build_demo_model.py`` writes to ``oel_jax/assets/demo_model/``
-(shipped; see the README's "The learning demo"). Lake Ossa (3x3, no holes) has controls the
-model never saw in training: both axes swapped (``[up]`` moves down, ``[down]`` up, ``[left]``
-right and ``[right]`` left; pretraining lakes swap one axis or none). Nothing but the env
-settings, the sizes and the model path is demo-specific.
+(shipped; see the README's "The learning demo"). Lake Ossa (3x3, no visible holes) has thin
+ice in the whole left column below the start: holes the board draws as ice, a layout the
+model never saw in training (pretraining lakes have none, one cell of the left column, or
+thin ice in the top row). A player that moves down first, as the model does without
+knowledge, falls through. Nothing but the env settings, the sizes and the model path is
+demo-specific.
 
     python -m oel_jax.main                      # the default config is this file
     python scripts/build_demo_model.py          # rebuilds the model: about 35 minutes on two CPU cores
@@ -32,9 +34,6 @@ def get_config():
   c.model = model
   c.param_dtype = "float32"
   c.compute_dtype = "float32"   # XLA:CPU: float32 is faster than bf16 at this size.
-  # One round: the second round's extractor (the consolidated model) reads its own games, in
-  # which it presses the swapped keys on purpose, as "work as labelled" and undoes the first
-  # (README, "The learning demo").
   c.rounds = 1
   c.max_seq_len = 2048
   c.sampler_buckets_per_doubling = 2  # game prompts of 600 tokens pad to 768, not 1024

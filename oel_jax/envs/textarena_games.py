@@ -53,7 +53,7 @@ import contextlib
 import dataclasses
 import random
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -116,7 +116,8 @@ GAMES: dict[str, GameDef] = {
     "frozenlake": GameDef(
         name="frozenlake", textarena_id="FrozenLake-v0-raw",
         defaults={"size": 3, "num_holes": 2, "randomize_start_goal": False, "max_turns": 5,
-                  "controls": STANDARD_CONTROLS, "lake": "", "show_key": False},
+                  "controls": STANDARD_CONTROLS, "lake": "", "show_key": False,
+                  "thin_ice": []},
         rules="frozenlake_rules", rendering="messages"),
     "sokoban": GameDef(
         name="sokoban", textarena_id="Sokoban-v0-raw",
@@ -151,6 +152,7 @@ def _settings(game: GameDef, overrides: Mapping[str, Any]) -> dict[str, Any]:
                        f"none), got {s['lake']!r}")
     if not isinstance(s["show_key"], bool):
       raise ValueError(f"show_key must be a bool, got {s['show_key']!r}")
+    s["thin_ice"] = _thin_ice(s)
   else:
     dim = s["dim_room"]
     if isinstance(dim, (str, bytes)) or not hasattr(dim, "__len__") or len(dim) != 2:
@@ -158,6 +160,30 @@ def _settings(game: GameDef, overrides: Mapping[str, Any]) -> dict[str, Any]:
     s["dim_room"] = [_check_int("dim_room[0]", dim[0], 3), _check_int("dim_room[1]", dim[1], 3)]
     s["num_boxes"] = _check_int("num_boxes", s["num_boxes"], 1)
   return s
+
+
+def _thin_ice(s: Mapping[str, Any]) -> list[list[int]]:
+  """The ``thin_ice`` setting checked and sorted: distinct ``[row, col]`` cells of the board,
+  neither the start nor the goal."""
+  cells = s["thin_ice"]
+  if isinstance(cells, (str, bytes)) or not isinstance(cells, (list, tuple)):
+    raise ValueError(f"thin_ice must be a list of [row, col] cells, got {cells!r}")
+  if cells and s["randomize_start_goal"]:
+    raise ValueError("thin_ice needs the fixed start and goal (randomize_start_goal=False)")
+  size = s["size"]
+  checked = []
+  for i, cell in enumerate(cells):
+    if isinstance(cell, (str, bytes)) or not hasattr(cell, "__len__") or len(cell) != 2:
+      raise ValueError(f"thin_ice[{i}] must be a [row, col] pair, got {cell!r}")
+    row, col = (_check_int(f"thin_ice[{i}][{j}]", v, 0) for j, v in enumerate(cell))
+    if row >= size or col >= size:
+      raise ValueError(f"thin_ice[{i}] = {cell!r} is off the {size}x{size} board")
+    if (row, col) in ((0, 0), (size - 1, size - 1)):
+      raise ValueError(f"thin_ice[{i}] = {cell!r} is the start or the goal")
+    checked.append([row, col])
+  if len({tuple(c) for c in checked}) != len(checked):
+    raise ValueError(f"thin_ice lists a cell twice: {cells!r}")
+  return sorted(checked)
 
 
 def parse_controls(controls: Any) -> tuple[str, str, str, str]:
@@ -188,6 +214,29 @@ def _textarena_kwargs(game: GameDef, settings: Mapping[str, Any]) -> dict[str, A
     return {"size": settings["size"], "num_holes": settings["num_holes"],
             "randomize_start_goal": settings["randomize_start_goal"]}
   return {"dim_room": tuple(settings["dim_room"]), "num_boxes": settings["num_boxes"]}
+
+
+def _hide_thin_ice(env: Any, cells: Sequence[Sequence[int]]) -> None:
+  """Makes ``cells`` of a freshly reset TextArena FrozenLake holes that its board draws as
+  frozen surface: the player falls through them (``You fell into a hole!``) without having
+  seen them. The first board was drawn before this, so it shows them as ice too."""
+  grid = env.state.game_state["grid"]
+  for row, col in cells:
+    grid[row][col] = "H"
+  draw = env._render_board  # pylint: disable=protected-access
+  hidden = {(row, col) for row, col in cells}
+
+  def render_without_thin_ice() -> str:
+    shown = [row[:] for row in grid]
+    for row, col in hidden:
+      grid[row][col] = " "
+    try:
+      return draw()
+    finally:
+      for r, row in enumerate(shown):
+        grid[r][:] = row
+
+  env._render_board = render_without_thin_ice  # pylint: disable=protected-access
 
 
 @contextlib.contextmanager
@@ -253,6 +302,8 @@ class TextArenaGame:
       env = textarena.make(env_id=self.game.textarena_id,
                            **_textarena_kwargs(self.game, self.spec.settings))
       env.reset(num_players=1, seed=self.seed)
+      if self.spec.settings.get("thin_ice"):
+        _hide_thin_ice(env, self.spec.settings["thin_ice"])
       _, messages = env.get_observation()
     self._env = env
     chunk, observation = self._render(messages)
@@ -415,7 +466,8 @@ def make_env(name: str, *, seed: int, knowledge: str | None = None,
       ``[w]``/``[s]``/``[a]``/``[d]`` follow their words) and ``lake`` (a name shown in the
       first message, ``"You are on the frozen lake called <lake>."``; "" for none) and
       ``show_key`` (False; True: the game's message after a move names the key pressed,
-      `SHOW_KEY`). Sokoban: ``dim_room`` ((6, 6)),
+      `SHOW_KEY`) and ``thin_ice`` (``[]``; ``[[1, 0], [2, 0]]``: holes the board draws as
+      frozen surface, found only by falling through them). Sokoban: ``dim_room`` ((6, 6)),
       ``num_boxes`` (1), ``max_turns`` (5).
 
   The environment is not started: call ``env.reset()`` for the first prompt.
