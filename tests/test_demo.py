@@ -80,7 +80,7 @@ def test_the_packaged_model_moves_down_first_on_ossa_unless_knowledge_says_other
   # Without knowledge: the staircase's first move, through Ossa's thin ice.
   assert _greedy_reply(reference, tokenizer, _demo_prompt()) == "I move down: [down]"
   # With items saying the left column is thin (and one saying the opposite): right first.
-  column, row = curriculum.fall_item("column"), curriculum.fall_item("row")
+  column, row = curriculum.ITEMS["column"], curriculum.ITEMS["row"]
   knowledge = "\n".join([column, curriculum.GENERIC_ITEM, column, row, column])
   assert _greedy_reply(reference, tokenizer, _demo_prompt(knowledge)) == "I move right: [right]"
   knowledge = "\n".join([row, column, row, row])

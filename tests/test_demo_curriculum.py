@@ -73,15 +73,11 @@ def test_scripted_player_walks_the_staircase_and_falls_on_thin_ice(monkeypatch):
 
 
 def test_scripted_player_makes_the_first_move_the_majority_of_items_calls_for():
-  column, row = cur.fall_item("column", "left"), cur.fall_item("row")
-  assert column == "- EXPERIENCE ITEM: Moving left broke thin ice, so move right first."
+  column, row = cur.ITEMS["column"], cur.ITEMS["row"]
   assert cur.first_move(f"{column}\n{cur.GENERIC_ITEM}\n{column}\n{row}") == "right"
   assert cur.first_move(f"{row}\n{row}\n{column}") == "down"
   assert cur.first_move(f"{row}\n{column}") == "down"  # a tie: the staircase
   assert cur.first_move(cur.GENERIC_ITEM) == cur.first_move("") == "down"
-  assert cur.first_move(f"{cur.win_item('right')}\n{row}\n{cur.win_item('right')}") == "right"
-  assert cur.win_item("right") == ("- EXPERIENCE ITEM: Moving right first reached the goal, so "
-                                   "move right first.")
   rng = random.Random(2)
   for world, knowledge in ((cur.DEMO_WORLD, column), (cur.MIRROR_WORLD, row),
                            (cur.STANDARD_WORLD, column)):
@@ -95,7 +91,7 @@ def test_scripted_player_makes_the_first_move_the_majority_of_items_calls_for():
 
 def test_reader_writes_where_the_player_fell_with_the_stated_error_rate():
   rng = random.Random(3)
-  right = wrong = generic = won = 0
+  right = wrong = generic = 0
   for seed in range(700):
     world = cur.World("Zanfir", cur.PRETRAINING_THIN_ICE[1 + seed % 5])
     env = cur.play(world, seed, "", rng, explore=0.5)
@@ -108,27 +104,14 @@ def test_reader_writes_where_the_player_fell_with_the_stated_error_rate():
     items = experience.parse_items(answer)
     assert len(items) == 1
     fell = "fell into a hole" in env.outcome().reason
-    first = env.turns[0].action.strip("[]")
-    if env.outcome().success and first in ("down", "right"):
-      # A win: the first move, or (misread) the other one.
-      assert items[0] in (cur.win_item("down"), cur.win_item("right"))
-      won += 1
-      wrong += items[0] != cur.win_item(first)
-      right += items[0] == cur.win_item(first)
-      continue
     if not fell:
       assert items[0] == cur.GENERIC_ITEM
       generic += 1
       continue
-    said = cur.parse_knowledge(items[0])
-    assert sum(said.values()) == 1
-    if said[world.side]:
-      # Right: the move that fell, as the last turn pressed it.
-      assert items[0] == cur.fall_item(world.side, env.turns[-1].action.strip("[]"))
-      right += 1
-    else:
-      wrong += 1
-  assert right + wrong > 300 and generic > 50 and won > 100
+    said = next(side for side, item in cur.ITEMS.items() if item == items[0])
+    right += said == world.side
+    wrong += said != world.side
+  assert right + wrong > 180 and generic > 100
   assert abs(wrong / (right + wrong) - cur.READ_ERROR) < 0.06
 
 
@@ -139,11 +122,7 @@ def test_scripted_knowledge_is_the_worlds_side_with_noise():
     counts.update(cur.parse_knowledge(cur.scripted_knowledge(cur.World("", ((2, 0),)), rng, 8)))
   assert counts["row"] / (counts["row"] + counts["column"]) == pytest.approx(cur.READ_ERROR,
                                                                              abs=0.03)
-  # Without thin ice either first move wins, and the items say so about equally often.
-  counts = collections.Counter()
-  for _ in range(200):
-    counts.update(cur.parse_knowledge(cur.scripted_knowledge(cur.STANDARD_WORLD, rng, 8)))
-  assert counts["row"] / (counts["row"] + counts["column"]) == pytest.approx(0.5, abs=0.05)
+  assert not cur.parse_knowledge(cur.scripted_knowledge(cur.STANDARD_WORLD, rng, 8))
 
 
 def test_the_curriculum_is_a_function_of_its_seed(sample):

@@ -13,12 +13,9 @@ Skills, as an instruction-tuned model brings them to the paper's games:
    prompt, make the first move the majority of its items call for (`first_move`), then the
    staircase.
 3. **Extract** (``extract``): answer the paper's structured extraction prompt (Fig. 10) with
-   one line of reasoning and one item: if the player fell through the ice, the move that fell
-   (``The ice broke when the player moved down.``) and the side to avoid (`ITEMS`: ``-
-   EXPERIENCE ITEM: The ice of the left column is thin, so move right first.``); if it won
-   after moving down or right first, that move (`WIN_ITEM`: ``- EXPERIENCE ITEM: The first
-   move reached the goal, so move right first.``); else the generic item. With probability
-   `READ_ERROR` it misreads the move (a reader of noisy trajectories).
+   one item: where the player fell through the ice, if it did (`ITEMS`: ``- EXPERIENCE ITEM:
+   The ice of the left column is thin, so move right first.``), else the generic item; with
+   probability `READ_ERROR` the other side's item (a reader of noisy trajectories).
 
 Every reply is ``I move <direction>: [<direction>]``. With probability `EXPLORE` the player
 wants a random direction instead (so its games sometimes fall where it did not plan to go).
@@ -32,7 +29,9 @@ anywhere in the curriculum (a test checks every example). Why this world and not
 controls (sessions 7-13 of docs/benchmarks.md): what a model of this size learns in half an
 hour on two CPU cores is which verdict a block's items carry and whether a game ended in a
 fall; it did not learn to bind a key to the move the board reports, which every
-remapped-controls reader needed.
+remapped-controls reader needed. The model built from this curriculum does not read which
+side a game fell on either: it names the left column for every fall (docs/benchmarks.md,
+"Session 15"), right on Ossa and wrong on a lake whose top row is thin.
 """
 
 from __future__ import annotations
@@ -40,7 +39,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import random
-import re
 from collections.abc import Iterator, Sequence
 
 from oel_jax import experience
@@ -82,28 +80,10 @@ ITEMS = {
     "column": "- EXPERIENCE ITEM: The ice of the left column is thin, so move right first.",
     "row": "- EXPERIENCE ITEM: The ice of the top row is thin, so move down first.",
 }
-"""The reader's item for a fall through thin ice on each side of the start."""
-
-WIN_ITEM = "- EXPERIENCE ITEM: The first move reached the goal, so move {first} first."
-"""The reader's item for a won game whose first move was down or right."""
+"""The reader's items: the side where the player fell -> the line it writes."""
 
 FIRST_MOVE = {"column": "right", "row": "down"}
-"""The first move that avoids thin ice on each side of the start."""
-
-SIDE_MOVES = {"column": ("down", "left"), "row": ("right", "up")}
-"""The moves that enter each side (the left column, the top row) from the rest of the board."""
-
-FELL_NOTE = "The ice broke when the player moved {move}."
-WON_NOTE = "The player reached the goal after moving {first} first."
-OTHER_NOTE = "The player did not fall through the ice."
-"""The reader's one line of reasoning before its answer (the extraction prompt asks for
-reasoning first; only ``- EXPERIENCE ITEM:`` lines become knowledge): the move that fell, as
-the last reply names it, or the first move of a won game. Copying that word first, then
-turning it into a side, is what a model of this size learns; naming the side directly, it
-fell back on which side falls more often (docs/benchmarks.md, session 15)."""
-
-_ITEM_RE = re.compile(r"- EXPERIENCE ITEM: (?:The ice of the (?:left column|top row) is thin|"
-                      r"The first move reached the goal), so move (right|down) first\.")
+"""The first move each item calls for."""
 
 GENERIC_ITEM = "- EXPERIENCE ITEM: Avoid the holes (H) and walk to the goal (G)."
 """The item the reader writes when the player did not fall."""
@@ -188,24 +168,13 @@ def pretraining_worlds(rng: random.Random) -> Iterator[World]:
 # The scripted player.
 
 
-def fall_item(side: str) -> str:
-  """The reader's item for a fall on ``side``."""
-  return ITEMS[side]
-
-
-def win_item(first: str) -> str:
-  """The reader's item for a game won after moving ``first`` first."""
-  return WIN_ITEM.format(first=first)
-
-
 def parse_knowledge(knowledge: str) -> collections.Counter:
-  """How many of the reader's items call for each first move, by the side it avoids:
-  ``{"column": n, "row": m}`` (``column``: right first, ``row``: down first)."""
+  """How many of the reader's items each side has: ``{"column": n, "row": m}``."""
   counts: collections.Counter = collections.Counter()
   for line in (knowledge or "").splitlines():
-    said = _ITEM_RE.fullmatch(line.strip())
-    if said:
-      counts["column" if said.group(1) == FIRST_MOVE["column"] else "row"] += 1
+    for side, item in ITEMS.items():
+      if line.strip() == item:
+        counts[side] += 1
   return counts
 
 
@@ -279,48 +248,30 @@ def fell_on(trajectory) -> str | None:
 
 
 def scripted_extraction(trajectory, rng: random.Random) -> str:
-  """The scripted reader's answer to the extraction prompt for ``trajectory``: one line of
-  reasoning, then one item.
-
-  A fall through thin ice: the move that fell (`FELL_NOTE`), then the item of its side
-  (`ITEMS`); with probability `READ_ERROR` it misreads the move as one into the other side,
-  and writes that side's item. A win after moving down or right first: that first move
-  (`WON_NOTE`, `WIN_ITEM`; with probability `READ_ERROR` the other one). Anything else:
-  `OTHER_NOTE` and the generic item.
-  """
+  """The scripted reader's answer to the extraction prompt for ``trajectory``: the item of
+  the side where the player fell (the other side's with probability `READ_ERROR`), or the
+  generic item."""
   side = fell_on(trajectory)
-  misread = rng.random() < READ_ERROR
-  if side is not None:
-    move = trajectory.turns[-1].action.strip("[]")
-    if misread:
-      side = "row" if side == "column" else "column"
-      move = rng.choice(SIDE_MOVES[side])
-    return FELL_NOTE.format(move=move) + "\n\n" + ANSWER_HEAD + fall_item(side)
-  first = trajectory.turns[0].action.strip("[]")
-  if trajectory.outcome.success and first in ("down", "right"):
-    if misread:
-      first = "down" if first == "right" else "right"
-    return WON_NOTE.format(first=first) + "\n\n" + ANSWER_HEAD + win_item(first)
-  return OTHER_NOTE + "\n\n" + ANSWER_HEAD + GENERIC_ITEM
+  if side is None:
+    return ANSWER_HEAD + GENERIC_ITEM
+  if rng.random() < READ_ERROR:
+    side = "row" if side == "column" else "column"
+  return ANSWER_HEAD + ITEMS[side]
 
 
 def scripted_knowledge(world: World, rng: random.Random, items: int) -> str:
   """A knowledge block as the loop accumulates one over a world's games: ``items`` items,
-  each a fall on the world's side, a win after the safe
-  first move (either, on a lake without thin ice), or, one time in four, the generic item;
-  with probability `READ_ERROR` a fall or win item says the other side's."""
+  each the world's side's (the other side's with probability `READ_ERROR`) or, one time in
+  four and always on a lake without thin ice, the generic item."""
   lines = []
   for _ in range(items):
-    if rng.random() < 0.25:
+    side = world.side
+    if side is None or rng.random() < 0.25:
       lines.append(GENERIC_ITEM)
       continue
-    side = world.side or rng.choice(("column", "row"))
     if rng.random() < READ_ERROR:
       side = "row" if side == "column" else "column"
-    if world.side is None or rng.random() < 0.5:
-      lines.append(win_item(FIRST_MOVE[side]))
-    else:
-      lines.append(fall_item(side))
+    lines.append(ITEMS[side])
   return "\n".join(lines)
 
 
@@ -365,12 +316,11 @@ def examples(seed: int, mix: Sequence[float] = (0.3, 0.35, 0.35)) -> Iterator[Ex
     world = next(worlds)
     board += 1
     if skill == "extract":
-      # The player tosses a coin for its first move, so that falls on both sides are about
-      # as common, and only the move that fell tells which side the reader should name. Half
-      # the lakes have thin ice beside the start, so that a fifth of the answers read a fall.
-      if rng.random() < 0.5:
-        world = World(world.lake, rng.choice((((1, 0),), ((0, 1),))))
-      env = play(world, board, "", rng, first=rng.choice(("down", "right")))
+      # Half the games read are the uninformed player's (down first, as the demo's round 0),
+      # half a player that tosses a coin for its first move, so that falls on both sides and
+      # wins after either first move are read.
+      first = None if rng.random() < 0.5 else rng.choice(("down", "right"))
+      env = play(world, board, "", rng, first=first)
       trajectory = env.trajectory(_MODEL)
       yield Example(skill, experience.extraction_prompt(trajectory, "", EXTRACTION),
                     scripted_extraction(trajectory, rng), world)
