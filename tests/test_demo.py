@@ -26,9 +26,10 @@ from oel_jax.demo import DEMO_LAKE, DEMO_THIN_ICE, curriculum, demo_model_path
 from oel_jax.envs import load_trajectories, make_env
 from oel_jax.models import load_hf
 
-PASS_RATE_MARGIN = 2 / 24
+PASS_RATE_MARGIN = 6 / 24
 """Least rise of the held-out pass rate from the initial model (which wins no game on Ossa) to
-the last round's: two of the 24 games. Over seeds 0-2 the full demo rose by 0.09 to 0.69."""
+the last round's: six of the 24 games. Over seeds 0-4 the full demo rose by 0.59 to 1.00;
+with each break of ``scripts/demo_failure_checks.py`` it rose by 0."""
 
 KEY_MARGIN = 0.5
 """Least rise of the share of held-out games whose first move is ``[right]``, the move every
