@@ -37,7 +37,7 @@ if _REPO not in sys.path:
 import numpy as np  # pylint: disable=wrong-import-position
 
 from oel_jax import config as config_lib  # pylint: disable=wrong-import-position
-from oel_jax.demo.curriculum import MIRROR_WORLD, STANDARD_WORLD  # pylint: disable=wrong-import-position
+from oel_jax.demo import MIRROR_WORLD, STANDARD_WORLD  # pylint: disable=wrong-import-position
 from oel_jax.envs import ModelInfo  # pylint: disable=wrong-import-position
 from oel_jax.evaluate import evaluate  # pylint: disable=wrong-import-position
 from oel_jax.loop import INITIAL, OnlineLoop  # pylint: disable=wrong-import-position

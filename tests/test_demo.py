@@ -6,9 +6,9 @@ behaviour the curriculum taught: down first on a lake it knows nothing about, an
 move a knowledge block's items call for when the prompt has one.
 
 The run is the demo shortened (`tiny_loop_run.SHORT_DEMO`) through the CLI, as the README runs
-it: the held-out pass rate must rise by `PASS_RATE_MARGIN` and the share of first moves to the
-right by `KEY_MARGIN`, which a loss that does not move the weights, a loss of the wrong sign, a teacher
-without knowledge or a sampler that ignores the weight swap does not reach
+it: the held-out pass rate must rise by `PASS_RATE_MARGIN` and the share of first moves to
+the right by `KEY_MARGIN`, which a loss that does not move the weights, a loss of the wrong
+sign, a teacher without knowledge or a sampler that ignores the weight swap does not reach
 (``scripts/demo_failure_checks.py`` runs each; results in docs/benchmarks.md).
 """
 

@@ -418,12 +418,25 @@ def test_thin_ice_is_a_hole_the_board_draws_as_ice(thin_ice):
       if not env.done:
         plain.step(f"[{move}]")
         # Where the player stands and what the board shows are the plain lake's: no H.
-        assert prompt == plain.prompt and "H" not in bfs_solver.parse_frozenlake(prompt)[0][1]
+        grid = bfs_solver.parse_frozenlake(prompt)[0]
+        assert prompt == plain.prompt and not any("H" in row for row in grid)
     rewards, info = reference.close()
     if env.outcome().reason != "Environment terminated because the round limit is reached":
       assert env.outcome().reward == rewards[0] and env.outcome().reason == info[0]["reason"]
     fell = "fell into a hole" in env.outcome().reason
     assert fell == (list(reference.state.game_state["player_pos"]) in thin_ice)
+
+
+def test_a_drawn_hole_listed_as_thin_ice_stays_drawn():
+  for seed in range(20):
+    plain = make_env("frozenlake", seed=seed)
+    prompt = plain.reset()
+    grid = bfs_solver.parse_frozenlake(prompt)[0]
+    holes = [[r, c] for r, row in enumerate(grid) for c, cell in enumerate(row) if cell == "H"]
+    move = bfs_solver.solve_frozenlake(prompt)[0]
+    env = make_env("frozenlake", seed=seed, thin_ice=holes)
+    assert env.reset() == prompt
+    assert env.step(f"[{move}]") == plain.step(f"[{move}]")
 
 
 def test_bad_thin_ice_is_refused():

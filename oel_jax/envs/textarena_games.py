@@ -221,10 +221,10 @@ def _hide_thin_ice(env: Any, cells: Sequence[Sequence[int]]) -> None:
   frozen surface: the player falls through them (``You fell into a hole!``) without having
   seen them. The first board was drawn before this, so it shows them as ice too."""
   grid = env.state.game_state["grid"]
-  for row, col in cells:
+  hidden = {(row, col) for row, col in cells if grid[row][col] != "H"}  # drawn holes stay drawn
+  for row, col in hidden:
     grid[row][col] = "H"
   draw = env._render_board  # pylint: disable=protected-access
-  hidden = {(row, col) for row, col in cells}
 
   def render_without_thin_ice() -> str:
     shown = [row[:] for row in grid]
